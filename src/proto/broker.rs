@@ -1,0 +1,789 @@
+//! The per-shard broker state machine: connections, sessions, subscriptions,
+//! retained messages, wills and keep-alive, all without I/O.
+//!
+//! The shell (`shard/`) feeds it: [`Broker::connect`] for a CONNECT that
+//! passed the handshake, [`Broker::handle_read`] for bytes from a socket,
+//! [`Broker::connection_lost`] when a socket fails, [`Broker::handle_remote`]
+//! for a message from another shard, and [`Broker::tick`] for time. It drains
+//! what comes out: [`Broker::poll_event`] (a connection has bytes to write,
+//! must be closed, or a message must go to the other shards) and
+//! [`Broker::take_outgoing`] (the bytes themselves).
+//!
+//! A connection is owned by the shard that owns its clientId, so a takeover is
+//! always local: the old and the new connection meet here.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use hashbrown::HashMap;
+
+use super::codec::{
+    self, Connect, LastWill, Packet, PacketId, ProtocolVersion, PubResp, Publish, QoS, SubAck,
+    UnsubAck,
+};
+use super::handshake::connack_bytes;
+use super::keepalive::{KeepAliveWheel, Verdict};
+use super::retained::{RetainedMessage, RetainedStore};
+use super::session::{Inflight, Session, SessionKey};
+use super::topic::trie::SubscriptionTrie;
+use super::topic::TopicName;
+use super::{ConnId, Millis, ShardId};
+use crate::metrics::{bump, drop_one, Counters};
+
+/// What a shard's broker needs to know about its place and its limits.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// This shard.
+    pub shard: ShardId,
+    /// How many shards there are.
+    pub shards: u16,
+    /// The largest packet accepted from a client, in bytes.
+    pub max_packet_size: usize,
+    /// QoS 1/2 messages in flight to one client before further ones are
+    /// dropped (and counted).
+    pub max_inflight: usize,
+}
+
+/// A publish travelling between shards. `Send`: payload and topic are
+/// reference-counted `Bytes`, shared by every shard's deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutedPublish {
+    /// Topic published to.
+    pub topic: TopicName,
+    /// Payload, shared.
+    pub payload: Bytes,
+    /// QoS it was published with; each delivery gets the minimum of this and
+    /// the subscription's (MQTT-3.8.4-6).
+    pub qos: QoS,
+    /// RETAIN as published: the receiving shard updates its retained replica.
+    pub retain: bool,
+}
+
+/// A message from one shard's broker to the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardMsg {
+    /// Deliver to local subscribers, and store if retained.
+    Publish(RoutedPublish),
+}
+
+/// What the shell must do after a call into the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The connection has bytes to write: call [`Broker::take_outgoing`].
+    Transmit(ConnId),
+    /// Write what is pending, close the socket, then call [`Broker::release`].
+    Close(ConnId),
+    /// Send this to every other shard.
+    Broadcast(ShardMsg),
+}
+
+/// Why a connection ended. Every reason but `Disconnect` publishes the will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent DISCONNECT: the will is discarded (MQTT-3.14.4-3).
+    Disconnect,
+    /// No packet within 1.5 × keep-alive (MQTT-3.1.2-24).
+    KeepAliveTimeout,
+    /// A malformed packet or a protocol violation (MQTT-4.8.0-1).
+    ProtocolError,
+    /// The socket failed or the client closed it without DISCONNECT.
+    NetworkError,
+    /// A new CONNECT with the same clientId (MQTT-3.1.4-2).
+    TakenOver,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+struct Conn {
+    generation: u32,
+    version: ProtocolVersion,
+    /// `None` once the connection is closing and its session detached.
+    session: Option<SessionKey>,
+    will: Option<LastWill>,
+    /// 1.5 × keep-alive in milliseconds; 0 when keep-alive is off.
+    expiry_ms: u64,
+    last_seen: Millis,
+    /// Encoded packets waiting for the socket. `BytesMut::new()` holds no
+    /// allocation, so an idle connection costs no buffer.
+    outgoing: BytesMut,
+    transmit_queued: bool,
+    closing: bool,
+}
+
+enum Slot {
+    Free { generation: u32 },
+    Used(Conn),
+}
+
+/// The sans-IO broker of one shard.
+pub struct Broker {
+    config: BrokerConfig,
+    counters: Arc<Counters>,
+    slots: Vec<Slot>,
+    free_slots: Vec<u32>,
+    sessions: Vec<Option<Session>>,
+    free_sessions: Vec<u32>,
+    by_client_id: HashMap<ByteString, SessionKey>,
+    trie: SubscriptionTrie<SessionKey, QoS>,
+    retained: RetainedStore,
+    keepalive: KeepAliveWheel<ConnId>,
+    events: VecDeque<Event>,
+    /// Reused by every routing call: subscriber → highest granted QoS.
+    matches: HashMap<SessionKey, QoS>,
+}
+
+impl Broker {
+    /// An empty broker for one shard; `now` starts its keep-alive clock.
+    pub fn new(config: BrokerConfig, counters: Arc<Counters>, now: Millis) -> Self {
+        Broker {
+            config,
+            counters,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            sessions: Vec::new(),
+            free_sessions: Vec::new(),
+            by_client_id: HashMap::new(),
+            trie: SubscriptionTrie::new(),
+            retained: RetainedStore::default(),
+            keepalive: KeepAliveWheel::new(keepalive_tick(now)),
+            events: VecDeque::new(),
+            matches: HashMap::new(),
+        }
+    }
+
+    /// This shard's configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// Open connections on this shard (closing ones included until released).
+    pub fn connection_count(&self) -> usize {
+        self.slots.len() - self.free_slots.len()
+    }
+
+    /// Sessions on this shard, connected or not.
+    pub fn session_count(&self) -> usize {
+        self.by_client_id.len()
+    }
+
+    /// Retained topics in this shard's replica.
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Next thing the shell must do, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Takes the bytes waiting for `conn`'s socket (empty if none, or if
+    /// `conn` is stale).
+    pub fn take_outgoing(&mut self, conn: ConnId) -> BytesMut {
+        match self.conn_mut(conn) {
+            Some(c) => {
+                c.transmit_queued = false;
+                std::mem::take(&mut c.outgoing)
+            }
+            None => BytesMut::new(),
+        }
+    }
+
+    /// True when `conn` is closing (or gone): the shell stops reading it.
+    pub fn is_closing(&self, conn: ConnId) -> bool {
+        self.conn(conn).is_none_or(|c| c.closing)
+    }
+
+    /// True when bytes wait for `conn`'s socket.
+    pub fn has_outgoing(&self, conn: ConnId) -> bool {
+        self.conn(conn).is_some_and(|c| !c.outgoing.is_empty())
+    }
+
+    /// True when the shell must act for `conn`: bytes to write, or a close.
+    pub fn wants_attention(&self, conn: ConnId) -> bool {
+        self.conn(conn).is_none_or(|c| c.transmit_queued || c.closing)
+    }
+
+    /// The protocol `conn` speaks.
+    pub fn version(&self, conn: ConnId) -> Option<ProtocolVersion> {
+        self.conn(conn).map(|c| c.version)
+    }
+
+    /// Accepts a CONNECT that passed [`check_connect`](super::handshake::check_connect)
+    /// and whose clientId is set (assigned if it was empty). Takes over any
+    /// connection with the same clientId, attaches the session cleanSession
+    /// asks for, and queues the CONNACK.
+    pub fn connect(&mut self, connect: Connect, now: Millis) -> ConnId {
+        let Connect {
+            protocol,
+            clean_start,
+            keep_alive,
+            client_id,
+            will,
+            ..
+        } = connect;
+        let id = self.allocate_conn(Conn {
+            generation: 0,
+            version: protocol,
+            session: None,
+            will,
+            expiry_ms: u64::from(keep_alive) * 1500,
+            last_seen: now,
+            outgoing: BytesMut::new(),
+            transmit_queued: false,
+            closing: false,
+        });
+
+        // MQTT-3.1.4-2: a client already connected with this id is disconnected.
+        // Its will goes out (see "Takeover" in the README), and a clean session
+        // ends with it.
+        if let Some(&key) = self.by_client_id.get(&client_id) {
+            if let Some(old) = self.session(key).and_then(|s| s.conn) {
+                bump(&self.counters.takeovers);
+                self.close(old, CloseReason::TakenOver, now);
+            }
+        }
+
+        let existing = self.by_client_id.get(&client_id).copied();
+        let (key, session_present) = match existing {
+            // MQTT-3.2.2-2: a stored session is resumed, with sessionPresent=1.
+            Some(key) if !clean_start => (key, true),
+            // MQTT-3.1.2-6: cleanSession=1 discards any previous session.
+            Some(key) => {
+                self.remove_session(key);
+                (self.create_session(client_id, true), false)
+            }
+            None => (self.create_session(client_id, clean_start), false),
+        };
+        let session = self.session_mut(key).expect("session created or found above");
+        session.conn = Some(id);
+        session.clean = clean_start;
+        let conn = self.conn_mut(id).expect("allocated above");
+        conn.session = Some(key);
+        if keep_alive > 0 {
+            self.keepalive.register(id, keepalive_tick(Millis(now.0 + u64::from(keep_alive) * 1500)));
+        }
+
+        bump(&self.counters.connacks[0]);
+        bump(&self.counters.connections_total);
+        bump(&self.counters.connections_current);
+        let connack = connack_bytes(protocol, session_present, 0);
+        self.queue_bytes(id, &connack);
+        if session_present {
+            self.resend_inflight(id, key);
+        }
+        id
+    }
+
+    /// Decodes and handles every whole packet in `buf`, leaving a partial one.
+    pub fn handle_read(&mut self, conn: ConnId, buf: &mut BytesMut, now: Millis) {
+        loop {
+            let Some(c) = self.conn_mut(conn) else { return };
+            if c.closing {
+                // Nothing a client sends after its close counts (MQTT-3.14.4-2).
+                buf.clear();
+                return;
+            }
+            let version = c.version;
+            match codec::decode(buf, version, self.config.max_packet_size) {
+                Ok(None) => return,
+                Ok(Some(packet)) => {
+                    if let Some(c) = self.conn_mut(conn) {
+                        c.last_seen = now;
+                    }
+                    self.handle_packet(conn, packet, now);
+                }
+                Err(error) => {
+                    tracing::debug!(?conn, %error, "malformed packet");
+                    bump(&self.counters.malformed_packets);
+                    self.close(conn, CloseReason::ProtocolError, now);
+                    buf.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The socket of `conn` failed or reached EOF without DISCONNECT: the will
+    /// is published and the connection released.
+    pub fn connection_lost(&mut self, conn: ConnId, now: Millis) {
+        self.close(conn, CloseReason::NetworkError, now);
+        self.release(conn);
+    }
+
+    /// Frees `conn`'s slot once its socket is closed. Closes it first (with
+    /// its will) if the broker had not.
+    pub fn release(&mut self, conn: ConnId) {
+        if !self.is_closing(conn) {
+            self.close(conn, CloseReason::NetworkError, Millis(0));
+        }
+        if let Some(Slot::Used(c)) = self.slots.get(conn.index as usize) {
+            if c.generation == conn.generation {
+                self.slots[conn.index as usize] = Slot::Free {
+                    generation: conn.generation.wrapping_add(1),
+                };
+                self.free_slots.push(conn.index);
+            }
+        }
+    }
+
+    /// A message from another shard.
+    pub fn handle_remote(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Publish(publish) => {
+                if publish.retain {
+                    self.store_retained(&publish);
+                }
+                self.deliver_local(&publish);
+            }
+        }
+    }
+
+    /// Advances time: closes every connection silent for 1.5 × its keep-alive
+    /// (MQTT-3.1.2-24), publishing its will.
+    pub fn tick(&mut self, now: Millis) {
+        let mut expired = Vec::new();
+        let slots = &self.slots;
+        self.keepalive.advance(keepalive_tick(now), |id| {
+            let Some(Slot::Used(c)) = slots.get(id.index as usize) else {
+                return Verdict::Gone;
+            };
+            if c.generation != id.generation || c.closing || c.expiry_ms == 0 {
+                return Verdict::Gone;
+            }
+            let deadline = c.last_seen.0 + c.expiry_ms;
+            if now.0 >= deadline {
+                Verdict::Expired
+            } else {
+                Verdict::Alive(keepalive_tick(Millis(deadline)))
+            }
+        }, |id| expired.push(id));
+        for id in expired {
+            bump(&self.counters.keepalive_expiries);
+            self.close(id, CloseReason::KeepAliveTimeout, now);
+        }
+    }
+
+    /// Closes every connection (shutdown). Wills are published, as for any
+    /// close that is not a DISCONNECT.
+    pub fn close_all(&mut self, now: Millis) {
+        let ids: Vec<ConnId> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Used(c) if !c.closing => Some(ConnId {
+                    index: i as u32,
+                    generation: c.generation,
+                }),
+                _ => None,
+            })
+            .collect();
+        for id in ids {
+            self.close(id, CloseReason::Shutdown, now);
+        }
+    }
+
+    fn handle_packet(&mut self, conn: ConnId, packet: Packet, now: Millis) {
+        match packet {
+            Packet::Publish(publish) => self.handle_publish(conn, publish, now),
+            Packet::PubAck(ack) => {
+                self.with_session(conn, |s| {
+                    if matches!(s.inflight.get(&ack.packet_id.get()), Some(Inflight::Published(p)) if p.qos == QoS::AtLeastOnce)
+                    {
+                        s.inflight.remove(&ack.packet_id.get());
+                    }
+                });
+            }
+            Packet::PubRec(ack) => {
+                self.with_session(conn, |s| {
+                    if let Some(entry) = s.inflight.get_mut(&ack.packet_id.get()) {
+                        *entry = Inflight::Released;
+                    }
+                });
+                // MQTT-4.3.3-1: answer PUBREC with PUBREL, whatever we knew of it.
+                self.queue_packet(conn, &Packet::PubRel(pub_resp(ack.packet_id)));
+            }
+            Packet::PubRel(rel) => {
+                self.with_session(conn, |s| {
+                    s.awaiting_rel.remove(&rel.packet_id.get());
+                });
+                self.queue_packet(conn, &Packet::PubComp(pub_resp(rel.packet_id)));
+            }
+            Packet::PubComp(comp) => {
+                self.with_session(conn, |s| {
+                    if matches!(s.inflight.get(&comp.packet_id.get()), Some(Inflight::Released)) {
+                        s.inflight.remove(&comp.packet_id.get());
+                    }
+                });
+            }
+            Packet::Subscribe(sub) => self.handle_subscribe(conn, sub),
+            Packet::Unsubscribe(unsub) => {
+                let Some(key) = self.conn(conn).and_then(|c| c.session) else { return };
+                for filter in &unsub.filters {
+                    self.trie.unsubscribe(filter, key);
+                    if let Some(s) = self.session_mut(key) {
+                        s.subscriptions.remove(filter);
+                    }
+                }
+                self.queue_packet(
+                    conn,
+                    &Packet::UnsubAck(UnsubAck {
+                        packet_id: unsub.packet_id,
+                        codes: Vec::new(),
+                        properties: None,
+                    }),
+                );
+            }
+            Packet::PingReq => self.queue_packet(conn, &Packet::PingResp),
+            Packet::Disconnect(_) => {
+                // MQTT-3.14.4-3: DISCONNECT discards the will; nothing is sent back.
+                self.close(conn, CloseReason::Disconnect, now);
+            }
+            // MQTT-3.1.0-2: a second CONNECT is a protocol violation. So is any
+            // packet only a server sends.
+            Packet::Connect(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp
+            | Packet::Auth(_) => {
+                bump(&self.counters.malformed_packets);
+                self.close(conn, CloseReason::ProtocolError, now);
+            }
+        }
+    }
+
+    fn handle_publish(&mut self, conn: ConnId, publish: Publish, now: Millis) {
+        bump(&self.counters.publishes_received);
+        let routed = RoutedPublish {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+        };
+        match (publish.qos, publish.packet_id) {
+            (QoS::AtMostOnce, _) => self.route(routed),
+            (QoS::AtLeastOnce, Some(id)) => {
+                self.route(routed);
+                self.queue_packet(conn, &Packet::PubAck(pub_resp(id)));
+            }
+            (QoS::ExactlyOnce, Some(id)) => {
+                // MQTT-4.3.3: a PUBLISH resent before PUBREL is acknowledged
+                // again but not delivered again.
+                let first = self
+                    .with_session(conn, |s| s.awaiting_rel.insert(id.get()))
+                    .unwrap_or(false);
+                if first {
+                    self.route(routed);
+                }
+                self.queue_packet(conn, &Packet::PubRec(pub_resp(id)));
+            }
+            // The codec guarantees an id for QoS > 0 (MQTT-2.3.1-5).
+            _ => {
+                bump(&self.counters.malformed_packets);
+                self.close(conn, CloseReason::ProtocolError, now);
+            }
+        }
+    }
+
+    fn handle_subscribe(&mut self, conn: ConnId, sub: codec::Subscribe) {
+        let Some(key) = self.conn(conn).and_then(|c| c.session) else { return };
+        let mut codes = Vec::with_capacity(sub.filters.len());
+        for (filter, options) in &sub.filters {
+            let granted = options.qos;
+            // MQTT-3.8.4-3: a repeated filter replaces the old subscription.
+            self.trie.subscribe(filter, key, granted);
+            if let Some(s) = self.session_mut(key) {
+                s.subscriptions.insert(filter.clone(), granted);
+            }
+            codes.push(granted as u8);
+        }
+        self.queue_packet(
+            conn,
+            &Packet::SubAck(SubAck {
+                packet_id: sub.packet_id,
+                codes,
+                properties: None,
+            }),
+        );
+        // MQTT-3.3.1-6 / -8: retained messages go to the new subscription with
+        // RETAIN=1, after the SUBACK.
+        let mut retained = Vec::new();
+        for (filter, options) in &sub.filters {
+            self.retained.for_each_match(filter, |m| retained.push((m.clone(), options.qos)));
+        }
+        for (msg, granted) in retained {
+            let qos = msg.qos.min(granted);
+            self.send_publish(conn, key, msg.topic, msg.payload, qos, true);
+        }
+    }
+
+    /// Publishes on this shard and on every other: the path of client
+    /// PUBLISHes and wills alike.
+    fn route(&mut self, publish: RoutedPublish) {
+        if publish.retain {
+            self.store_retained(&publish);
+        }
+        self.deliver_local(&publish);
+        if self.config.shards > 1 {
+            self.events.push_back(Event::Broadcast(ShardMsg::Publish(publish)));
+        }
+    }
+
+    fn store_retained(&mut self, publish: &RoutedPublish) {
+        self.retained.set(RetainedMessage {
+            topic: publish.topic.clone(),
+            payload: publish.payload.clone(),
+            qos: publish.qos,
+        });
+    }
+
+    fn deliver_local(&mut self, publish: &RoutedPublish) {
+        let mut matches = std::mem::take(&mut self.matches);
+        matches.clear();
+        // MQTT-3.3.5-1: overlapping subscriptions of one client get one copy,
+        // at the highest granted QoS.
+        self.trie.collect_matches(&publish.topic, &mut matches, |have, new| {
+            if *new > *have {
+                *have = *new;
+            }
+        });
+        for (&key, &granted) in &matches {
+            let qos = publish.qos.min(granted); // MQTT-3.8.4-6
+            match self.session(key).and_then(|s| s.conn) {
+                // MQTT-3.3.1-9: RETAIN=0 on normal forwarding.
+                Some(conn) => self.send_publish(
+                    conn,
+                    key,
+                    publish.topic.clone(),
+                    publish.payload.clone(),
+                    qos,
+                    false,
+                ),
+                // Offline sessions: queueing arrives with QoS 1/2 (issue 5).
+                None => bump(&self.counters.messages_dropped),
+            }
+        }
+        self.matches = matches;
+    }
+
+    fn send_publish(
+        &mut self,
+        conn: ConnId,
+        key: SessionKey,
+        topic: TopicName,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+    ) {
+        let max_inflight = self.config.max_inflight;
+        let packet_id = if qos == QoS::AtMostOnce {
+            None
+        } else {
+            let Some(session) = self.session_mut(key) else { return };
+            let id = if session.inflight.len() < max_inflight {
+                session.allocate_packet_id()
+            } else {
+                None
+            };
+            match id {
+                Some(id) => Some(id),
+                None => {
+                    bump(&self.counters.messages_dropped);
+                    return;
+                }
+            }
+        };
+        let publish = Publish {
+            dup: false,
+            qos,
+            retain,
+            topic,
+            packet_id,
+            payload,
+            properties: None,
+        };
+        if let Some(id) = packet_id {
+            if let Some(s) = self.session_mut(key) {
+                s.inflight.insert(id.get(), Inflight::Published(publish.clone()));
+            }
+        }
+        bump(&self.counters.publishes_sent);
+        self.queue_packet(conn, &Packet::Publish(publish));
+    }
+
+    /// MQTT-4.4.0-1: on a resumed session, unacknowledged PUBLISHes are sent
+    /// again with DUP=1 and PUBRELs again, in their original order.
+    fn resend_inflight(&mut self, conn: ConnId, key: SessionKey) {
+        let Some(session) = self.session(key) else { return };
+        let mut pending: Vec<(u16, Inflight)> =
+            session.inflight.iter().map(|(id, f)| (*id, f.clone())).collect();
+        pending.sort_by_key(|(id, _)| *id);
+        for (id, flight) in pending {
+            let packet = match flight {
+                Inflight::Published(mut p) => {
+                    p.dup = true;
+                    Packet::Publish(p)
+                }
+                Inflight::Released => match PacketId::new(id) {
+                    Some(pid) => Packet::PubRel(pub_resp(pid)),
+                    None => continue,
+                },
+            };
+            self.queue_packet(conn, &packet);
+        }
+    }
+
+    /// Ends a connection: publishes its will unless it sent DISCONNECT,
+    /// detaches its session (ending a clean one), and asks the shell to close
+    /// the socket. Idempotent.
+    fn close(&mut self, conn: ConnId, reason: CloseReason, _now: Millis) {
+        let Some(c) = self.conn_mut(conn) else { return };
+        if c.closing {
+            return;
+        }
+        c.closing = true;
+        let will = c.will.take();
+        let session = c.session.take();
+        drop_one(&self.counters.connections_current);
+        tracing::debug!(?conn, ?reason, "closing connection");
+
+        if let Some(key) = session {
+            let clean = match self.session_mut(key) {
+                Some(s) => {
+                    s.conn = None;
+                    s.clean
+                }
+                None => false,
+            };
+            if clean {
+                self.remove_session(key);
+            }
+        }
+        if reason != CloseReason::Disconnect {
+            if let Some(will) = will {
+                bump(&self.counters.wills_published);
+                self.route(RoutedPublish {
+                    topic: will.topic,
+                    payload: will.payload,
+                    qos: will.qos,
+                    retain: will.retain,
+                });
+            }
+        }
+        self.events.push_back(Event::Close(conn));
+    }
+
+    fn queue_packet(&mut self, conn: ConnId, packet: &Packet) {
+        let Some(c) = self.conn_mut(conn) else { return };
+        if c.closing {
+            return;
+        }
+        packet.encode(c.version, &mut c.outgoing);
+        if !c.transmit_queued {
+            c.transmit_queued = true;
+            self.events.push_back(Event::Transmit(conn));
+        }
+    }
+
+    fn queue_bytes(&mut self, conn: ConnId, bytes: &[u8]) {
+        let Some(c) = self.conn_mut(conn) else { return };
+        c.outgoing.extend_from_slice(bytes);
+        if !c.transmit_queued {
+            c.transmit_queued = true;
+            self.events.push_back(Event::Transmit(conn));
+        }
+    }
+
+    fn with_session<R>(&mut self, conn: ConnId, f: impl FnOnce(&mut Session) -> R) -> Option<R> {
+        let key = self.conn(conn)?.session?;
+        self.session_mut(key).map(f)
+    }
+
+    fn allocate_conn(&mut self, mut conn: Conn) -> ConnId {
+        if let Some(index) = self.free_slots.pop() {
+            let generation = match self.slots[index as usize] {
+                Slot::Free { generation } => generation,
+                Slot::Used(_) => unreachable!("free list holds only free slots"),
+            };
+            conn.generation = generation;
+            self.slots[index as usize] = Slot::Used(conn);
+            ConnId { index, generation }
+        } else {
+            let index = self.slots.len() as u32;
+            self.slots.push(Slot::Used(conn));
+            ConnId {
+                index,
+                generation: 0,
+            }
+        }
+    }
+
+    fn conn(&self, id: ConnId) -> Option<&Conn> {
+        match self.slots.get(id.index as usize) {
+            Some(Slot::Used(c)) if c.generation == id.generation => Some(c),
+            _ => None,
+        }
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        match self.slots.get_mut(id.index as usize) {
+            Some(Slot::Used(c)) if c.generation == id.generation => Some(c),
+            _ => None,
+        }
+    }
+
+    fn create_session(&mut self, client_id: ByteString, clean: bool) -> SessionKey {
+        let session = Session::new(client_id.clone(), clean);
+        let key = match self.free_sessions.pop() {
+            Some(i) => {
+                self.sessions[i as usize] = Some(session);
+                SessionKey(i)
+            }
+            None => {
+                self.sessions.push(Some(session));
+                SessionKey(self.sessions.len() as u32 - 1)
+            }
+        };
+        self.by_client_id.insert(client_id, key);
+        key
+    }
+
+    fn remove_session(&mut self, key: SessionKey) {
+        let Some(session) = self.sessions.get_mut(key.0 as usize).and_then(Option::take) else {
+            return;
+        };
+        for filter in session.subscriptions.keys() {
+            self.trie.unsubscribe(filter, key);
+        }
+        self.by_client_id.remove(&session.client_id);
+        self.free_sessions.push(key.0);
+    }
+
+    fn session(&self, key: SessionKey) -> Option<&Session> {
+        self.sessions.get(key.0 as usize).and_then(Option::as_ref)
+    }
+
+    fn session_mut(&mut self, key: SessionKey) -> Option<&mut Session> {
+        self.sessions.get_mut(key.0 as usize).and_then(Option::as_mut)
+    }
+}
+
+fn pub_resp(packet_id: PacketId) -> PubResp {
+    PubResp {
+        packet_id,
+        reason: 0,
+        properties: None,
+    }
+}
+
+/// The wheel counts in 100 ms ticks: fine enough that a keep-alive close lands
+/// at most ~0.1 s after 1.5 × keep-alive, coarse enough that a tick walks few
+/// buckets. The deadline tick is rounded up, so nothing closes early.
+fn keepalive_tick(t: Millis) -> u64 {
+    t.0.div_ceil(100)
+}

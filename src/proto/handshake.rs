@@ -1,0 +1,247 @@
+//! The first packet of a connection: read the CONNECT, decide its CONNACK
+//! return code, and pick the shard that owns its clientId.
+//!
+//! This runs on whichever shard accepted the socket, before the connection is
+//! handed to its owner, so that a refused client (bad credentials, bad
+//! clientId, unsupported protocol) costs the owner nothing.
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+
+use super::codec::{self, return_code, ConnAck, Connect, DecodeError, Packet, ProtocolVersion};
+use super::ShardId;
+
+/// What the bytes read so far amount to.
+#[derive(Debug)]
+pub enum FirstPacket {
+    /// No whole packet yet: read more (until the connect timeout).
+    Incomplete,
+    /// A well-formed CONNECT, removed from the buffer.
+    Connect(Box<Connect>),
+    /// The connection must be closed. `reply` is the CONNACK the client is
+    /// owed first, if any.
+    Reject {
+        /// Bytes to write before closing (a CONNACK), when the spec owes one.
+        reply: Option<Bytes>,
+        /// Why, for the log and the counters.
+        error: HandshakeError,
+    },
+}
+
+/// Why a connection was refused before it reached its owner shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeError {
+    /// The first packet was not a CONNECT (MQTT-3.1.0-1).
+    NotConnect,
+    /// The CONNECT was malformed.
+    Malformed(DecodeError),
+}
+
+/// Decodes the first packet from `buf`.
+///
+/// A first packet that is anything but CONNECT closes the connection
+/// (MQTT-3.1.0-1). An unsupported protocol level is owed CONNACK 0x01 before
+/// the close (MQTT-3.1.2-2); every other malformed CONNECT is closed without
+/// a CONNACK, as 3.1.1 §4.8 allows.
+pub fn read_first_packet(buf: &mut BytesMut, max_packet_size: usize) -> FirstPacket {
+    match codec::decode(buf, ProtocolVersion::V3_1_1, max_packet_size) {
+        Ok(None) => FirstPacket::Incomplete,
+        Ok(Some(Packet::Connect(connect))) => FirstPacket::Connect(connect),
+        Ok(Some(_)) => FirstPacket::Reject {
+            reply: None,
+            error: HandshakeError::NotConnect,
+        },
+        Err(error) => FirstPacket::Reject {
+            reply: error
+                .connack_return_code()
+                .map(|code| connack_bytes(ProtocolVersion::V3_1_1, false, code)),
+            error: HandshakeError::Malformed(error),
+        },
+    }
+}
+
+/// The credentials check the handshake delegates to (the password file, in
+/// the broker). Returns the CONNACK return code to refuse with, or `Ok`.
+pub trait Authenticate {
+    /// `Ok(())` to accept, or `Err(4)` bad credentials / `Err(5)` not authorized.
+    fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> Result<(), u8>;
+}
+
+/// Decides the CONNACK return code for a decoded CONNECT.
+///
+/// - MQTT 5.0 is answered 0x01 until its semantics land: the broker speaks
+///   3.1 and 3.1.1 (MQTT-3.1.2-2).
+/// - MQTT 3.1 allows clientIds of 1 to 23 characters (3.1 §3.1); others get 0x02.
+/// - A zero-length clientId needs cleanSession=1 (MQTT-3.1.3-8); the caller
+///   then assigns one ([`assign_client_id`], MQTT-3.1.3-6).
+/// - Then credentials: 0x04 or 0x05 from `auth`.
+pub fn check_connect(connect: &Connect, auth: &impl Authenticate) -> Result<(), u8> {
+    match connect.protocol {
+        ProtocolVersion::V5 => return Err(return_code::UNACCEPTABLE_PROTOCOL_VERSION),
+        ProtocolVersion::V3_1 => {
+            let chars = connect.client_id.chars().count();
+            if !(1..=23).contains(&chars) {
+                return Err(return_code::IDENTIFIER_REJECTED);
+            }
+        }
+        ProtocolVersion::V3_1_1 => {
+            if connect.client_id.is_empty() && !connect.clean_start {
+                return Err(return_code::IDENTIFIER_REJECTED);
+            }
+        }
+    }
+    auth.authenticate(connect.username.as_deref(), connect.password.as_deref())
+}
+
+/// A unique clientId for a client that sent a zero-length one with
+/// cleanSession=1 (MQTT-3.1.3-6). `nonce` is random per process so ids from
+/// an earlier run never collide with a session still remembered by a client.
+pub fn assign_client_id(nonce: u64, shard: ShardId, serial: u64) -> ByteString {
+    ByteString::from(format!("auto-{nonce:016x}-{}-{serial}", shard.0))
+}
+
+/// The shard that owns `client_id`: FNV-1a, stable across shards and runs,
+/// so every CONNECT for one clientId meets its session on the same shard.
+pub fn owner_of(client_id: &str, shards: u16) -> ShardId {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in client_id.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    ShardId((hash % u64::from(shards.max(1))) as u16)
+}
+
+/// A CONNACK's bytes. 3.1 has no Session Present flag; the codec writes 0.
+pub fn connack_bytes(version: ProtocolVersion, session_present: bool, code: u8) -> Bytes {
+    let mut out = BytesMut::with_capacity(4);
+    // MQTT-3.2.2-4: a refused CONNECT always gets Session Present 0.
+    Packet::ConnAck(ConnAck {
+        session_present: session_present && code == 0,
+        code,
+        properties: None,
+    })
+    .encode(version, &mut out);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct AllowAll;
+    impl Authenticate for AllowAll {
+        fn authenticate(&self, _: Option<&str>, _: Option<&[u8]>) -> Result<(), u8> {
+            Ok(())
+        }
+    }
+    struct DenyAnonymous;
+    impl Authenticate for DenyAnonymous {
+        fn authenticate(&self, user: Option<&str>, _: Option<&[u8]>) -> Result<(), u8> {
+            match user {
+                None => Err(return_code::NOT_AUTHORIZED),
+                Some("alice") => Ok(()),
+                Some(_) => Err(return_code::BAD_USERNAME_OR_PASSWORD),
+            }
+        }
+    }
+
+    fn connect(protocol: ProtocolVersion, client_id: &str, clean: bool) -> Connect {
+        Connect {
+            protocol,
+            clean_start: clean,
+            keep_alive: 60,
+            client_id: ByteString::from(client_id),
+            will: None,
+            username: None,
+            password: None,
+            properties: None,
+        }
+    }
+
+    #[test]
+    fn empty_client_id_with_persistent_session_rejected_mqtt_3_1_3_8() {
+        let c = connect(ProtocolVersion::V3_1_1, "", false);
+        assert_eq!(check_connect(&c, &AllowAll), Err(return_code::IDENTIFIER_REJECTED));
+        let c = connect(ProtocolVersion::V3_1_1, "", true);
+        assert_eq!(check_connect(&c, &AllowAll), Ok(()));
+    }
+
+    #[test]
+    fn mqtt_3_1_client_id_limited_to_23_characters() {
+        let ok = connect(ProtocolVersion::V3_1, &"a".repeat(23), true);
+        assert_eq!(check_connect(&ok, &AllowAll), Ok(()));
+        let long = connect(ProtocolVersion::V3_1, &"a".repeat(24), true);
+        assert_eq!(check_connect(&long, &AllowAll), Err(return_code::IDENTIFIER_REJECTED));
+        let empty = connect(ProtocolVersion::V3_1, "", true);
+        assert_eq!(check_connect(&empty, &AllowAll), Err(return_code::IDENTIFIER_REJECTED));
+        // 3.1.1 lets the server accept longer ids (MQTT-3.1.3-5 is a minimum).
+        let long311 = connect(ProtocolVersion::V3_1_1, &"a".repeat(100), true);
+        assert_eq!(check_connect(&long311, &AllowAll), Ok(()));
+    }
+
+    #[test]
+    fn mqtt_5_refused_with_return_code_1_mqtt_3_1_2_2() {
+        let c = connect(ProtocolVersion::V5, "x", true);
+        assert_eq!(check_connect(&c, &AllowAll), Err(return_code::UNACCEPTABLE_PROTOCOL_VERSION));
+    }
+
+    #[test]
+    fn credentials_decide_return_codes_4_and_5() {
+        let mut c = connect(ProtocolVersion::V3_1_1, "x", true);
+        assert_eq!(check_connect(&c, &DenyAnonymous), Err(return_code::NOT_AUTHORIZED));
+        c.username = Some(ByteString::from("mallory"));
+        assert_eq!(check_connect(&c, &DenyAnonymous), Err(return_code::BAD_USERNAME_OR_PASSWORD));
+        c.username = Some(ByteString::from("alice"));
+        assert_eq!(check_connect(&c, &DenyAnonymous), Ok(()));
+    }
+
+    #[test]
+    fn first_packet_must_be_connect_mqtt_3_1_0_1() {
+        let mut buf = BytesMut::from(&b"\xc0\x00"[..]); // PINGREQ
+        assert!(matches!(
+            read_first_packet(&mut buf, 1024),
+            FirstPacket::Reject { reply: None, error: HandshakeError::NotConnect }
+        ));
+    }
+
+    #[test]
+    fn unsupported_level_gets_connack_1_mqtt_3_1_2_2() {
+        // CONNECT, protocol name MQTT, level 9.
+        let mut buf = BytesMut::from(&b"\x10\x0d\x00\x04MQTT\x09\x02\x00\x3c\x00\x01a"[..]);
+        match read_first_packet(&mut buf, 1024) {
+            FirstPacket::Reject { reply: Some(reply), .. } => {
+                assert_eq!(&reply[..], b"\x20\x02\x00\x01")
+            }
+            other => panic!("expected CONNACK 1, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn half_a_packet_is_incomplete() {
+        let mut buf = BytesMut::from(&b"\x10\x0d\x00\x04MQ"[..]);
+        assert!(matches!(read_first_packet(&mut buf, 1024), FirstPacket::Incomplete));
+    }
+
+    #[test]
+    fn refused_connack_never_claims_a_session_mqtt_3_2_2_4() {
+        assert_eq!(&connack_bytes(ProtocolVersion::V3_1_1, true, 5)[..], b"\x20\x02\x00\x05");
+        assert_eq!(&connack_bytes(ProtocolVersion::V3_1_1, true, 0)[..], b"\x20\x02\x01\x00");
+    }
+
+    #[test]
+    fn owner_is_stable_and_in_range() {
+        for shards in 1..8u16 {
+            for id in ["a", "mqtt_sample_id_1", "dev/1", ""] {
+                let o = owner_of(id, shards);
+                assert!(o.0 < shards);
+                assert_eq!(o, owner_of(id, shards));
+            }
+        }
+        // The distribution is not degenerate: 1000 ids spread over 4 shards.
+        let mut seen = [0u32; 4];
+        for i in 0..1000 {
+            seen[owner_of(&format!("device-{i}"), 4).0 as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 150), "{seen:?}");
+    }
+}

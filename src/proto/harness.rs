@@ -1,0 +1,522 @@
+//! A deterministic harness: N clients stepped through the sans-IO brokers of
+//! several shards on a fake clock. The shell's job (routing a CONNECT to its
+//! owner shard, forwarding broadcasts, closing sockets) is played here by a
+//! few lines, so every lifecycle rule is checked without sockets or sleeps.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use hashbrown::HashSet;
+
+use super::broker::{Broker, BrokerConfig, Event};
+use super::codec::{
+    self, Connect, Disconnect, LastWill, Packet, PacketId, ProtocolVersion, PubResp, Publish, QoS,
+    Subscribe, SubscriptionOptions, Unsubscribe,
+};
+use super::handshake::owner_of;
+use super::topic::{TopicFilter, TopicName};
+use super::{ConnId, Millis, ShardId};
+use crate::metrics::{get, Counters};
+
+/// A client of the harness: which shard holds it, and its connection there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Client {
+    shard: usize,
+    conn: ConnId,
+}
+
+struct Harness {
+    brokers: Vec<Broker>,
+    counters: Arc<Counters>,
+    now: Millis,
+    /// Connections the broker asked to close (socket closed by the "shell").
+    closed: HashSet<(usize, ConnId)>,
+    /// Bytes each connection was sent, kept until read by `recv`.
+    inbox: hashbrown::HashMap<(usize, ConnId), BytesMut>,
+}
+
+impl Harness {
+    fn new(shards: u16) -> Self {
+        let counters = Arc::new(Counters::default());
+        let brokers = (0..shards)
+            .map(|i| {
+                Broker::new(
+                    BrokerConfig {
+                        shard: ShardId(i),
+                        shards,
+                        max_packet_size: 1 << 20,
+                        max_inflight: 20,
+                    },
+                    counters.clone(),
+                    Millis(0),
+                )
+            })
+            .collect();
+        Harness {
+            brokers,
+            counters,
+            now: Millis(0),
+            closed: HashSet::new(),
+            inbox: hashbrown::HashMap::new(),
+        }
+    }
+
+    fn connect(&mut self, connect: Connect) -> (Client, codec::ConnAck) {
+        let shard = owner_of(&connect.client_id, self.brokers.len() as u16).0 as usize;
+        let conn = self.brokers[shard].connect(connect, self.now);
+        self.pump();
+        let client = Client { shard, conn };
+        let mut packets = self.recv(client);
+        assert!(!packets.is_empty(), "no CONNACK");
+        match packets.remove(0) {
+            Packet::ConnAck(ack) => {
+                // Anything after the CONNACK (resent messages) goes back to the inbox.
+                let version = self.brokers[shard].version(conn).unwrap_or(ProtocolVersion::V3_1_1);
+                let mut rest = BytesMut::new();
+                for p in packets {
+                    p.encode(version, &mut rest);
+                }
+                if !rest.is_empty() {
+                    self.inbox.insert((shard, conn), rest);
+                }
+                (client, ack)
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn send(&mut self, client: Client, packet: Packet) {
+        let version = self.brokers[client.shard]
+            .version(client.conn)
+            .unwrap_or(ProtocolVersion::V3_1_1);
+        let mut buf = BytesMut::new();
+        packet.encode(version, &mut buf);
+        self.send_bytes(client, &buf);
+    }
+
+    fn send_bytes(&mut self, client: Client, bytes: &[u8]) {
+        let mut buf = BytesMut::from(bytes);
+        self.brokers[client.shard].handle_read(client.conn, &mut buf, self.now);
+        self.pump();
+    }
+
+    /// The socket of `client` drops without DISCONNECT.
+    fn drop_socket(&mut self, client: Client) {
+        self.brokers[client.shard].connection_lost(client.conn, self.now);
+        self.closed.insert((client.shard, client.conn));
+        self.pump();
+    }
+
+    fn advance(&mut self, ms: u64) {
+        // Tick every 100 ms, as the shell does.
+        let end = self.now.0 + ms;
+        while self.now.0 < end {
+            self.now = Millis((self.now.0 + 100).min(end));
+            for b in &mut self.brokers {
+                b.tick(self.now);
+            }
+            self.pump();
+        }
+    }
+
+    /// Plays the shell: moves outgoing bytes into inboxes, forwards
+    /// broadcasts to the other shards, closes and releases connections.
+    fn pump(&mut self) {
+        loop {
+            let mut progressed = false;
+            for shard in 0..self.brokers.len() {
+                while let Some(event) = self.brokers[shard].poll_event() {
+                    progressed = true;
+                    match event {
+                        Event::Transmit(conn) => {
+                            let out = self.brokers[shard].take_outgoing(conn);
+                            self.inbox.entry((shard, conn)).or_default().extend_from_slice(&out);
+                        }
+                        Event::Close(conn) => {
+                            let out = self.brokers[shard].take_outgoing(conn);
+                            self.inbox.entry((shard, conn)).or_default().extend_from_slice(&out);
+                            self.brokers[shard].release(conn);
+                            self.closed.insert((shard, conn));
+                        }
+                        Event::Broadcast(msg) => {
+                            for other in 0..self.brokers.len() {
+                                if other != shard {
+                                    self.brokers[other].handle_remote(msg.clone());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn recv(&mut self, client: Client) -> Vec<Packet> {
+        let mut buf = self.inbox.remove(&(client.shard, client.conn)).unwrap_or_default();
+        let mut out = Vec::new();
+        while let Some(p) = codec::decode(&mut buf, ProtocolVersion::V3_1_1, usize::MAX)
+            .expect("broker sends well-formed packets")
+        {
+            out.push(p);
+        }
+        assert!(buf.is_empty(), "partial packet left: {buf:?}");
+        out
+    }
+
+    fn is_closed(&self, client: Client) -> bool {
+        self.closed.contains(&(client.shard, client.conn))
+    }
+
+    fn publishes(&mut self, client: Client) -> Vec<(String, Bytes, QoS, bool)> {
+        self.recv(client)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => Some((p.topic.to_string(), p.payload, p.qos, p.retain)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn connect(client_id: &str, clean: bool, keep_alive: u16) -> Connect {
+    Connect {
+        protocol: ProtocolVersion::V3_1_1,
+        clean_start: clean,
+        keep_alive,
+        client_id: ByteString::from(client_id),
+        will: None,
+        username: None,
+        password: None,
+        properties: None,
+    }
+}
+
+fn with_will(mut c: Connect, topic: &str, payload: &'static [u8], retain: bool) -> Connect {
+    c.will = Some(LastWill {
+        topic: TopicName::new(topic.to_string()).unwrap(),
+        payload: Bytes::from_static(payload),
+        qos: QoS::AtMostOnce,
+        retain,
+        properties: None,
+    });
+    c
+}
+
+fn pid(n: u16) -> PacketId {
+    PacketId::new(n).unwrap()
+}
+
+fn subscribe(filter: &str, qos: QoS) -> Packet {
+    subscribe_many(&[(filter, qos)])
+}
+
+fn subscribe_many(filters: &[(&str, QoS)]) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: pid(1),
+        filters: filters
+            .iter()
+            .map(|(f, q)| (TopicFilter::new(f.to_string()).unwrap(), SubscriptionOptions::qos(*q)))
+            .collect(),
+        properties: None,
+    })
+}
+
+fn publish(topic: &str, payload: &'static [u8], qos: QoS, retain: bool, id: Option<u16>) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: TopicName::new(topic.to_string()).unwrap(),
+        packet_id: id.map(pid),
+        payload: Bytes::from_static(payload),
+        properties: None,
+    })
+}
+
+fn disconnect() -> Packet {
+    Packet::Disconnect(Disconnect::default())
+}
+
+/// Subscribes a fresh clean client to `filter` and discards its SUBACK.
+fn subscriber(h: &mut Harness, id: &str, filter: &str) -> Client {
+    let (c, _) = h.connect(connect(id, true, 0));
+    h.send(c, subscribe(filter, QoS::AtLeastOnce));
+    let acks = h.recv(c);
+    assert!(matches!(acks[0], Packet::SubAck(_)), "{acks:?}");
+    c
+}
+
+#[test]
+fn clean_session_gets_session_present_0_mqtt_3_2_2_1() {
+    let mut h = Harness::new(1);
+    for _ in 0..2 {
+        let (c, ack) = h.connect(connect("c1", true, 0));
+        assert!(!ack.session_present);
+        assert_eq!(ack.code, 0);
+        h.send(c, disconnect());
+    }
+}
+
+#[test]
+fn persistent_session_resumed_with_its_subscriptions_mqtt_3_2_2_2() {
+    let mut h = Harness::new(4);
+    let (c, ack) = h.connect(connect("mqtt_sample_id_1", false, 0));
+    assert!(!ack.session_present, "first connect has no stored session (MQTT-3.2.2-3)");
+    h.send(c, subscribe("a/b", QoS::AtMostOnce));
+    h.recv(c);
+    h.send(c, disconnect());
+    assert!(h.is_closed(c));
+
+    let (c, ack) = h.connect(connect("mqtt_sample_id_1", false, 0));
+    assert!(ack.session_present);
+    // The subscription survived: a publish from another client arrives
+    // without subscribing again.
+    let (p, _) = h.connect(connect("publisher", true, 0));
+    h.send(p, publish("a/b", b"hi", QoS::AtMostOnce, false, None));
+    assert_eq!(h.publishes(c), [("a/b".into(), Bytes::from_static(b"hi"), QoS::AtMostOnce, false)]);
+}
+
+#[test]
+fn clean_session_discards_stored_session_mqtt_3_1_2_6() {
+    let mut h = Harness::new(1);
+    let (c, _) = h.connect(connect("c", false, 0));
+    h.send(c, subscribe("a", QoS::AtMostOnce));
+    h.send(c, disconnect());
+    let (c, ack) = h.connect(connect("c", true, 0));
+    assert!(!ack.session_present);
+    h.recv(c);
+    let (p, _) = h.connect(connect("p", true, 0));
+    h.send(p, publish("a", b"x", QoS::AtMostOnce, false, None));
+    assert!(h.publishes(c).is_empty(), "old subscription must be gone");
+    h.send(c, disconnect());
+    // A clean session ends with its connection (MQTT-3.1.2-6): a persistent
+    // reconnect then finds nothing.
+    let (_, ack) = h.connect(connect("c", false, 0));
+    assert!(!ack.session_present);
+}
+
+#[test]
+fn disconnect_discards_the_will_mqtt_3_14_4_3() {
+    let mut h = Harness::new(2);
+    let s = subscriber(&mut h, "watcher", "will/#");
+    let (c, _) = h.connect(with_will(connect("dev", true, 0), "will/dev", b"gone", false));
+    h.send(c, disconnect());
+    assert!(h.is_closed(c));
+    assert!(h.recv(c).is_empty(), "nothing is sent back to a DISCONNECT");
+    assert!(h.publishes(s).is_empty());
+    assert_eq!(get(&h.counters.wills_published), 0);
+}
+
+#[test]
+fn network_loss_publishes_the_will_to_every_shard() {
+    let mut h = Harness::new(4);
+    let watchers: Vec<Client> =
+        (0..8).map(|i| subscriber(&mut h, &format!("watcher-{i}"), "will/+")).collect();
+    assert!(watchers.iter().map(|w| w.shard).collect::<HashSet<_>>().len() > 1);
+    let (c, _) = h.connect(with_will(connect("dev", true, 0), "will/dev", b"gone", false));
+    h.drop_socket(c);
+    for w in watchers {
+        assert_eq!(h.publishes(w), [("will/dev".into(), Bytes::from_static(b"gone"), QoS::AtMostOnce, false)]);
+    }
+}
+
+#[test]
+fn keepalive_closes_after_one_and_a_half_times_and_publishes_will_mqtt_3_1_2_24() {
+    let mut h = Harness::new(2);
+    let s = subscriber(&mut h, "watcher", "will/#");
+    let (c, _) = h.connect(with_will(connect("dev", true, 2), "will/dev", b"timeout", false));
+    h.advance(2_900);
+    assert!(!h.is_closed(c), "closed before 1.5 × keep-alive");
+    h.advance(200);
+    assert!(h.is_closed(c), "not closed within 1.5 × keep-alive + one tick");
+    assert_eq!(h.publishes(s).len(), 1);
+    assert_eq!(get(&h.counters.keepalive_expiries), 1);
+}
+
+#[test]
+fn any_packet_resets_the_keepalive_and_pingreq_gets_pingresp_mqtt_3_12_4_1() {
+    let mut h = Harness::new(1);
+    let (c, _) = h.connect(connect("dev", true, 2));
+    for _ in 0..5 {
+        h.advance(2_000);
+        h.send_bytes(c, b"\xc0\x00");
+        assert_eq!(h.recv(c), [Packet::PingResp]);
+    }
+    assert!(!h.is_closed(c));
+    h.advance(3_100);
+    assert!(h.is_closed(c));
+}
+
+#[test]
+fn keepalive_zero_never_expires_mqtt_3_1_2_10() {
+    let mut h = Harness::new(1);
+    let (c, _) = h.connect(connect("dev", true, 0));
+    h.advance(200_000);
+    assert!(!h.is_closed(c));
+}
+
+#[test]
+fn takeover_closes_the_old_connection_and_publishes_its_will_mqtt_3_1_4_2() {
+    let mut h = Harness::new(4);
+    let s = subscriber(&mut h, "watcher", "status/#");
+    let (old, _) = h.connect(with_will(connect("mqtt_identical_1", false, 0), "status/x", b"old-gone", false));
+    h.send(old, subscribe("t", QoS::AtMostOnce));
+    h.recv(old);
+    let (new, ack) = h.connect(connect("mqtt_identical_1", false, 0));
+    assert!(h.is_closed(old));
+    assert!(!h.is_closed(new));
+    assert!(ack.session_present, "persistent session carried over to the new connection");
+    assert_eq!(h.publishes(s).len(), 1);
+    assert_eq!(get(&h.counters.takeovers), 1);
+}
+
+#[test]
+fn flapping_clients_never_leak_sessions_or_connections() {
+    let mut h = Harness::new(4);
+    let mut last = None;
+    for i in 0..1_000 {
+        let clean = i % 3 == 0;
+        let (c, _) = h.connect(connect("mqtt_identical_1", clean, 10));
+        if let Some(prev) = last {
+            assert!(h.is_closed(prev));
+        }
+        last = Some(c);
+    }
+    let total_conns: usize = h.brokers.iter().map(Broker::connection_count).sum();
+    let total_sessions: usize = h.brokers.iter().map(Broker::session_count).sum();
+    assert_eq!(total_conns, 1);
+    assert_eq!(total_sessions, 1);
+    assert_eq!(get(&h.counters.connections_current), 1);
+}
+
+#[test]
+fn second_connect_is_a_protocol_violation_mqtt_3_1_0_2() {
+    let mut h = Harness::new(1);
+    let (c, _) = h.connect(with_will(connect("c", true, 0), "w", b"x", false));
+    let s = subscriber(&mut h, "s", "w");
+    h.send(c, Packet::Connect(Box::new(connect("c", true, 0))));
+    assert!(h.is_closed(c));
+    assert_eq!(h.publishes(s).len(), 1, "a protocol error publishes the will");
+    assert_eq!(get(&h.counters.malformed_packets), 1);
+}
+
+#[test]
+fn malformed_packet_closes_only_that_connection() {
+    let mut h = Harness::new(1);
+    let (bad, _) = h.connect(connect("bad", true, 0));
+    let good = subscriber(&mut h, "good", "t");
+    h.send_bytes(bad, b"\x00\x00"); // packet type 0 is reserved
+    assert!(h.is_closed(bad));
+    let (p, _) = h.connect(connect("p", true, 0));
+    h.send(p, publish("t", b"still here", QoS::AtMostOnce, false, None));
+    assert_eq!(h.publishes(good).len(), 1);
+}
+
+#[test]
+fn retained_will_replaces_retained_message_for_late_subscribers() {
+    let mut h = Harness::new(4);
+    let (dev, _) = h.connect(with_will(connect("dev1", true, 0), "dev/1/status", b"offline", true));
+    h.send(dev, publish("dev/1/status", b"online", QoS::AtMostOnce, true, None));
+    h.drop_socket(dev);
+    let late = subscriber(&mut h, "late", "dev/+/status");
+    assert_eq!(
+        h.publishes(late),
+        [("dev/1/status".into(), Bytes::from_static(b"offline"), QoS::AtMostOnce, true)]
+    );
+}
+
+#[test]
+fn retained_set_replaced_cleared_and_flagged_mqtt_3_3_1_6_and_9() {
+    let mut h = Harness::new(4);
+    let live = subscriber(&mut h, "live", "r/#");
+    let (p, _) = h.connect(connect("p", true, 0));
+    h.send(p, publish("r/1", b"one", QoS::AtMostOnce, true, None));
+    h.send(p, publish("r/1", b"two", QoS::AtMostOnce, true, None));
+    // MQTT-3.3.1-9: established subscriptions get RETAIN=0.
+    assert!(h.publishes(live).iter().all(|m| !m.3));
+    let late = subscriber(&mut h, "late", "r/#");
+    // MQTT-3.3.1-6/-8: a new subscription gets the retained message, RETAIN=1.
+    assert_eq!(h.publishes(late), [("r/1".into(), Bytes::from_static(b"two"), QoS::AtMostOnce, true)]);
+    h.send(p, publish("r/1", b"", QoS::AtMostOnce, true, None));
+    let later = subscriber(&mut h, "later", "r/#");
+    assert!(h.publishes(later).is_empty(), "empty payload clears (MQTT-3.3.1-10)");
+}
+
+#[test]
+fn overlapping_subscriptions_deliver_one_copy_at_highest_qos_mqtt_3_3_5_1() {
+    let mut h = Harness::new(1);
+    let (s, _) = h.connect(connect("s", true, 0));
+    h.send(s, subscribe_many(&[("a/+", QoS::AtMostOnce), ("a/#", QoS::ExactlyOnce), ("a/b", QoS::AtLeastOnce)]));
+    h.recv(s);
+    let (p, _) = h.connect(connect("p", true, 0));
+    h.send(p, publish("a/b", b"x", QoS::ExactlyOnce, false, Some(7)));
+    let got = h.publishes(s);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].2, QoS::ExactlyOnce);
+}
+
+#[test]
+fn delivery_qos_is_min_of_publish_and_subscription_mqtt_3_8_4_6() {
+    let mut h = Harness::new(1);
+    let (s, _) = h.connect(connect("s", true, 0));
+    h.send(s, subscribe("t", QoS::AtMostOnce));
+    h.recv(s);
+    let (p, _) = h.connect(connect("p", true, 0));
+    h.send(p, publish("t", b"x", QoS::AtLeastOnce, false, Some(1)));
+    assert_eq!(h.recv(p), [Packet::PubAck(PubResp { packet_id: pid(1), reason: 0, properties: None })]);
+    assert_eq!(h.publishes(s)[0].2, QoS::AtMostOnce);
+}
+
+#[test]
+fn qos2_publish_resent_before_pubrel_is_delivered_once_mqtt_4_3_3() {
+    let mut h = Harness::new(1);
+    let s = subscriber(&mut h, "s", "t");
+    let (p, _) = h.connect(connect("p", true, 0));
+    h.send(p, publish("t", b"once", QoS::ExactlyOnce, false, Some(9)));
+    h.send(p, publish("t", b"once", QoS::ExactlyOnce, false, Some(9)));
+    let acks = h.recv(p);
+    assert_eq!(acks.len(), 2);
+    assert!(acks.iter().all(|a| matches!(a, Packet::PubRec(r) if r.packet_id == pid(9))));
+    h.send(p, Packet::PubRel(PubResp { packet_id: pid(9), reason: 0, properties: None }));
+    assert_eq!(h.recv(p), [Packet::PubComp(PubResp { packet_id: pid(9), reason: 0, properties: None })]);
+    assert_eq!(h.publishes(s).len(), 1);
+}
+
+#[test]
+fn unsubscribe_stops_delivery_and_is_acknowledged_mqtt_3_10_4_4() {
+    let mut h = Harness::new(1);
+    let s = subscriber(&mut h, "s", "t");
+    h.send(
+        s,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: pid(3),
+            filters: vec![TopicFilter::new("t").unwrap()],
+            properties: None,
+        }),
+    );
+    assert!(matches!(&h.recv(s)[..], [Packet::UnsubAck(a)] if a.packet_id == pid(3)));
+    let (p, _) = h.connect(connect("p", true, 0));
+    h.send(p, publish("t", b"x", QoS::AtMostOnce, false, None));
+    assert!(h.publishes(s).is_empty());
+}
+
+#[test]
+fn unacknowledged_qos1_resent_with_dup_on_resume_mqtt_4_4_0_1() {
+    let mut h = Harness::new(1);
+    let (s, _) = h.connect(connect("s", false, 0));
+    h.send(s, subscribe("t", QoS::AtLeastOnce));
+    h.recv(s);
+    let (p, _) = h.connect(connect("p", true, 0));
+    h.send(p, publish("t", b"x", QoS::AtLeastOnce, false, Some(1)));
+    let first = h.recv(s);
+    assert!(matches!(&first[..], [Packet::Publish(p)] if !p.dup));
+    h.drop_socket(s);
+    let (s, ack) = h.connect(connect("s", false, 0));
+    assert!(ack.session_present);
+    let again = h.recv(s);
+    assert!(matches!(&again[..], [Packet::Publish(p)] if p.dup && &p.payload[..] == b"x"), "{again:?}");
+}

@@ -1,0 +1,342 @@
+//! The glommio shell: one executor per shard, each pinned to a core when there
+//! are enough cores, each accepting on every listen address (SO_REUSEPORT),
+//! owning the connections and sessions whose clientId hashes to it.
+//!
+//! Everything shard-local is `Rc`/`RefCell` (`!Send`): only [`mesh::MeshMsg`]
+//! crosses threads. This module is the only place that reads the clock.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use glommio::channels::channel_mesh::{MeshBuilder, Receivers, Senders};
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::metrics::Counters;
+use crate::proto::broker::{Broker, BrokerConfig, Event};
+use crate::proto::handshake::Authenticate;
+use crate::proto::{ConnId, Millis, ShardId};
+
+pub mod driver;
+pub mod listener;
+pub mod mesh;
+
+use mesh::{MeshMsg, MESH_CHANNEL_CAPACITY};
+
+/// Bytes read from a socket at once into the shard's shared scratch buffer.
+const SCRATCH_SIZE: usize = 64 * 1024;
+
+/// How often a shard advances its keep-alive wheel and checks for shutdown.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Descriptors kept back from the connection ceiling: listeners, the spare
+/// accept fd, eventfds and rings of each shard, log files.
+pub const FD_RESERVE: u64 = 64;
+
+/// One shard's state, shared by its tasks.
+pub struct Shard {
+    /// This shard.
+    pub id: ShardId,
+    /// Number of shards.
+    pub shards: u16,
+    /// The broker configuration.
+    pub config: Config,
+    /// Process-wide counters.
+    pub counters: Arc<Counters>,
+    /// Credentials check, shared read-only by all shards.
+    pub auth: Arc<Authenticator>,
+    /// Random per process; part of assigned clientIds.
+    pub nonce: u64,
+    /// Sockets the process may hold before accepts are refused.
+    pub socket_ceiling: u64,
+    /// The protocol state machine of this shard.
+    pub broker: RefCell<Broker>,
+    scratch: RefCell<Box<[u8]>>,
+    wakers: RefCell<Vec<Option<Waker>>>,
+    peers: RefCell<Vec<Option<LocalSender<MeshMsg>>>>,
+    serial: Cell<u64>,
+    started: Instant,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Authenticate for Authenticator {
+    fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> Result<(), u8> {
+        use crate::auth::AuthDecision;
+        use crate::proto::codec::return_code;
+        match self.check(username, password) {
+            AuthDecision::Accept => Ok(()),
+            AuthDecision::BadCredentials => Err(return_code::BAD_USERNAME_OR_PASSWORD),
+            AuthDecision::NotAuthorized => Err(return_code::NOT_AUTHORIZED),
+        }
+    }
+}
+
+impl Shard {
+    /// Monotonic time since this shard started.
+    pub fn now(&self) -> Millis {
+        Millis(self.started.elapsed().as_millis() as u64)
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
+    }
+
+    fn next_serial(&self) -> u64 {
+        let n = self.serial.get();
+        self.serial.set(n + 1);
+        n
+    }
+
+    fn set_waker_slot(&self, id: ConnId) {
+        let mut wakers = self.wakers.borrow_mut();
+        let i = id.index as usize;
+        if wakers.len() <= i {
+            wakers.resize(i + 1, None);
+        }
+        wakers[i] = None;
+    }
+
+    fn store_waker(&self, id: ConnId, waker: &Waker) {
+        let mut wakers = self.wakers.borrow_mut();
+        if let Some(slot) = wakers.get_mut(id.index as usize) {
+            match slot {
+                Some(w) if w.will_wake(waker) => {}
+                _ => *slot = Some(waker.clone()),
+            }
+        }
+    }
+
+    fn clear_waker(&self, id: ConnId) {
+        if let Some(slot) = self.wakers.borrow_mut().get_mut(id.index as usize) {
+            *slot = None;
+        }
+    }
+
+    fn wake(&self, id: ConnId) {
+        let waker = self.wakers.borrow().get(id.index as usize).cloned().flatten();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The socket of `id` failed: tell the broker (the will goes out) and
+    /// carry out what follows.
+    fn lost(&self, id: ConnId) {
+        let now = self.now();
+        self.broker.borrow_mut().connection_lost(id, now);
+        self.clear_waker(id);
+        self.dispatch();
+    }
+
+    /// Carries out the broker's events: wake connection tasks, send to peers.
+    pub fn dispatch(&self) {
+        loop {
+            let event = self.broker.borrow_mut().poll_event();
+            match event {
+                None => return,
+                Some(Event::Transmit(id)) | Some(Event::Close(id)) => self.wake(id),
+                Some(Event::Broadcast(msg)) => {
+                    for peer in 0..self.shards {
+                        if peer != self.id.0 {
+                            self.send_to(ShardId(peer), MeshMsg::Broker(msg.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues `msg` for `peer`; its sender task forwards it over the mesh.
+    fn send_to(&self, peer: ShardId, msg: MeshMsg) {
+        let peers = self.peers.borrow();
+        if let Some(Some(tx)) = peers.get(peer.0 as usize) {
+            if let Err(e) = tx.try_send(msg) {
+                tracing::error!(shard = self.id.0, peer = peer.0, error = %e, "mesh queue closed");
+            }
+        }
+    }
+}
+
+/// Runs the broker until SIGINT or SIGTERM.
+pub fn run(config: Config) -> io::Result<()> {
+    let shards = config.shards;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, shutdown.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, shutdown.clone())?;
+
+    let auth = Arc::new(Authenticator::from_config(&config).map_err(io::Error::other)?);
+    let counters = Arc::new(Counters::default());
+    let nofile = crate::config::nofile_limit();
+    let socket_ceiling = nofile.saturating_sub(FD_RESERVE).max(1);
+    let mut nonce_bytes = [0u8; 8];
+    getrandom::getrandom(&mut nonce_bytes).map_err(io::Error::other)?;
+    let nonce = u64::from_le_bytes(nonce_bytes);
+
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mesh = MeshBuilder::<MeshMsg, _>::full(shards, MESH_CHANNEL_CAPACITY);
+    let mut handles = Vec::with_capacity(shards);
+    for i in 0..shards {
+        // Pin one shard per core; with more shards than cores (tests run
+        // --shards 4 on 2 cores) let the kernel place them.
+        let placement = if shards <= cpus {
+            Placement::Fixed(i)
+        } else {
+            Placement::Unbound
+        };
+        let config = config.clone();
+        let counters = counters.clone();
+        let auth = auth.clone();
+        let mesh = mesh.clone();
+        let shutdown = shutdown.clone();
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("coremq-shard-{i}"))
+            // Sockets need no DMA buffers; glommio's default pins 10 MiB per ring.
+            .io_memory(64 * 1024)
+            .ring_depth(1024)
+            .spawn(move || async move {
+                // Mesh peer ids follow join order, so the shard id is taken
+                // from the mesh: `send_to(peer)` then addresses shard `peer`.
+                let (id, mesh) = if shards > 1 {
+                    let (senders, receivers) = mesh
+                        .join()
+                        .await
+                        .map_err(|()| io::Error::other("joining the shard mesh"))?;
+                    (senders.peer_id(), Some((senders, receivers)))
+                } else {
+                    (0, None)
+                };
+                let shard = Rc::new(Shard {
+                    id: ShardId(id as u16),
+                    shards: shards as u16,
+                    broker: RefCell::new(Broker::new(
+                        BrokerConfig {
+                            shard: ShardId(id as u16),
+                            shards: shards as u16,
+                            max_packet_size: config.max_packet_size,
+                            max_inflight: usize::from(config.max_inflight),
+                        },
+                        counters.clone(),
+                        Millis(0),
+                    )),
+                    config,
+                    counters,
+                    auth,
+                    nonce,
+                    socket_ceiling,
+                    scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
+                    wakers: RefCell::new(Vec::new()),
+                    peers: RefCell::new(Vec::new()),
+                    serial: Cell::new(0),
+                    started: Instant::now(),
+                    shutdown,
+                });
+                shard_main(shard, mesh).await
+            })
+            .map_err(|e| io::Error::other(format!("starting shard {i}: {e}")))?;
+        handles.push(handle);
+    }
+    let mut result = Ok(());
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(e) => result = Err(io::Error::other(e.to_string())),
+        }
+    }
+    result
+}
+
+type MeshEnds = (Senders<MeshMsg>, Receivers<MeshMsg>);
+
+async fn shard_main(shard: Rc<Shard>, mesh: Option<MeshEnds>) -> io::Result<()> {
+    let mut listeners = Vec::new();
+    for addr in &shard.config.listen {
+        let listener = listener::bind(*addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))?;
+        listeners.push(listener);
+    }
+    if let Some((senders, mut receivers)) = mesh {
+        let senders = Rc::new(senders);
+        let mut peers = Vec::with_capacity(shard.shards as usize);
+        for peer in 0..shard.shards as usize {
+            if peer == shard.id.0 as usize {
+                peers.push(None);
+                continue;
+            }
+            let (tx, rx) = local_channel::new_unbounded();
+            peers.push(Some(tx));
+            glommio::spawn_local(forward_to_peer(senders.clone(), peer, rx)).detach();
+        }
+        *shard.peers.borrow_mut() = peers;
+        for (_, rx) in receivers.streams() {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                while let Some(msg) = rx.recv().await {
+                    handle_mesh_msg(&shard, msg);
+                }
+            })
+            .detach();
+        }
+    }
+    if shard.id.0 == 0 {
+        tracing::info!(
+            shards = shard.shards,
+            listen = ?shard.config.listen,
+            "coremq {} ready",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    for listener in listeners {
+        glommio::spawn_local(listener::accept_loop(shard.clone(), listener)).detach();
+    }
+
+    let stats_every = shard.config.stats_interval;
+    let mut last_stats = Instant::now();
+    loop {
+        glommio::timer::sleep(TICK).await;
+        if shard.is_shutting_down() {
+            break;
+        }
+        let now = shard.now();
+        shard.broker.borrow_mut().tick(now);
+        shard.dispatch();
+        if shard.id.0 == 0 && !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
+            last_stats = Instant::now();
+            tracing::info!("stats {}", shard.counters);
+        }
+    }
+    if shard.id.0 == 0 {
+        tracing::info!("shutting down; final stats {}", shard.counters);
+    }
+    Ok(())
+}
+
+async fn forward_to_peer(
+    senders: Rc<Senders<MeshMsg>>,
+    peer: usize,
+    rx: local_channel::LocalReceiver<MeshMsg>,
+) {
+    while let Some(msg) = rx.recv().await {
+        if senders.send_to(peer, msg).await.is_err() {
+            tracing::error!(peer, "shard mesh closed");
+            return;
+        }
+    }
+}
+
+fn handle_mesh_msg(shard: &Rc<Shard>, msg: MeshMsg) {
+    match msg {
+        MeshMsg::Handoff(handoff) => driver::accept_handoff(shard.clone(), handoff),
+        MeshMsg::Broker(msg) => {
+            shard.broker.borrow_mut().handle_remote(msg);
+            shard.dispatch();
+        }
+    }
+}
