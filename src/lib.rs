@@ -5,7 +5,14 @@
 //! - [`proto`]: the sans-IO protocol core; no sockets, no clock reads.
 //!   - [`proto::codec`]: the wire format of every packet of every version.
 //!   - [`proto::topic`]: `TopicName` / `TopicFilter` and the subscription trie.
-//!   - [`proto::keepalive`]: the lazy one-second keep-alive wheel.
+//!   - [`proto::keepalive`]: the lazy bucket wheel that finds silent connections.
+//!   - [`proto::handshake`]: the first packet: CONNACK return code, owner shard.
+//!   - [`proto::broker`]: one shard's connections, sessions, wills, routing.
+//!   - [`proto::session`]: a client's session: subscriptions, packet ids, inflight.
+//!   - [`proto::retained`]: retained messages (a full replica per shard).
+//! - [`shard`]: the glommio shell: executors, accept, hand-off, per-connection tasks.
+//!   - [`shard::mesh`]: messages between shards and how they travel.
+//! - [`metrics`]: process-wide counters and the periodic summary line.
 //! - [`config`]: CLI flags + optional TOML file → a validated `Config`.
 //! - [`auth`]: the mosquitto-format password file and the CONNECT credentials check.
 //! - [`sys`]: process-wide OS settings (the open-file limit, terminal echo).
@@ -15,5 +22,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod metrics;
 pub mod proto;
+pub mod shard;
 pub mod sys;

@@ -25,8 +25,9 @@ use crate::proto::handshake::{
 const LISTEN_BACKLOG: i32 = 65_535;
 
 /// Binds `addr` with SO_REUSEPORT so every shard has its own accept queue and
-/// the kernel spreads connections across shards by flow hash.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// the kernel spreads connections across shards by flow hash. Returns the
+/// listener and its raw fd (valid while the listener lives).
+pub fn bind(addr: SocketAddr) -> io::Result<(TcpListener, RawFd)> {
     let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
     let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -35,11 +36,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)?;
     let fd = std::os::fd::IntoRawFd::into_raw_fd(socket);
     // SAFETY: `fd` is a bound, listening socket we own and hand over whole.
-    Ok(unsafe { TcpListener::from_raw_fd(fd) })
+    Ok((unsafe { TcpListener::from_raw_fd(fd) }, fd))
 }
 
 /// Accepts forever on `listener`.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, listener_fd: RawFd) {
     // One spare descriptor per shard: when accept fails with EMFILE, it is
     // released, the pending connection accepted and closed at once (counted),
     // and the spare taken back — otherwise the kernel keeps the connection
@@ -64,7 +65,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 if matches!(errno, Some(libc::EMFILE) | Some(libc::ENFILE)) {
                     bump(&shard.counters.accept_refused);
                     drop(spare.take());
-                    refuse_one(listener.as_raw_fd());
+                    refuse_one(listener_fd);
                     spare = open_spare();
                     if spare.is_none() {
                         // Still no descriptor: back off instead of spinning.
@@ -151,8 +152,7 @@ async fn handshake_task(shard: Rc<Shard>, mut stream: TcpStream) {
     };
 
     let refusal = check_connect(&connect, shard.auth.as_ref()).err().or_else(|| {
-        let max = shard.config.max_connections;
-        (max > 0 && get(&shard.counters.connections_current) >= max as u64)
+        (get(&shard.counters.connections_current) >= shard.connection_ceiling)
             .then_some(return_code::SERVER_UNAVAILABLE)
     });
     if let Some(code) = refusal {

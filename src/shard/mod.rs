@@ -25,6 +25,7 @@ use crate::proto::handshake::Authenticate;
 use crate::proto::{ConnId, Millis, ShardId};
 
 pub mod driver;
+
 pub mod listener;
 pub mod mesh;
 
@@ -35,10 +36,6 @@ const SCRATCH_SIZE: usize = 64 * 1024;
 
 /// How often a shard advances its keep-alive wheel and checks for shutdown.
 const TICK: Duration = Duration::from_millis(100);
-
-/// Descriptors kept back from the connection ceiling: listeners, the spare
-/// accept fd, eventfds and rings of each shard, log files.
-pub const FD_RESERVE: u64 = 64;
 
 /// One shard's state, shared by its tasks.
 pub struct Shard {
@@ -54,8 +51,12 @@ pub struct Shard {
     pub auth: Arc<Authenticator>,
     /// Random per process; part of assigned clientIds.
     pub nonce: u64,
-    /// Sockets the process may hold before accepts are refused.
+    /// Sockets the process may hold before accepts are refused: the
+    /// open-file limit less the descriptors shards need for themselves.
     pub socket_ceiling: u64,
+    /// Client connections held before CONNECT is refused with return code 3:
+    /// `--max-connections`, or the socket ceiling when that is 0.
+    pub connection_ceiling: u64,
     /// The protocol state machine of this shard.
     pub broker: RefCell<Broker>,
     scratch: RefCell<Box<[u8]>>,
@@ -173,10 +174,11 @@ pub fn run(config: Config) -> io::Result<()> {
 
     let auth = Arc::new(Authenticator::from_config(&config).map_err(io::Error::other)?);
     let counters = Arc::new(Counters::default());
-    let nofile = crate::config::nofile_limit();
-    let socket_ceiling = nofile.saturating_sub(FD_RESERVE).max(1);
+    let nofile = crate::sys::raise_nofile_limit()?;
+    let socket_ceiling = nofile.saturating_sub(config.fd_reserve()).max(1);
+    let connection_ceiling = config.connection_ceiling(nofile) as u64;
     let mut nonce_bytes = [0u8; 8];
-    getrandom::getrandom(&mut nonce_bytes).map_err(io::Error::other)?;
+    getrandom::getrandom(&mut nonce_bytes).map_err(|e| io::Error::other(e.to_string()))?;
     let nonce = u64::from_le_bytes(nonce_bytes);
 
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -207,7 +209,7 @@ pub fn run(config: Config) -> io::Result<()> {
                     let (senders, receivers) = mesh
                         .join()
                         .await
-                        .map_err(|()| io::Error::other("joining the shard mesh"))?;
+                        .map_err(|e| io::Error::other(format!("joining the shard mesh: {e}")))?;
                     (senders.peer_id(), Some((senders, receivers)))
                 } else {
                     (0, None)
@@ -230,6 +232,7 @@ pub fn run(config: Config) -> io::Result<()> {
                     auth,
                     nonce,
                     socket_ceiling,
+                    connection_ceiling,
                     scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
                     wakers: RefCell::new(Vec::new()),
                     peers: RefCell::new(Vec::new()),
@@ -258,9 +261,9 @@ type MeshEnds = (Senders<MeshMsg>, Receivers<MeshMsg>);
 async fn shard_main(shard: Rc<Shard>, mesh: Option<MeshEnds>) -> io::Result<()> {
     let mut listeners = Vec::new();
     for addr in &shard.config.listen {
-        let listener = listener::bind(*addr)
+        let bound = listener::bind(*addr)
             .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))?;
-        listeners.push(listener);
+        listeners.push(bound);
     }
     if let Some((senders, mut receivers)) = mesh {
         let senders = Rc::new(senders);
@@ -293,8 +296,8 @@ async fn shard_main(shard: Rc<Shard>, mesh: Option<MeshEnds>) -> io::Result<()> 
             env!("CARGO_PKG_VERSION")
         );
     }
-    for listener in listeners {
-        glommio::spawn_local(listener::accept_loop(shard.clone(), listener)).detach();
+    for (listener, fd) in listeners {
+        glommio::spawn_local(listener::accept_loop(shard.clone(), listener, fd)).detach();
     }
 
     let stats_every = shard.config.stats_interval;
