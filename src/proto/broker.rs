@@ -24,7 +24,7 @@ use super::codec::{
     UnsubAck,
 };
 use super::handshake::connack_bytes;
-use super::keepalive::{KeepAliveWheel, Verdict};
+use super::keepalive::{KeepAliveWheel, Secs, Verdict};
 use super::retained::{RetainedMessage, RetainedStore};
 use super::session::{Inflight, Session, SessionKey};
 use super::topic::trie::SubscriptionTrie;
@@ -130,7 +130,8 @@ pub struct Broker {
     by_client_id: HashMap<ByteString, SessionKey>,
     trie: SubscriptionTrie<SessionKey, QoS>,
     retained: RetainedStore,
-    keepalive: KeepAliveWheel<ConnId>,
+    /// Runs in 100 ms ticks, not seconds (see [`keepalive_tick`]).
+    keepalive: KeepAliveWheel<u32>,
     events: VecDeque<Event>,
     /// Reused by every routing call: subscriber → highest granted QoS.
     matches: HashMap<SessionKey, QoS>,
@@ -264,7 +265,8 @@ impl Broker {
         let conn = self.conn_mut(id).expect("allocated above");
         conn.session = Some(key);
         if keep_alive > 0 {
-            self.keepalive.register(id, keepalive_tick(Millis(now.0 + u64::from(keep_alive) * 1500)));
+            let deadline = keepalive_tick(Millis(now.0 + u64::from(keep_alive) * 1500));
+            self.keepalive.register(id.index, id.generation, deadline);
         }
 
         bump(&self.counters.connacks[0]);
@@ -347,20 +349,25 @@ impl Broker {
     pub fn tick(&mut self, now: Millis) {
         let mut expired = Vec::new();
         let slots = &self.slots;
-        self.keepalive.advance(keepalive_tick(now), |id| {
-            let Some(Slot::Used(c)) = slots.get(id.index as usize) else {
+        self.keepalive.advance(keepalive_tick(now), |index, generation| {
+            let Some(Slot::Used(c)) = slots.get(index as usize) else {
                 return Verdict::Gone;
             };
-            if c.generation != id.generation || c.closing || c.expiry_ms == 0 {
+            if c.generation != generation || c.closing || c.expiry_ms == 0 {
                 return Verdict::Gone;
             }
+            // The wheel only says a tick has come; the exact test is here,
+            // in milliseconds, so nobody is closed before 1.5 × keep-alive.
             let deadline = c.last_seen.0 + c.expiry_ms;
             if now.0 >= deadline {
+                expired.push(ConnId { index, generation });
                 Verdict::Expired
             } else {
-                Verdict::Alive(keepalive_tick(Millis(deadline)))
+                Verdict::Alive {
+                    deadline: keepalive_tick(Millis(deadline)),
+                }
             }
-        }, |id| expired.push(id));
+        });
         for id in expired {
             bump(&self.counters.keepalive_expiries);
             self.close(id, CloseReason::KeepAliveTimeout, now);
@@ -781,9 +788,12 @@ fn pub_resp(packet_id: PacketId) -> PubResp {
     }
 }
 
-/// The wheel counts in 100 ms ticks: fine enough that a keep-alive close lands
-/// at most ~0.1 s after 1.5 × keep-alive, coarse enough that a tick walks few
-/// buckets. The deadline tick is rounded up, so nothing closes early.
-fn keepalive_tick(t: Millis) -> u64 {
-    t.0.div_ceil(100)
+/// The broker runs the keep-alive wheel in 100 ms ticks rather than the
+/// seconds it is named for (the wheel only compares numbers): a keep-alive
+/// close then lands at most ~0.2 s after 1.5 × keep-alive (one wheel tick plus
+/// one shell tick), where whole seconds would let it land up to 2 s late. The
+/// price is that deadlines past the 4,096-tick ring (409.6 s: keep-alives
+/// above ~270 s) are looked at once per lap and re-filed.
+fn keepalive_tick(t: Millis) -> Secs {
+    Secs(t.0.div_ceil(100).min(u64::from(u32::MAX)) as u32)
 }

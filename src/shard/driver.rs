@@ -58,11 +58,11 @@ pub(crate) fn start_connection(
     shard: Rc<Shard>,
     stream: TcpStream,
     guard: SocketGuard,
-    connect: Box<Connect>,
+    connect: Connect,
     rest: BytesMut,
 ) {
     let now = shard.now();
-    let id = shard.broker.borrow_mut().connect(*connect, now);
+    let id = shard.broker.borrow_mut().connect(connect, now);
     shard.set_waker_slot(id);
     shard.dispatch();
     glommio::spawn_local(connection_task(shard, stream, guard, id, rest)).detach();
@@ -75,7 +75,7 @@ pub(crate) fn accept_handoff(shard: Rc<Shard>, handoff: Handoff) {
     // SAFETY: the fd is a connected TCP socket whose ownership the message
     // carried here; glommio's stream now owns it.
     let stream = unsafe { TcpStream::from_raw_fd(handoff.fd.into_raw_fd()) };
-    start_connection(shard, stream, guard, handoff.connect, handoff.rest);
+    start_connection(shard, stream, guard, *handoff.connect, handoff.rest);
 }
 
 enum Wake {

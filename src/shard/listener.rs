@@ -168,7 +168,7 @@ async fn handshake_task(shard: Rc<Shard>, mut stream: TcpStream) {
     }
     let owner = owner_of(&connect.client_id, shard.shards);
     if owner == shard.id {
-        start_connection(shard, stream, guard, connect, buf);
+        start_connection(shard, stream, guard, *connect, buf);
         return;
     }
     // Hand over: dup the fd so dropping our glommio stream (which closes its
