@@ -15,11 +15,14 @@ pub enum DecodeError {
         /// The limit in force.
         max: usize,
     },
-    /// Remaining Length uses more than 4 bytes (MQTT-2.2.3 / §1.5.5).
+    /// Remaining Length, or another Variable Byte Integer such as a 5.0
+    /// Property Length, uses more than 4 bytes (§1.5.5).
     MalformedRemainingLength,
     /// Packet type 0 (reserved), or 15 (AUTH) outside 5.0.
     InvalidPacketType(u8),
-    /// Fixed-header flag bits that the spec fixes are wrong (MQTT-2.2.2-1/2).
+    /// Fixed-header flag bits that the spec fixes are wrong (MQTT-2.2.2-1/2),
+    /// DUP set on a QoS 0 PUBLISH (MQTT-3.3.1-2), or reserved CONNACK
+    /// acknowledge flags set (§3.2.2.1).
     InvalidFlags {
         /// The packet type.
         packet_type: u8,

@@ -11,7 +11,7 @@
 //! (`properties`, reason codes on acknowledgements) are `None` / `0` for 3.x,
 //! and the encoder leaves them out when writing 3.x.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 use std::num::NonZeroU16;
 
@@ -24,9 +24,12 @@ mod properties;
 mod publish;
 mod simple;
 mod subscribe;
+#[cfg(test)]
+mod tests;
+mod wire;
 
 pub use error::DecodeError;
-pub use header::MAX_REMAINING_LENGTH;
+pub use header::{FixedHeader, MAX_REMAINING_LENGTH};
 pub use properties::Properties;
 
 /// The protocol level a connection speaks, fixed by its CONNECT.
@@ -369,28 +372,188 @@ pub struct Auth {
 /// fixed header announces more than `max_packet_size` bytes in total is
 /// refused at once with [`DecodeError::PacketTooLarge`], before its body is
 /// buffered.
+///
+/// When it returns an error the connection is done for: the bytes of a
+/// packet whose body was refused have been consumed, those of a packet
+/// refused from its fixed header have not.
+#[inline]
 pub fn decode(
     buf: &mut BytesMut,
     version: ProtocolVersion,
     max_packet_size: usize,
 ) -> Result<Option<Packet>, DecodeError> {
-    let _ = (buf, version, max_packet_size);
-    unimplemented!("codec helper")
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    header::check_first_byte(first, version)?;
+    let Some(h) = FixedHeader::parse(buf)? else {
+        return Ok(None);
+    };
+    let size = h.packet_len();
+    if size > max_packet_size {
+        return Err(DecodeError::PacketTooLarge {
+            size,
+            max: max_packet_size,
+        });
+    }
+    if buf.len() < size {
+        return Ok(None);
+    }
+    // One `Bytes` for the whole packet; every string and payload below is a
+    // slice of it, so nothing is copied.
+    let packet = buf.split_to(size).freeze();
+    let mut r = wire::Reader::new(&packet, h.header_len);
+    let p = match h.packet_type {
+        1 => Packet::Connect(Box::new(connect::decode_connect(&mut r)?)),
+        2 => Packet::ConnAck(connect::decode_connack(&mut r, version)?),
+        3 => Packet::Publish(publish::decode_publish(h.flags, &mut r, version)?),
+        4 => Packet::PubAck(publish::decode_pub_resp(4, &mut r, version)?),
+        5 => Packet::PubRec(publish::decode_pub_resp(5, &mut r, version)?),
+        6 => Packet::PubRel(publish::decode_pub_resp(6, &mut r, version)?),
+        7 => Packet::PubComp(publish::decode_pub_resp(7, &mut r, version)?),
+        8 => Packet::Subscribe(subscribe::decode_subscribe(&mut r, version)?),
+        9 => Packet::SubAck(subscribe::decode_suback(&mut r, version)?),
+        10 => Packet::Unsubscribe(subscribe::decode_unsubscribe(&mut r, version)?),
+        11 => Packet::UnsubAck(subscribe::decode_unsuback(&mut r, version)?),
+        12 => {
+            r.finish()?;
+            Packet::PingReq
+        }
+        13 => {
+            r.finish()?;
+            Packet::PingResp
+        }
+        14 => Packet::Disconnect(simple::decode_disconnect(&mut r, version)?),
+        15 => Packet::Auth(simple::decode_auth(&mut r)?),
+        // `check_first_byte` refused 0; a nibble holds nothing above 15.
+        t => return Err(DecodeError::InvalidPacketType(t)),
+    };
+    Ok(Some(p))
 }
 
 impl Packet {
     /// Appends this packet's wire form for `version` to `out`.
     ///
     /// 5.0-only fields are left out for 3.x. A CONNECT is written by its own
-    /// `protocol` field whatever `version` says.
+    /// `protocol` field whatever `version` says. `out` grows once, by
+    /// [`Packet::encoded_len`]. The encoder trusts the packet's invariants
+    /// (packet id present for QoS > 0, 3.x CONNECT password only with a
+    /// user name, properties only of the kinds the packet allows); a packet
+    /// that breaks them is written as is and refused by the peer.
+    #[inline]
     pub fn encode(&self, version: ProtocolVersion, out: &mut BytesMut) {
-        let _ = (version, out);
-        unimplemented!("codec helper")
+        let version = match self {
+            Packet::Connect(c) => c.protocol,
+            _ => version,
+        };
+        let remaining = self.remaining_len(version);
+        out.reserve(1 + header::varint_len(remaining) + remaining);
+        #[cfg(debug_assertions)]
+        let start = out.len();
+        out.put_u8(self.first_byte());
+        header::write_varint(out, remaining);
+        match self {
+            Packet::Connect(c) => c.encode_body(out),
+            Packet::ConnAck(a) => a.encode_body(version, out),
+            Packet::Publish(p) => p.encode_body(version, out),
+            Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+                a.encode_body(version, out)
+            }
+            Packet::Subscribe(s) => s.encode_body(version, out),
+            Packet::SubAck(a) => a.encode_body(version, out),
+            Packet::Unsubscribe(u) => u.encode_body(version, out),
+            Packet::UnsubAck(a) => a.encode_body(version, out),
+            Packet::PingReq | Packet::PingResp => {}
+            Packet::Disconnect(d) => d.encode_body(version, out),
+            Packet::Auth(a) => a.encode_body(version, out),
+        }
+        #[cfg(debug_assertions)]
+        debug_assert_eq!(out.len() - start, self.encoded_len(version), "{self:?}");
     }
 
     /// The packet's full size on the wire (fixed header included) for `version`.
+    #[inline]
     pub fn encoded_len(&self, version: ProtocolVersion) -> usize {
-        let _ = version;
-        unimplemented!("codec helper")
+        let version = match self {
+            Packet::Connect(c) => c.protocol,
+            _ => version,
+        };
+        let remaining = self.remaining_len(version);
+        1 + header::varint_len(remaining) + remaining
+    }
+
+    /// The control packet type, 1 (CONNECT) to 15 (AUTH).
+    pub fn packet_type(&self) -> u8 {
+        match self {
+            Packet::Connect(_) => 1,
+            Packet::ConnAck(_) => 2,
+            Packet::Publish(_) => 3,
+            Packet::PubAck(_) => 4,
+            Packet::PubRec(_) => 5,
+            Packet::PubRel(_) => 6,
+            Packet::PubComp(_) => 7,
+            Packet::Subscribe(_) => 8,
+            Packet::SubAck(_) => 9,
+            Packet::Unsubscribe(_) => 10,
+            Packet::UnsubAck(_) => 11,
+            Packet::PingReq => 12,
+            Packet::PingResp => 13,
+            Packet::Disconnect(_) => 14,
+            Packet::Auth(_) => 15,
+        }
+    }
+
+    /// The packet's name as the specs spell it, for logs and counters.
+    pub fn name(&self) -> &'static str {
+        const NAMES: [&str; 16] = [
+            "RESERVED",
+            "CONNECT",
+            "CONNACK",
+            "PUBLISH",
+            "PUBACK",
+            "PUBREC",
+            "PUBREL",
+            "PUBCOMP",
+            "SUBSCRIBE",
+            "SUBACK",
+            "UNSUBSCRIBE",
+            "UNSUBACK",
+            "PINGREQ",
+            "PINGRESP",
+            "DISCONNECT",
+            "AUTH",
+        ];
+        NAMES[usize::from(self.packet_type())]
+    }
+
+    /// Byte 1 of the fixed header: type and flags (MQTT-2.2.2-1).
+    #[inline]
+    fn first_byte(&self) -> u8 {
+        match self {
+            Packet::Publish(p) => p.first_byte(),
+            Packet::PubRel(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_) => {
+                self.packet_type() << 4 | 0b0010
+            }
+            _ => self.packet_type() << 4,
+        }
+    }
+
+    #[inline]
+    fn remaining_len(&self, version: ProtocolVersion) -> usize {
+        match self {
+            Packet::Connect(c) => c.remaining_len(),
+            Packet::ConnAck(a) => a.remaining_len(version),
+            Packet::Publish(p) => p.remaining_len(version),
+            Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+                a.remaining_len(version)
+            }
+            Packet::Subscribe(s) => s.remaining_len(version),
+            Packet::SubAck(a) => a.remaining_len(version),
+            Packet::Unsubscribe(u) => u.remaining_len(version),
+            Packet::UnsubAck(a) => a.remaining_len(version),
+            Packet::PingReq | Packet::PingResp => 0,
+            Packet::Disconnect(d) => d.remaining_len(version),
+            Packet::Auth(a) => a.remaining_len(version),
+        }
     }
 }
