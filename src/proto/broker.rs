@@ -205,7 +205,8 @@ impl Broker {
 
     /// True when the shell must act for `conn`: bytes to write, or a close.
     pub fn wants_attention(&self, conn: ConnId) -> bool {
-        self.conn(conn).is_none_or(|c| c.transmit_queued || c.closing)
+        self.conn(conn)
+            .is_none_or(|c| c.transmit_queued || c.closing)
     }
 
     /// The protocol `conn` speaks.
@@ -259,7 +260,9 @@ impl Broker {
             }
             None => (self.create_session(client_id, clean_start), false),
         };
-        let session = self.session_mut(key).expect("session created or found above");
+        let session = self
+            .session_mut(key)
+            .expect("session created or found above");
         session.conn = Some(id);
         session.clean = clean_start;
         let conn = self.conn_mut(id).expect("allocated above");
@@ -349,25 +352,26 @@ impl Broker {
     pub fn tick(&mut self, now: Millis) {
         let mut expired = Vec::new();
         let slots = &self.slots;
-        self.keepalive.advance(keepalive_tick(now), |index, generation| {
-            let Some(Slot::Used(c)) = slots.get(index as usize) else {
-                return Verdict::Gone;
-            };
-            if c.generation != generation || c.closing || c.expiry_ms == 0 {
-                return Verdict::Gone;
-            }
-            // The wheel only says a tick has come; the exact test is here,
-            // in milliseconds, so nobody is closed before 1.5 × keep-alive.
-            let deadline = c.last_seen.0 + c.expiry_ms;
-            if now.0 >= deadline {
-                expired.push(ConnId { index, generation });
-                Verdict::Expired
-            } else {
-                Verdict::Alive {
-                    deadline: keepalive_tick(Millis(deadline)),
+        self.keepalive
+            .advance(keepalive_tick(now), |index, generation| {
+                let Some(Slot::Used(c)) = slots.get(index as usize) else {
+                    return Verdict::Gone;
+                };
+                if c.generation != generation || c.closing || c.expiry_ms == 0 {
+                    return Verdict::Gone;
                 }
-            }
-        });
+                // The wheel only says a tick has come; the exact test is here,
+                // in milliseconds, so nobody is closed before 1.5 × keep-alive.
+                let deadline = c.last_seen.0 + c.expiry_ms;
+                if now.0 >= deadline {
+                    expired.push(ConnId { index, generation });
+                    Verdict::Expired
+                } else {
+                    Verdict::Alive {
+                        deadline: keepalive_tick(Millis(deadline)),
+                    }
+                }
+            });
         for id in expired {
             bump(&self.counters.keepalive_expiries);
             self.close(id, CloseReason::KeepAliveTimeout, now);
@@ -422,14 +426,19 @@ impl Broker {
             }
             Packet::PubComp(comp) => {
                 self.with_session(conn, |s| {
-                    if matches!(s.inflight.get(&comp.packet_id.get()), Some(Inflight::Released)) {
+                    if matches!(
+                        s.inflight.get(&comp.packet_id.get()),
+                        Some(Inflight::Released)
+                    ) {
                         s.inflight.remove(&comp.packet_id.get());
                     }
                 });
             }
             Packet::Subscribe(sub) => self.handle_subscribe(conn, sub),
             Packet::Unsubscribe(unsub) => {
-                let Some(key) = self.conn(conn).and_then(|c| c.session) else { return };
+                let Some(key) = self.conn(conn).and_then(|c| c.session) else {
+                    return;
+                };
                 for filter in &unsub.filters {
                     self.trie.unsubscribe(filter, key);
                     if let Some(s) = self.session_mut(key) {
@@ -498,7 +507,9 @@ impl Broker {
     }
 
     fn handle_subscribe(&mut self, conn: ConnId, sub: codec::Subscribe) {
-        let Some(key) = self.conn(conn).and_then(|c| c.session) else { return };
+        let Some(key) = self.conn(conn).and_then(|c| c.session) else {
+            return;
+        };
         let mut codes = Vec::with_capacity(sub.filters.len());
         for (filter, options) in &sub.filters {
             let granted = options.qos;
@@ -521,7 +532,8 @@ impl Broker {
         // RETAIN=1, after the SUBACK.
         let mut retained = Vec::new();
         for (filter, options) in &sub.filters {
-            self.retained.for_each_match(filter, |m| retained.push((m.clone(), options.qos)));
+            self.retained
+                .for_each_match(filter, |m| retained.push((m.clone(), options.qos)));
         }
         for (msg, granted) in retained {
             let qos = msg.qos.min(granted);
@@ -537,7 +549,8 @@ impl Broker {
         }
         self.deliver_local(&publish);
         if self.config.shards > 1 {
-            self.events.push_back(Event::Broadcast(ShardMsg::Publish(publish)));
+            self.events
+                .push_back(Event::Broadcast(ShardMsg::Publish(publish)));
         }
     }
 
@@ -554,11 +567,12 @@ impl Broker {
         matches.clear();
         // MQTT-3.3.5-1: overlapping subscriptions of one client get one copy,
         // at the highest granted QoS.
-        self.trie.collect_matches(&publish.topic, &mut matches, |have, new| {
-            if *new > *have {
-                *have = *new;
-            }
-        });
+        self.trie
+            .collect_matches(&publish.topic, &mut matches, |have, new| {
+                if *new > *have {
+                    *have = *new;
+                }
+            });
         for (&key, &granted) in &matches {
             let qos = publish.qos.min(granted); // MQTT-3.8.4-6
             match self.session(key).and_then(|s| s.conn) {
@@ -591,7 +605,9 @@ impl Broker {
         let packet_id = if qos == QoS::AtMostOnce {
             None
         } else {
-            let Some(session) = self.session_mut(key) else { return };
+            let Some(session) = self.session_mut(key) else {
+                return;
+            };
             let id = if session.inflight.len() < max_inflight {
                 session.allocate_packet_id()
             } else {
@@ -616,7 +632,8 @@ impl Broker {
         };
         if let Some(id) = packet_id {
             if let Some(s) = self.session_mut(key) {
-                s.inflight.insert(id.get(), Inflight::Published(publish.clone()));
+                s.inflight
+                    .insert(id.get(), Inflight::Published(publish.clone()));
             }
         }
         bump(&self.counters.publishes_sent);
@@ -626,9 +643,14 @@ impl Broker {
     /// MQTT-4.4.0-1: on a resumed session, unacknowledged PUBLISHes are sent
     /// again with DUP=1 and PUBRELs again, in their original order.
     fn resend_inflight(&mut self, conn: ConnId, key: SessionKey) {
-        let Some(session) = self.session(key) else { return };
-        let mut pending: Vec<(u16, Inflight)> =
-            session.inflight.iter().map(|(id, f)| (*id, f.clone())).collect();
+        let Some(session) = self.session(key) else {
+            return;
+        };
+        let mut pending: Vec<(u16, Inflight)> = session
+            .inflight
+            .iter()
+            .map(|(id, f)| (*id, f.clone()))
+            .collect();
         pending.sort_by_key(|(id, _)| *id);
         for (id, flight) in pending {
             let packet = match flight {
@@ -776,7 +798,9 @@ impl Broker {
     }
 
     fn session_mut(&mut self, key: SessionKey) -> Option<&mut Session> {
-        self.sessions.get_mut(key.0 as usize).and_then(Option::as_mut)
+        self.sessions
+            .get_mut(key.0 as usize)
+            .and_then(Option::as_mut)
     }
 }
 

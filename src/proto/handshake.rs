@@ -161,7 +161,10 @@ mod tests {
     #[test]
     fn empty_client_id_with_persistent_session_rejected_mqtt_3_1_3_8() {
         let c = connect(ProtocolVersion::V3_1_1, "", false);
-        assert_eq!(check_connect(&c, &AllowAll), Err(return_code::IDENTIFIER_REJECTED));
+        assert_eq!(
+            check_connect(&c, &AllowAll),
+            Err(return_code::IDENTIFIER_REJECTED)
+        );
         let c = connect(ProtocolVersion::V3_1_1, "", true);
         assert_eq!(check_connect(&c, &AllowAll), Ok(()));
     }
@@ -171,9 +174,15 @@ mod tests {
         let ok = connect(ProtocolVersion::V3_1, &"a".repeat(23), true);
         assert_eq!(check_connect(&ok, &AllowAll), Ok(()));
         let long = connect(ProtocolVersion::V3_1, &"a".repeat(24), true);
-        assert_eq!(check_connect(&long, &AllowAll), Err(return_code::IDENTIFIER_REJECTED));
+        assert_eq!(
+            check_connect(&long, &AllowAll),
+            Err(return_code::IDENTIFIER_REJECTED)
+        );
         let empty = connect(ProtocolVersion::V3_1, "", true);
-        assert_eq!(check_connect(&empty, &AllowAll), Err(return_code::IDENTIFIER_REJECTED));
+        assert_eq!(
+            check_connect(&empty, &AllowAll),
+            Err(return_code::IDENTIFIER_REJECTED)
+        );
         // 3.1.1 lets the server accept longer ids (MQTT-3.1.3-5 is a minimum).
         let long311 = connect(ProtocolVersion::V3_1_1, &"a".repeat(100), true);
         assert_eq!(check_connect(&long311, &AllowAll), Ok(()));
@@ -182,15 +191,24 @@ mod tests {
     #[test]
     fn mqtt_5_refused_with_return_code_1_mqtt_3_1_2_2() {
         let c = connect(ProtocolVersion::V5, "x", true);
-        assert_eq!(check_connect(&c, &AllowAll), Err(return_code::UNACCEPTABLE_PROTOCOL_VERSION));
+        assert_eq!(
+            check_connect(&c, &AllowAll),
+            Err(return_code::UNACCEPTABLE_PROTOCOL_VERSION)
+        );
     }
 
     #[test]
     fn credentials_decide_return_codes_4_and_5() {
         let mut c = connect(ProtocolVersion::V3_1_1, "x", true);
-        assert_eq!(check_connect(&c, &DenyAnonymous), Err(return_code::NOT_AUTHORIZED));
+        assert_eq!(
+            check_connect(&c, &DenyAnonymous),
+            Err(return_code::NOT_AUTHORIZED)
+        );
         c.username = Some(ByteString::from("mallory"));
-        assert_eq!(check_connect(&c, &DenyAnonymous), Err(return_code::BAD_USERNAME_OR_PASSWORD));
+        assert_eq!(
+            check_connect(&c, &DenyAnonymous),
+            Err(return_code::BAD_USERNAME_OR_PASSWORD)
+        );
         c.username = Some(ByteString::from("alice"));
         assert_eq!(check_connect(&c, &DenyAnonymous), Ok(()));
     }
@@ -200,7 +218,10 @@ mod tests {
         let mut buf = BytesMut::from(&b"\xc0\x00"[..]); // PINGREQ
         assert!(matches!(
             read_first_packet(&mut buf, 1024),
-            FirstPacket::Reject { reply: None, error: HandshakeError::NotConnect }
+            FirstPacket::Reject {
+                reply: None,
+                error: HandshakeError::NotConnect
+            }
         ));
     }
 
@@ -209,7 +230,9 @@ mod tests {
         // CONNECT, protocol name MQTT, level 9.
         let mut buf = BytesMut::from(&b"\x10\x0d\x00\x04MQTT\x09\x02\x00\x3c\x00\x01a"[..]);
         match read_first_packet(&mut buf, 1024) {
-            FirstPacket::Reject { reply: Some(reply), .. } => {
+            FirstPacket::Reject {
+                reply: Some(reply), ..
+            } => {
                 assert_eq!(&reply[..], b"\x20\x02\x00\x01")
             }
             other => panic!("expected CONNACK 1, got {other:?}"),
@@ -219,13 +242,22 @@ mod tests {
     #[test]
     fn half_a_packet_is_incomplete() {
         let mut buf = BytesMut::from(&b"\x10\x0d\x00\x04MQ"[..]);
-        assert!(matches!(read_first_packet(&mut buf, 1024), FirstPacket::Incomplete));
+        assert!(matches!(
+            read_first_packet(&mut buf, 1024),
+            FirstPacket::Incomplete
+        ));
     }
 
     #[test]
     fn refused_connack_never_claims_a_session_mqtt_3_2_2_4() {
-        assert_eq!(&connack_bytes(ProtocolVersion::V3_1_1, true, 5)[..], b"\x20\x02\x00\x05");
-        assert_eq!(&connack_bytes(ProtocolVersion::V3_1_1, true, 0)[..], b"\x20\x02\x01\x00");
+        assert_eq!(
+            &connack_bytes(ProtocolVersion::V3_1_1, true, 5)[..],
+            b"\x20\x02\x00\x05"
+        );
+        assert_eq!(
+            &connack_bytes(ProtocolVersion::V3_1_1, true, 0)[..],
+            b"\x20\x02\x01\x00"
+        );
     }
 
     #[test]

@@ -72,14 +72,7 @@ impl Harness {
         match packets.remove(0) {
             Packet::ConnAck(ack) => {
                 // Anything after the CONNACK (resent messages) goes back to the inbox.
-                let version = self.brokers[shard].version(conn).unwrap_or(ProtocolVersion::V3_1_1);
-                let mut rest = BytesMut::new();
-                for p in packets {
-                    p.encode(version, &mut rest);
-                }
-                if !rest.is_empty() {
-                    self.inbox.insert((shard, conn), rest);
-                }
+                self.requeue(client, packets);
                 (client, ack)
             }
             other => panic!("expected CONNACK, got {other:?}"),
@@ -131,11 +124,17 @@ impl Harness {
                     match event {
                         Event::Transmit(conn) => {
                             let out = self.brokers[shard].take_outgoing(conn);
-                            self.inbox.entry((shard, conn)).or_default().extend_from_slice(&out);
+                            self.inbox
+                                .entry((shard, conn))
+                                .or_default()
+                                .extend_from_slice(&out);
                         }
                         Event::Close(conn) => {
                             let out = self.brokers[shard].take_outgoing(conn);
-                            self.inbox.entry((shard, conn)).or_default().extend_from_slice(&out);
+                            self.inbox
+                                .entry((shard, conn))
+                                .or_default()
+                                .extend_from_slice(&out);
                             self.brokers[shard].release(conn);
                             self.closed.insert((shard, conn));
                         }
@@ -156,7 +155,10 @@ impl Harness {
     }
 
     fn recv(&mut self, client: Client) -> Vec<Packet> {
-        let mut buf = self.inbox.remove(&(client.shard, client.conn)).unwrap_or_default();
+        let mut buf = self
+            .inbox
+            .remove(&(client.shard, client.conn))
+            .unwrap_or_default();
         let mut out = Vec::new();
         while let Some(p) = codec::decode(&mut buf, ProtocolVersion::V3_1_1, usize::MAX)
             .expect("broker sends well-formed packets")
@@ -165,6 +167,20 @@ impl Harness {
         }
         assert!(buf.is_empty(), "partial packet left: {buf:?}");
         out
+    }
+
+    /// Puts packets back at the front of `client`'s inbox, unread.
+    fn requeue(&mut self, client: Client, packets: Vec<Packet>) {
+        let mut bytes = BytesMut::new();
+        for p in packets {
+            p.encode(ProtocolVersion::V3_1_1, &mut bytes);
+        }
+        if let Some(later) = self.inbox.remove(&(client.shard, client.conn)) {
+            bytes.extend_from_slice(&later);
+        }
+        if !bytes.is_empty() {
+            self.inbox.insert((client.shard, client.conn), bytes);
+        }
     }
 
     fn is_closed(&self, client: Client) -> bool {
@@ -219,7 +235,12 @@ fn subscribe_many(filters: &[(&str, QoS)]) -> Packet {
         packet_id: pid(1),
         filters: filters
             .iter()
-            .map(|(f, q)| (TopicFilter::new(f.to_string()).unwrap(), SubscriptionOptions::qos(*q)))
+            .map(|(f, q)| {
+                (
+                    TopicFilter::new(f.to_string()).unwrap(),
+                    SubscriptionOptions::qos(*q),
+                )
+            })
             .collect(),
         properties: None,
     })
@@ -245,8 +266,14 @@ fn disconnect() -> Packet {
 fn subscriber(h: &mut Harness, id: &str, filter: &str) -> Client {
     let (c, _) = h.connect(connect(id, true, 0));
     h.send(c, subscribe(filter, QoS::AtLeastOnce));
-    let acks = h.recv(c);
-    assert!(matches!(acks[0], Packet::SubAck(_)), "{acks:?}");
+    let mut packets = h.recv(c);
+    assert!(
+        matches!(packets.first(), Some(Packet::SubAck(_))),
+        "{packets:?}"
+    );
+    packets.remove(0);
+    // Retained messages sent after the SUBACK stay for the test to read.
+    h.requeue(c, packets);
     c
 }
 
@@ -265,7 +292,10 @@ fn clean_session_gets_session_present_0_mqtt_3_2_2_1() {
 fn persistent_session_resumed_with_its_subscriptions_mqtt_3_2_2_2() {
     let mut h = Harness::new(4);
     let (c, ack) = h.connect(connect("mqtt_sample_id_1", false, 0));
-    assert!(!ack.session_present, "first connect has no stored session (MQTT-3.2.2-3)");
+    assert!(
+        !ack.session_present,
+        "first connect has no stored session (MQTT-3.2.2-3)"
+    );
     h.send(c, subscribe("a/b", QoS::AtMostOnce));
     h.recv(c);
     h.send(c, disconnect());
@@ -277,7 +307,15 @@ fn persistent_session_resumed_with_its_subscriptions_mqtt_3_2_2_2() {
     // without subscribing again.
     let (p, _) = h.connect(connect("publisher", true, 0));
     h.send(p, publish("a/b", b"hi", QoS::AtMostOnce, false, None));
-    assert_eq!(h.publishes(c), [("a/b".into(), Bytes::from_static(b"hi"), QoS::AtMostOnce, false)]);
+    assert_eq!(
+        h.publishes(c),
+        [(
+            "a/b".into(),
+            Bytes::from_static(b"hi"),
+            QoS::AtMostOnce,
+            false
+        )]
+    );
 }
 
 #[test]
@@ -303,7 +341,12 @@ fn clean_session_discards_stored_session_mqtt_3_1_2_6() {
 fn disconnect_discards_the_will_mqtt_3_14_4_3() {
     let mut h = Harness::new(2);
     let s = subscriber(&mut h, "watcher", "will/#");
-    let (c, _) = h.connect(with_will(connect("dev", true, 0), "will/dev", b"gone", false));
+    let (c, _) = h.connect(with_will(
+        connect("dev", true, 0),
+        "will/dev",
+        b"gone",
+        false,
+    ));
     h.send(c, disconnect());
     assert!(h.is_closed(c));
     assert!(h.recv(c).is_empty(), "nothing is sent back to a DISCONNECT");
@@ -314,13 +357,34 @@ fn disconnect_discards_the_will_mqtt_3_14_4_3() {
 #[test]
 fn network_loss_publishes_the_will_to_every_shard() {
     let mut h = Harness::new(4);
-    let watchers: Vec<Client> =
-        (0..8).map(|i| subscriber(&mut h, &format!("watcher-{i}"), "will/+")).collect();
-    assert!(watchers.iter().map(|w| w.shard).collect::<HashSet<_>>().len() > 1);
-    let (c, _) = h.connect(with_will(connect("dev", true, 0), "will/dev", b"gone", false));
+    let watchers: Vec<Client> = (0..8)
+        .map(|i| subscriber(&mut h, &format!("watcher-{i}"), "will/+"))
+        .collect();
+    assert!(
+        watchers
+            .iter()
+            .map(|w| w.shard)
+            .collect::<HashSet<_>>()
+            .len()
+            > 1
+    );
+    let (c, _) = h.connect(with_will(
+        connect("dev", true, 0),
+        "will/dev",
+        b"gone",
+        false,
+    ));
     h.drop_socket(c);
     for w in watchers {
-        assert_eq!(h.publishes(w), [("will/dev".into(), Bytes::from_static(b"gone"), QoS::AtMostOnce, false)]);
+        assert_eq!(
+            h.publishes(w),
+            [(
+                "will/dev".into(),
+                Bytes::from_static(b"gone"),
+                QoS::AtMostOnce,
+                false
+            )]
+        );
     }
 }
 
@@ -328,11 +392,19 @@ fn network_loss_publishes_the_will_to_every_shard() {
 fn keepalive_closes_after_one_and_a_half_times_and_publishes_will_mqtt_3_1_2_24() {
     let mut h = Harness::new(2);
     let s = subscriber(&mut h, "watcher", "will/#");
-    let (c, _) = h.connect(with_will(connect("dev", true, 2), "will/dev", b"timeout", false));
+    let (c, _) = h.connect(with_will(
+        connect("dev", true, 2),
+        "will/dev",
+        b"timeout",
+        false,
+    ));
     h.advance(2_900);
     assert!(!h.is_closed(c), "closed before 1.5 × keep-alive");
     h.advance(200);
-    assert!(h.is_closed(c), "not closed within 1.5 × keep-alive + one tick");
+    assert!(
+        h.is_closed(c),
+        "not closed within 1.5 × keep-alive + one tick"
+    );
     assert_eq!(h.publishes(s).len(), 1);
     assert_eq!(get(&h.counters.keepalive_expiries), 1);
 }
@@ -363,13 +435,21 @@ fn keepalive_zero_never_expires_mqtt_3_1_2_10() {
 fn takeover_closes_the_old_connection_and_publishes_its_will_mqtt_3_1_4_2() {
     let mut h = Harness::new(4);
     let s = subscriber(&mut h, "watcher", "status/#");
-    let (old, _) = h.connect(with_will(connect("mqtt_identical_1", false, 0), "status/x", b"old-gone", false));
+    let (old, _) = h.connect(with_will(
+        connect("mqtt_identical_1", false, 0),
+        "status/x",
+        b"old-gone",
+        false,
+    ));
     h.send(old, subscribe("t", QoS::AtMostOnce));
     h.recv(old);
     let (new, ack) = h.connect(connect("mqtt_identical_1", false, 0));
     assert!(h.is_closed(old));
     assert!(!h.is_closed(new));
-    assert!(ack.session_present, "persistent session carried over to the new connection");
+    assert!(
+        ack.session_present,
+        "persistent session carried over to the new connection"
+    );
     assert_eq!(h.publishes(s).len(), 1);
     assert_eq!(get(&h.counters.takeovers), 1);
 }
@@ -400,7 +480,11 @@ fn second_connect_is_a_protocol_violation_mqtt_3_1_0_2() {
     let s = subscriber(&mut h, "s", "w");
     h.send(c, Packet::Connect(Box::new(connect("c", true, 0))));
     assert!(h.is_closed(c));
-    assert_eq!(h.publishes(s).len(), 1, "a protocol error publishes the will");
+    assert_eq!(
+        h.publishes(s).len(),
+        1,
+        "a protocol error publishes the will"
+    );
     assert_eq!(get(&h.counters.malformed_packets), 1);
 }
 
@@ -419,13 +503,26 @@ fn malformed_packet_closes_only_that_connection() {
 #[test]
 fn retained_will_replaces_retained_message_for_late_subscribers() {
     let mut h = Harness::new(4);
-    let (dev, _) = h.connect(with_will(connect("dev1", true, 0), "dev/1/status", b"offline", true));
-    h.send(dev, publish("dev/1/status", b"online", QoS::AtMostOnce, true, None));
+    let (dev, _) = h.connect(with_will(
+        connect("dev1", true, 0),
+        "dev/1/status",
+        b"offline",
+        true,
+    ));
+    h.send(
+        dev,
+        publish("dev/1/status", b"online", QoS::AtMostOnce, true, None),
+    );
     h.drop_socket(dev);
     let late = subscriber(&mut h, "late", "dev/+/status");
     assert_eq!(
         h.publishes(late),
-        [("dev/1/status".into(), Bytes::from_static(b"offline"), QoS::AtMostOnce, true)]
+        [(
+            "dev/1/status".into(),
+            Bytes::from_static(b"offline"),
+            QoS::AtMostOnce,
+            true
+        )]
     );
 }
 
@@ -440,17 +537,35 @@ fn retained_set_replaced_cleared_and_flagged_mqtt_3_3_1_6_and_9() {
     assert!(h.publishes(live).iter().all(|m| !m.3));
     let late = subscriber(&mut h, "late", "r/#");
     // MQTT-3.3.1-6/-8: a new subscription gets the retained message, RETAIN=1.
-    assert_eq!(h.publishes(late), [("r/1".into(), Bytes::from_static(b"two"), QoS::AtMostOnce, true)]);
+    assert_eq!(
+        h.publishes(late),
+        [(
+            "r/1".into(),
+            Bytes::from_static(b"two"),
+            QoS::AtMostOnce,
+            true
+        )]
+    );
     h.send(p, publish("r/1", b"", QoS::AtMostOnce, true, None));
     let later = subscriber(&mut h, "later", "r/#");
-    assert!(h.publishes(later).is_empty(), "empty payload clears (MQTT-3.3.1-10)");
+    assert!(
+        h.publishes(later).is_empty(),
+        "empty payload clears (MQTT-3.3.1-10)"
+    );
 }
 
 #[test]
 fn overlapping_subscriptions_deliver_one_copy_at_highest_qos_mqtt_3_3_5_1() {
     let mut h = Harness::new(1);
     let (s, _) = h.connect(connect("s", true, 0));
-    h.send(s, subscribe_many(&[("a/+", QoS::AtMostOnce), ("a/#", QoS::ExactlyOnce), ("a/b", QoS::AtLeastOnce)]));
+    h.send(
+        s,
+        subscribe_many(&[
+            ("a/+", QoS::AtMostOnce),
+            ("a/#", QoS::ExactlyOnce),
+            ("a/b", QoS::AtLeastOnce),
+        ]),
+    );
     h.recv(s);
     let (p, _) = h.connect(connect("p", true, 0));
     h.send(p, publish("a/b", b"x", QoS::ExactlyOnce, false, Some(7)));
@@ -467,7 +582,14 @@ fn delivery_qos_is_min_of_publish_and_subscription_mqtt_3_8_4_6() {
     h.recv(s);
     let (p, _) = h.connect(connect("p", true, 0));
     h.send(p, publish("t", b"x", QoS::AtLeastOnce, false, Some(1)));
-    assert_eq!(h.recv(p), [Packet::PubAck(PubResp { packet_id: pid(1), reason: 0, properties: None })]);
+    assert_eq!(
+        h.recv(p),
+        [Packet::PubAck(PubResp {
+            packet_id: pid(1),
+            reason: 0,
+            properties: None
+        })]
+    );
     assert_eq!(h.publishes(s)[0].2, QoS::AtMostOnce);
 }
 
@@ -480,9 +602,25 @@ fn qos2_publish_resent_before_pubrel_is_delivered_once_mqtt_4_3_3() {
     h.send(p, publish("t", b"once", QoS::ExactlyOnce, false, Some(9)));
     let acks = h.recv(p);
     assert_eq!(acks.len(), 2);
-    assert!(acks.iter().all(|a| matches!(a, Packet::PubRec(r) if r.packet_id == pid(9))));
-    h.send(p, Packet::PubRel(PubResp { packet_id: pid(9), reason: 0, properties: None }));
-    assert_eq!(h.recv(p), [Packet::PubComp(PubResp { packet_id: pid(9), reason: 0, properties: None })]);
+    assert!(acks
+        .iter()
+        .all(|a| matches!(a, Packet::PubRec(r) if r.packet_id == pid(9))));
+    h.send(
+        p,
+        Packet::PubRel(PubResp {
+            packet_id: pid(9),
+            reason: 0,
+            properties: None,
+        }),
+    );
+    assert_eq!(
+        h.recv(p),
+        [Packet::PubComp(PubResp {
+            packet_id: pid(9),
+            reason: 0,
+            properties: None
+        })]
+    );
     assert_eq!(h.publishes(s).len(), 1);
 }
 
@@ -518,5 +656,8 @@ fn unacknowledged_qos1_resent_with_dup_on_resume_mqtt_4_4_0_1() {
     let (s, ack) = h.connect(connect("s", false, 0));
     assert!(ack.session_present);
     let again = h.recv(s);
-    assert!(matches!(&again[..], [Packet::Publish(p)] if p.dup && &p.payload[..] == b"x"), "{again:?}");
+    assert!(
+        matches!(&again[..], [Packet::Publish(p)] if p.dup && &p.payload[..] == b"x"),
+        "{again:?}"
+    );
 }

@@ -85,7 +85,11 @@ mod tests {
     fn matches(store: &RetainedStore, filter: &str) -> Vec<String> {
         let mut out = Vec::new();
         store.for_each_match(&TopicFilter::new(filter.to_string()).unwrap(), |m| {
-            out.push(format!("{}={}", m.topic, String::from_utf8_lossy(&m.payload)))
+            out.push(format!(
+                "{}={}",
+                m.topic,
+                String::from_utf8_lossy(&m.payload)
+            ))
         });
         out.sort();
         out
@@ -108,7 +112,10 @@ mod tests {
         s.set(msg("dev/2/status", b"b"));
         s.set(msg("dev/2/other", b"c"));
         s.set(msg("$SYS/x", b"d"));
-        assert_eq!(matches(&s, "dev/+/status"), ["dev/1/status=a", "dev/2/status=b"]);
+        assert_eq!(
+            matches(&s, "dev/+/status"),
+            ["dev/1/status=a", "dev/2/status=b"]
+        );
         assert_eq!(matches(&s, "#").len(), 3);
         assert_eq!(matches(&s, "$SYS/#"), ["$SYS/x=d"]);
     }

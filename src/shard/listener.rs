@@ -28,7 +28,11 @@ const LISTEN_BACKLOG: i32 = 65_535;
 /// the kernel spreads connections across shards by flow hash. Returns the
 /// listener and its raw fd (valid while the listener lives).
 pub fn bind(addr: SocketAddr) -> io::Result<(TcpListener, RawFd)> {
-    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
     let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -123,7 +127,11 @@ async fn handshake_task(shard: Rc<Shard>, mut stream: TcpStream) {
                 other => return Ok(other),
             }
             match read_some(&shard, &mut stream, &mut buf).await {
-                Ok(0) | Err(_) => return Err(glommio::GlommioError::IoError(io::ErrorKind::UnexpectedEof.into())),
+                Ok(0) | Err(_) => {
+                    return Err(glommio::GlommioError::IoError(
+                        io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                }
                 Ok(_) => {}
             }
         }
@@ -151,13 +159,17 @@ async fn handshake_task(shard: Rc<Shard>, mut stream: TcpStream) {
         Err(_) => return, // closed or failed before a whole CONNECT
     };
 
-    let refusal = check_connect(&connect, shard.auth.as_ref()).err().or_else(|| {
-        (get(&shard.counters.connections_current) >= shard.connection_ceiling)
-            .then_some(return_code::SERVER_UNAVAILABLE)
-    });
+    let refusal = check_connect(&connect, shard.auth.as_ref())
+        .err()
+        .or_else(|| {
+            (get(&shard.counters.connections_current) >= shard.connection_ceiling)
+                .then_some(return_code::SERVER_UNAVAILABLE)
+        });
     if let Some(code) = refusal {
         bump(&shard.counters.connacks[code as usize]);
-        let _ = stream.write_all(&connack_bytes(connect.protocol, false, code)).await;
+        let _ = stream
+            .write_all(&connack_bytes(connect.protocol, false, code))
+            .await;
         return;
     }
 
@@ -183,5 +195,12 @@ async fn handshake_task(shard: Rc<Shard>, mut stream: TcpStream) {
     drop(stream);
     // The owner shard counts the socket from its arrival there.
     drop(guard);
-    shard.send_to(owner, MeshMsg::Handoff(Handoff { fd, connect, rest: buf }));
+    shard.send_to(
+        owner,
+        MeshMsg::Handoff(Handoff {
+            fd,
+            connect,
+            rest: buf,
+        }),
+    );
 }

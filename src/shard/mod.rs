@@ -121,7 +121,12 @@ impl Shard {
     }
 
     fn wake(&self, id: ConnId) {
-        let waker = self.wakers.borrow().get(id.index as usize).cloned().flatten();
+        let waker = self
+            .wakers
+            .borrow()
+            .get(id.index as usize)
+            .cloned()
+            .flatten();
         if let Some(w) = waker {
             w.wake();
         }

@@ -237,7 +237,11 @@ mod tests {
             assert!(TopicFilter::new(ok).is_ok(), "{ok}");
         }
         for bad in ["a#", "#/a", "a/b#", "a+", "a/+b", "++", "a/#/b"] {
-            assert_eq!(TopicFilter::new(bad), Err(TopicError::MisplacedWildcard), "{bad}");
+            assert_eq!(
+                TopicFilter::new(bad),
+                Err(TopicError::MisplacedWildcard),
+                "{bad}"
+            );
         }
         assert_eq!(TopicFilter::new(""), Err(TopicError::Empty));
     }
