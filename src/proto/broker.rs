@@ -32,6 +32,10 @@ use super::topic::TopicName;
 use super::{ConnId, Millis, ShardId};
 use crate::metrics::{bump, drop_one, Counters};
 
+/// Bytes queued for one connection's socket beyond which QoS 0 messages to it
+/// are dropped: a stuck subscriber costs at most this much.
+pub const MAX_PENDING_OUTGOING: usize = 1 << 20;
+
 /// What a shard's broker needs to know about its place and its limits.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -603,6 +607,13 @@ impl Broker {
     ) {
         let max_inflight = self.config.max_inflight;
         let packet_id = if qos == QoS::AtMostOnce {
+            // A client that does not read must not grow our memory: past the
+            // cap its QoS 0 messages are dropped and counted (QoS 1/2 are
+            // bounded by the inflight window instead).
+            if self.conn(conn).is_some_and(|c| c.outgoing.len() >= MAX_PENDING_OUTGOING) {
+                bump(&self.counters.messages_dropped);
+                return;
+            }
             None
         } else {
             let Some(session) = self.session_mut(key) else {

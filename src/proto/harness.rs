@@ -661,3 +661,31 @@ fn unacknowledged_qos1_resent_with_dup_on_resume_mqtt_4_4_0_1() {
         "{again:?}"
     );
 }
+
+#[test]
+fn subscriber_that_never_reads_is_bounded_and_others_carry_on() {
+    let mut h = Harness::new(1);
+    let stuck = subscriber(&mut h, "stuck", "t");
+    let (p, _) = h.connect(connect("p", true, 0));
+    // Nobody drains `stuck`'s socket: the broker keeps at most
+    // MAX_PENDING_OUTGOING bytes for it and counts the rest as dropped.
+    let stuck_conn = stuck.conn;
+    let shard = stuck.shard;
+    let payload: &'static [u8] = &[7u8; 1000];
+    for _ in 0..3_000 {
+        h.brokers[p.shard].handle_read(p.conn, &mut encode(&publish("t", payload, QoS::AtMostOnce, false, None)), h.now);
+        // Simulate a socket that accepts nothing: leave outgoing bytes in the broker.
+        while h.brokers[shard].poll_event().is_some() {}
+    }
+    assert!(h.brokers[shard].has_outgoing(stuck_conn));
+    let pending = h.brokers[shard].take_outgoing(stuck_conn).len();
+    assert!(pending <= super::broker::MAX_PENDING_OUTGOING + 1100, "{pending}");
+    assert!(get(&h.counters.messages_dropped) > 1_000);
+    assert!(!h.is_closed(p));
+}
+
+fn encode(packet: &Packet) -> BytesMut {
+    let mut buf = BytesMut::new();
+    packet.encode(ProtocolVersion::V3_1_1, &mut buf);
+    buf
+}
