@@ -610,7 +610,10 @@ impl Broker {
             // A client that does not read must not grow our memory: past the
             // cap its QoS 0 messages are dropped and counted (QoS 1/2 are
             // bounded by the inflight window instead).
-            if self.conn(conn).is_some_and(|c| c.outgoing.len() >= MAX_PENDING_OUTGOING) {
+            if self
+                .conn(conn)
+                .is_some_and(|c| c.outgoing.len() >= MAX_PENDING_OUTGOING)
+            {
                 bump(&self.counters.messages_dropped);
                 return;
             }
