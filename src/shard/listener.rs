@@ -36,6 +36,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<(TcpListener, RawFd)> {
     let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one
+    // setsockopt here instead of one per connection. MQTT packets are small
+    // and latency-bound; Nagle would hold a PINGRESP or a PUBACK back.
+    socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     let fd = std::os::fd::IntoRawFd::into_raw_fd(socket);
@@ -118,7 +122,6 @@ impl Drop for SocketGuard {
 async fn handshake_task(shard: Rc<Shard>, mut stream: TcpStream) {
     bump(&shard.counters.sockets_current);
     let guard = SocketGuard(shard.clone());
-    let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::new();
     let first = glommio::timer::timeout(shard.config.connect_timeout, async {
         loop {
