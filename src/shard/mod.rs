@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use glommio::channels::channel_mesh::{MeshBuilder, Receivers, Senders};
-use glommio::channels::local_channel::{self, LocalSender};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::auth::Authenticator;
@@ -29,7 +27,7 @@ pub mod driver;
 pub mod listener;
 pub mod mesh;
 
-use mesh::{MeshMsg, MESH_CHANNEL_CAPACITY};
+use mesh::{Mesh, MeshEnds, MeshMsg};
 
 /// Bytes read from a socket at once into the shard's shared scratch buffer.
 const SCRATCH_SIZE: usize = 64 * 1024;
@@ -61,7 +59,7 @@ pub struct Shard {
     pub broker: RefCell<Broker>,
     scratch: RefCell<Box<[u8]>>,
     wakers: RefCell<Vec<Option<Waker>>>,
-    peers: RefCell<Vec<Option<LocalSender<MeshMsg>>>>,
+    mesh: Option<Rc<Mesh>>,
     serial: Cell<u64>,
     started: Instant,
     shutdown: Arc<AtomicBool>,
@@ -159,13 +157,10 @@ impl Shard {
         }
     }
 
-    /// Queues `msg` for `peer`; its sender task forwards it over the mesh.
+    /// Sends `msg` to shard `peer` over the mesh (never blocks, never drops).
     fn send_to(&self, peer: ShardId, msg: MeshMsg) {
-        let peers = self.peers.borrow();
-        if let Some(Some(tx)) = peers.get(peer.0 as usize) {
-            if let Err(e) = tx.try_send(msg) {
-                tracing::error!(shard = self.id.0, peer = peer.0, error = %e, "mesh queue closed");
-            }
+        if let Some(mesh) = &self.mesh {
+            mesh.send(peer, msg);
         }
     }
 }
@@ -187,7 +182,7 @@ pub fn run(config: Config) -> io::Result<()> {
     let nonce = u64::from_le_bytes(nonce_bytes);
 
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mesh = MeshBuilder::<MeshMsg, _>::full(shards, MESH_CHANNEL_CAPACITY);
+    let mut mesh_ends = mesh::build(if shards > 1 { shards } else { 0 })?.into_iter();
     let mut handles = Vec::with_capacity(shards);
     for i in 0..shards {
         // Pin one shard per core; with more shards than cores (tests run
@@ -200,7 +195,7 @@ pub fn run(config: Config) -> io::Result<()> {
         let config = config.clone();
         let counters = counters.clone();
         let auth = auth.clone();
-        let mesh = mesh.clone();
+        let ends: Option<MeshEnds> = mesh_ends.next();
         let shutdown = shutdown.clone();
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("coremq-shard-{i}"))
@@ -208,23 +203,13 @@ pub fn run(config: Config) -> io::Result<()> {
             .io_memory(64 * 1024)
             .ring_depth(1024)
             .spawn(move || async move {
-                // Mesh peer ids follow join order, so the shard id is taken
-                // from the mesh: `send_to(peer)` then addresses shard `peer`.
-                let (id, mesh) = if shards > 1 {
-                    let (senders, receivers) = mesh
-                        .join()
-                        .await
-                        .map_err(|e| io::Error::other(format!("joining the shard mesh: {e}")))?;
-                    (senders.peer_id(), Some((senders, receivers)))
-                } else {
-                    (0, None)
-                };
+                let mesh = ends.map(|e| Mesh::new(ShardId(i as u16), e)).transpose()?;
                 let shard = Rc::new(Shard {
-                    id: ShardId(id as u16),
+                    id: ShardId(i as u16),
                     shards: shards as u16,
                     broker: RefCell::new(Broker::new(
                         BrokerConfig {
-                            shard: ShardId(id as u16),
+                            shard: ShardId(i as u16),
                             shards: shards as u16,
                             max_packet_size: config.max_packet_size,
                             max_inflight: usize::from(config.max_inflight),
@@ -240,12 +225,12 @@ pub fn run(config: Config) -> io::Result<()> {
                     connection_ceiling,
                     scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
                     wakers: RefCell::new(Vec::new()),
-                    peers: RefCell::new(Vec::new()),
+                    mesh,
                     serial: Cell::new(0),
                     started: Instant::now(),
                     shutdown,
                 });
-                shard_main(shard, mesh).await
+                shard_main(shard).await
             })
             .map_err(|e| io::Error::other(format!("starting shard {i}: {e}")))?;
         handles.push(handle);
@@ -261,37 +246,21 @@ pub fn run(config: Config) -> io::Result<()> {
     result
 }
 
-type MeshEnds = (Senders<MeshMsg>, Receivers<MeshMsg>);
-
-async fn shard_main(shard: Rc<Shard>, mesh: Option<MeshEnds>) -> io::Result<()> {
+async fn shard_main(shard: Rc<Shard>) -> io::Result<()> {
     let mut listeners = Vec::new();
     for addr in &shard.config.listen {
         let bound = listener::bind(*addr)
             .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))?;
         listeners.push(bound);
     }
-    if let Some((senders, mut receivers)) = mesh {
-        let senders = Rc::new(senders);
-        let mut peers = Vec::with_capacity(shard.shards as usize);
-        for peer in 0..shard.shards as usize {
-            if peer == shard.id.0 as usize {
-                peers.push(None);
-                continue;
-            }
-            let (tx, rx) = local_channel::new_unbounded();
-            peers.push(Some(tx));
-            glommio::spawn_local(forward_to_peer(senders.clone(), peer, rx)).detach();
-        }
-        *shard.peers.borrow_mut() = peers;
-        for (_, rx) in receivers.streams() {
-            let shard = shard.clone();
-            glommio::spawn_local(async move {
-                while let Some(msg) = rx.recv().await {
-                    handle_mesh_msg(&shard, msg);
-                }
-            })
-            .detach();
-        }
+    if let Some(mesh) = shard.mesh.clone() {
+        let receiver = shard.clone();
+        let stopper = shard.clone();
+        glommio::spawn_local(mesh.receive(
+            move |msg| handle_mesh_msg(&receiver, msg),
+            move || stopper.is_shutting_down(),
+        ))
+        .detach();
     }
     if shard.id.0 == 0 {
         tracing::info!(
@@ -320,23 +289,13 @@ async fn shard_main(shard: Rc<Shard>, mesh: Option<MeshEnds>) -> io::Result<()> 
             tracing::info!("stats {}", shard.counters);
         }
     }
+    if let Some(mesh) = &shard.mesh {
+        mesh.wake_receiver();
+    }
     if shard.id.0 == 0 {
         tracing::info!("shutting down; final stats {}", shard.counters);
     }
     Ok(())
-}
-
-async fn forward_to_peer(
-    senders: Rc<Senders<MeshMsg>>,
-    peer: usize,
-    rx: local_channel::LocalReceiver<MeshMsg>,
-) {
-    while let Some(msg) = rx.recv().await {
-        if senders.send_to(peer, msg).await.is_err() {
-            tracing::error!(peer, "shard mesh closed");
-            return;
-        }
-    }
 }
 
 fn handle_mesh_msg(shard: &Rc<Shard>, msg: MeshMsg) {
