@@ -1018,7 +1018,9 @@ pub fn mosquitto_sub_ready(port: u16, args: &[&str]) -> LineProc {
         .args(args)
         .stdin(Stdio::null());
     let mut p = LineProc::spawn(&mut cmd);
-    p.wait_line(Duration::from_secs(10), |l| l.contains("received SUBACK"));
+    // "Subscribed (mid: ...)" comes from the on_subscribe callback, after the
+    // SUBACK has been handled: mosquitto_sub is fully set up by then.
+    p.wait_line(Duration::from_secs(10), |l| l.starts_with("Subscribed (mid"));
     p
 }
 
