@@ -1020,7 +1020,9 @@ pub fn mosquitto_sub_ready(port: u16, args: &[&str]) -> LineProc {
     let mut p = LineProc::spawn(&mut cmd);
     // "Subscribed (mid: ...)" comes from the on_subscribe callback, after the
     // SUBACK has been handled: mosquitto_sub is fully set up by then.
-    p.wait_line(Duration::from_secs(10), |l| l.starts_with("Subscribed (mid"));
+    p.wait_line(Duration::from_secs(10), |l| {
+        l.starts_with("Subscribed (mid")
+    });
     p
 }
 
