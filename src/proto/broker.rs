@@ -610,7 +610,10 @@ impl Broker {
             // A client that does not read must not grow our memory: past the
             // cap its QoS 0 messages are dropped and counted (QoS 1/2 are
             // bounded by the inflight window instead).
-            if self.conn(conn).is_some_and(|c| c.outgoing.len() >= MAX_PENDING_OUTGOING) {
+            if self
+                .conn(conn)
+                .is_some_and(|c| c.outgoing.len() >= MAX_PENDING_OUTGOING)
+            {
                 bump(&self.counters.messages_dropped);
                 return;
             }
@@ -831,4 +834,22 @@ fn pub_resp(packet_id: PacketId) -> PubResp {
 /// above ~270 s) are looked at once per lap and re-filed.
 fn keepalive_tick(t: Millis) -> Secs {
     Secs(t.0.div_ceil(100).min(u64::from(u32::MAX)) as u32)
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn print_sizes() {
+        eprintln!(
+            "Slot {} Conn {} Session {} LastWill {} Option<Session> {}",
+            std::mem::size_of::<super::Slot>(),
+            std::mem::size_of::<super::Conn>(),
+            std::mem::size_of::<super::Session>(),
+            std::mem::size_of::<super::LastWill>(),
+            std::mem::size_of::<Option<super::Session>>()
+        );
+        eprintln!(
+            "TcpStream {}",
+            std::mem::size_of::<glommio::net::TcpStream>()
+        );
+    }
 }

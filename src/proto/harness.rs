@@ -673,13 +673,20 @@ fn subscriber_that_never_reads_is_bounded_and_others_carry_on() {
     let shard = stuck.shard;
     let payload: &'static [u8] = &[7u8; 1000];
     for _ in 0..3_000 {
-        h.brokers[p.shard].handle_read(p.conn, &mut encode(&publish("t", payload, QoS::AtMostOnce, false, None)), h.now);
+        h.brokers[p.shard].handle_read(
+            p.conn,
+            &mut encode(&publish("t", payload, QoS::AtMostOnce, false, None)),
+            h.now,
+        );
         // Simulate a socket that accepts nothing: leave outgoing bytes in the broker.
         while h.brokers[shard].poll_event().is_some() {}
     }
     assert!(h.brokers[shard].has_outgoing(stuck_conn));
     let pending = h.brokers[shard].take_outgoing(stuck_conn).len();
-    assert!(pending <= super::broker::MAX_PENDING_OUTGOING + 1100, "{pending}");
+    assert!(
+        pending <= super::broker::MAX_PENDING_OUTGOING + 1100,
+        "{pending}"
+    );
     assert!(get(&h.counters.messages_dropped) > 1_000);
     assert!(!h.is_closed(p));
 }

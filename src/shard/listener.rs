@@ -15,7 +15,7 @@ use super::driver::{read_some, start_connection};
 use super::mesh::{Handoff, MeshMsg};
 use super::Shard;
 use crate::metrics::{bump, get};
-use crate::proto::codec::return_code;
+use crate::proto::codec::{return_code, ProtocolVersion};
 use crate::proto::handshake::{
     self, assign_client_id, check_connect, connack_bytes, owner_of, FirstPacket, HandshakeError,
 };
@@ -167,9 +167,13 @@ async fn handshake_task(shard: Rc<Shard>, mut stream: TcpStream) {
         });
     if let Some(code) = refusal {
         bump(&shard.counters.connacks[code as usize]);
-        let _ = stream
-            .write_all(&connack_bytes(connect.protocol, false, code))
-            .await;
+        // MQTT 5 clients are refused in the 3.1.1 format: this broker does
+        // not speak 5.0 yet, which is what return code 1 tells them.
+        let version = match connect.protocol {
+            ProtocolVersion::V5 => ProtocolVersion::V3_1_1,
+            v => v,
+        };
+        let _ = stream.write_all(&connack_bytes(version, false, code)).await;
         return;
     }
 

@@ -404,9 +404,15 @@ pub fn decode(
     let packet = buf.split_to(size).freeze();
     let mut r = wire::Reader::new(&packet, h.header_len);
     let p = match h.packet_type {
-        1 => Packet::Connect(Box::new(connect::decode_connect(&mut r)?)),
+        1 => Packet::Connect(connect::decode_connect(&mut r)?),
         2 => Packet::ConnAck(connect::decode_connack(&mut r, version)?),
-        3 => Packet::Publish(publish::decode_publish(h.flags, &mut r, version)?),
+        // The hot path: the payload becomes `packet` itself.
+        3 => Packet::Publish(publish::decode_publish(
+            h.flags,
+            packet,
+            h.header_len,
+            version,
+        )?),
         4 => Packet::PubAck(publish::decode_pub_resp(4, &mut r, version)?),
         5 => Packet::PubRec(publish::decode_pub_resp(5, &mut r, version)?),
         6 => Packet::PubRel(publish::decode_pub_resp(6, &mut r, version)?),
