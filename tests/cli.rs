@@ -1,0 +1,156 @@
+//! The command line: help, one-line errors with exit code 2, and the
+//! `coremq passwd` subcommand.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{run_bounded, Broker, ConnectOpts, RawClient, TempDir, COREMQ};
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn coremq(args: &[&str]) -> (Option<i32>, String, String) {
+    run_bounded(Command::new(COREMQ).args(args), 20 * SEC)
+}
+
+#[test]
+fn help_exits_0_and_lists_flags() {
+    let (code, out, err) = coremq(&["--help"]);
+    assert_eq!(code, Some(0), "{err}");
+    for flag in [
+        "--shards",
+        "--listen",
+        "--password-file",
+        "--max-connections",
+        "--connect-timeout",
+        "--max-packet-size",
+        "--stats-interval",
+    ] {
+        assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
+    }
+}
+
+/// One line on stderr naming the flag, exit code 2, and no broker started.
+fn assert_one_line_error(args: &[&str], names: &str) {
+    let (code, out, err) = coremq(args);
+    assert_eq!(code, Some(2), "{args:?}: stdout {out:?} stderr {err:?}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: stderr {err:?}");
+    assert!(
+        lines[0].contains(names),
+        "{args:?}: {err:?} does not name {names}"
+    );
+}
+
+#[test]
+fn bad_flags_exit_2_with_one_line() {
+    assert_one_line_error(&["--shards", "0"], "--shards");
+    assert_one_line_error(&["--shards", "two"], "--shards");
+    assert_one_line_error(&["--connect-timeout", "0"], "--connect-timeout");
+    assert_one_line_error(&["--max-packet-size", "1"], "--max-packet-size");
+    assert_one_line_error(&["--listen", "nope"], "--listen");
+    assert_one_line_error(&["--no-such-flag"], "--no-such-flag");
+}
+
+#[test]
+fn config_file_unknown_key_exits_2_naming_it() {
+    let dir = TempDir::new("cli-config");
+    let file = dir.path("coremq.toml");
+    std::fs::write(&file, "shards = 2\nmax_conections = 5\n").unwrap();
+    assert_one_line_error(&["--config", file.to_str().unwrap()], "max_conections");
+    std::fs::write(&file, "shards = \"two\"\n").unwrap();
+    assert_one_line_error(&["--config", file.to_str().unwrap()], "shards");
+    assert_one_line_error(
+        &["--config", "/nonexistent/coremq.toml"],
+        "/nonexistent/coremq.toml",
+    );
+}
+
+#[test]
+fn config_file_values_are_used() {
+    let dir = TempDir::new("cli-config-ok");
+    let file = dir.path("coremq.toml");
+    std::fs::write(&file, "max-connections = 1\nconnect_timeout = 7\n").unwrap();
+    let broker = Broker::start(&["--config", file.to_str().unwrap()]);
+    let (_first, _) = RawClient::connect(broker.port(), &ConnectOpts::id("cfg-1"));
+    let mut second = RawClient::tcp(broker.port());
+    second.send(&ConnectOpts::id("cfg-2").bytes());
+    assert_eq!(second.expect_closed(2 * SEC), [0x20, 0x02, 0x00, 0x03]);
+}
+
+#[test]
+fn passwd_round_trip() {
+    let dir = TempDir::new("cli-passwd");
+    let file = dir.path("pw");
+    let f = file.to_str().unwrap();
+    let ok = |args: &[&str]| {
+        let (code, out, err) = coremq(args);
+        assert_eq!(code, Some(0), "{args:?}: {out}{err}");
+    };
+    ok(&["passwd", "-c", f, "alice", "--password", "secret"]);
+    ok(&["passwd", f, "bob", "--password", "hunter2"]);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let users: Vec<&str> = text.lines().map(|l| l.split(':').next().unwrap()).collect();
+    assert_eq!(users, ["alice", "bob"], "{text}");
+    for l in text.lines() {
+        assert!(
+            l.contains(":$7$101$"),
+            "mosquitto 2 PBKDF2-SHA512 format: {l}"
+        );
+    }
+    // The password from stdin when not a terminal.
+    let mut cmd = Command::new(COREMQ);
+    cmd.args(["passwd", f, "carol"]);
+    let out = {
+        use std::io::Write;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"from-stdin\n")
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    assert!(out.status.success(), "{out:?}");
+    // Change bob's password, delete alice.
+    ok(&["passwd", f, "bob", "--password", "changed"]);
+    ok(&["passwd", "-D", f, "alice"]);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let users: Vec<&str> = text.lines().map(|l| l.split(':').next().unwrap()).collect();
+    assert_eq!(users, ["bob", "carol"], "{text}");
+
+    // The broker verifies what passwd wrote.
+    let broker = Broker::start(&["--password-file", f]);
+    let code_for = |user: &str, pass: &str| {
+        let mut c = RawClient::tcp(broker.port());
+        c.send(&common::connect_packet(
+            &format!("pw-{user}-{pass}"),
+            true,
+            0,
+            None,
+            Some((user, pass.as_bytes())),
+        ));
+        c.expect_connack(5 * SEC).code
+    };
+    assert_eq!(code_for("bob", "changed"), 0);
+    assert_eq!(code_for("bob", "hunter2"), 4);
+    assert_eq!(code_for("carol", "from-stdin"), 0);
+    assert_eq!(code_for("alice", "secret"), 4);
+    // Without -c, a missing file is an error (exit 1, not a new file).
+    let (code, _, err) = coremq(&[
+        "passwd",
+        dir.path("missing").to_str().unwrap(),
+        "x",
+        "--password",
+        "y",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(!dir.path("missing").exists());
+}
