@@ -44,6 +44,15 @@ pub enum HandshakeError {
 /// the close (MQTT-3.1.2-2); every other malformed CONNECT is closed without
 /// a CONNACK, as 3.1.1 §4.8 allows.
 pub fn read_first_packet(buf: &mut BytesMut, max_packet_size: usize) -> FirstPacket {
+    // Judge the packet type from the first byte: waiting for the body of a
+    // packet that is not a CONNECT would let a socket that never logs in make
+    // us buffer up to the maximum packet size until the connect timeout.
+    if buf.first().is_some_and(|b| b >> 4 != 1) {
+        return FirstPacket::Reject {
+            reply: None,
+            error: HandshakeError::NotConnect,
+        };
+    }
     match codec::decode(buf, ProtocolVersion::V3_1_1, max_packet_size) {
         Ok(None) => FirstPacket::Incomplete,
         Ok(Some(Packet::Connect(connect))) => FirstPacket::Connect(connect),
@@ -222,6 +231,16 @@ mod tests {
                 reply: None,
                 error: HandshakeError::NotConnect
             }
+        ));
+    }
+
+    #[test]
+    fn non_connect_refused_from_its_first_byte_mqtt_3_1_0_1() {
+        // A PUBLISH announcing 1,000,000 bytes, of which 3 have arrived.
+        let mut buf = BytesMut::from(&b"\x30\xc0\x84\x3d\x00\x01a"[..]);
+        assert!(matches!(
+            read_first_packet(&mut buf, 2 << 20),
+            FirstPacket::Reject { reply: None, error: HandshakeError::NotConnect }
         ));
     }
 
