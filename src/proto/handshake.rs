@@ -240,7 +240,10 @@ mod tests {
         let mut buf = BytesMut::from(&b"\x30\xc0\x84\x3d\x00\x01a"[..]);
         assert!(matches!(
             read_first_packet(&mut buf, 2 << 20),
-            FirstPacket::Reject { reply: None, error: HandshakeError::NotConnect }
+            FirstPacket::Reject {
+                reply: None,
+                error: HandshakeError::NotConnect
+            }
         ));
     }
 
