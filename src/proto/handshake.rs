@@ -18,11 +18,11 @@ pub enum FirstPacket {
     Incomplete,
     /// A well-formed CONNECT, removed from the buffer.
     Connect(Box<Connect>),
-    /// The connection must be closed. `reply` is the CONNACK the client is
-    /// owed first, if any.
+    /// The connection must be closed, after a CONNACK with `connack` as its
+    /// return code when the spec owes one.
     Reject {
-        /// Bytes to write before closing (a CONNACK), when the spec owes one.
-        reply: Option<Bytes>,
+        /// The 3.x return code of the CONNACK to send before closing, if any.
+        connack: Option<u8>,
         /// Why, for the log and the counters.
         error: HandshakeError,
     },
@@ -49,7 +49,7 @@ pub fn read_first_packet(buf: &mut BytesMut, max_packet_size: usize) -> FirstPac
     // us buffer up to the maximum packet size until the connect timeout.
     if buf.first().is_some_and(|b| b >> 4 != 1) {
         return FirstPacket::Reject {
-            reply: None,
+            connack: None,
             error: HandshakeError::NotConnect,
         };
     }
@@ -57,13 +57,11 @@ pub fn read_first_packet(buf: &mut BytesMut, max_packet_size: usize) -> FirstPac
         Ok(None) => FirstPacket::Incomplete,
         Ok(Some(Packet::Connect(connect))) => FirstPacket::Connect(connect),
         Ok(Some(_)) => FirstPacket::Reject {
-            reply: None,
+            connack: None,
             error: HandshakeError::NotConnect,
         },
         Err(error) => FirstPacket::Reject {
-            reply: error
-                .connack_return_code()
-                .map(|code| connack_bytes(ProtocolVersion::V3_1_1, false, code)),
+            connack: error.connack_return_code(),
             error: HandshakeError::Malformed(error),
         },
     }
@@ -228,7 +226,7 @@ mod tests {
         assert!(matches!(
             read_first_packet(&mut buf, 1024),
             FirstPacket::Reject {
-                reply: None,
+                connack: None,
                 error: HandshakeError::NotConnect
             }
         ));
@@ -241,7 +239,7 @@ mod tests {
         assert!(matches!(
             read_first_packet(&mut buf, 2 << 20),
             FirstPacket::Reject {
-                reply: None,
+                connack: None,
                 error: HandshakeError::NotConnect
             }
         ));
@@ -253,10 +251,9 @@ mod tests {
         let mut buf = BytesMut::from(&b"\x10\x0d\x00\x04MQTT\x09\x02\x00\x3c\x00\x01a"[..]);
         match read_first_packet(&mut buf, 1024) {
             FirstPacket::Reject {
-                reply: Some(reply), ..
-            } => {
-                assert_eq!(&reply[..], b"\x20\x02\x00\x01")
-            }
+                connack: Some(code),
+                ..
+            } => assert_eq!(code, return_code::UNACCEPTABLE_PROTOCOL_VERSION),
             other => panic!("expected CONNACK 1, got {other:?}"),
         }
     }

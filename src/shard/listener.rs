@@ -143,13 +143,14 @@ async fn handshake_task(shard: Rc<Shard>, mut stream: TcpStream) {
 
     let connect = match first {
         Ok(FirstPacket::Connect(connect)) => connect,
-        Ok(FirstPacket::Reject { reply, error }) => {
+        Ok(FirstPacket::Reject { connack, error }) => {
             bump(&shard.counters.malformed_packets);
             if let HandshakeError::Malformed(e) = error {
                 tracing::debug!(error = %e, "malformed first packet");
             }
-            if let Some(reply) = reply {
-                bump(&shard.counters.connacks[reply[3] as usize % 6]);
+            if let Some(code) = connack {
+                bump(&shard.counters.connacks[usize::from(code)]);
+                let reply = connack_bytes(ProtocolVersion::V3_1_1, false, code);
                 let _ = stream.write_all(&reply).await;
             }
             return;
