@@ -191,6 +191,17 @@ async fn handshake_task(shard: Rc<Shard>, mut stream: TcpStream) {
         start_connection(shard, stream, guard, *connect, buf);
         return;
     }
+    if shard.mesh_backlogged() {
+        // The owner is not keeping up with what we already sent it (its inbox
+        // is full and our overflow queue is not empty): refuse rather than
+        // queue without bound (CONNACK 3, server unavailable).
+        let code = return_code::SERVER_UNAVAILABLE;
+        bump(&shard.counters.connacks[usize::from(code)]);
+        let _ = stream
+            .write_all(&connack_bytes(connect.protocol, false, code))
+            .await;
+        return;
+    }
     // Hand over: dup the fd so dropping our glommio stream (which closes its
     // own fd) leaves the socket open for the owner.
     // SAFETY: dup of a descriptor we hold open; the result is owned below.

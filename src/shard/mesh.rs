@@ -269,6 +269,11 @@ impl Mesh {
         }
     }
 
+    /// True while messages wait for room in a peer's full inbox.
+    pub fn backlogged(&self) -> bool {
+        !self.overflow.borrow().is_empty()
+    }
+
     async fn drain_overflow(self: Rc<Self>) {
         loop {
             let Some((to, msg)) = self.overflow.borrow_mut().pop_front() else {

@@ -157,6 +157,11 @@ impl Shard {
         }
     }
 
+    /// True while messages to other shards wait for room in a full inbox.
+    fn mesh_backlogged(&self) -> bool {
+        self.mesh.as_ref().is_some_and(|m| m.backlogged())
+    }
+
     /// Sends `msg` to shard `peer` over the mesh (never blocks, never drops).
     fn send_to(&self, peer: ShardId, msg: MeshMsg) {
         if let Some(mesh) = &self.mesh {
