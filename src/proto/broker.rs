@@ -26,7 +26,7 @@ use super::codec::{
 use super::handshake::connack_bytes;
 use super::keepalive::{KeepAliveWheel, Secs, Verdict};
 use super::retained::{RetainedMessage, RetainedStore};
-use super::session::{Inflight, Session, SessionKey};
+use super::session::{Inflight, QueuedMessage, Session, SessionKey};
 use super::topic::trie::SubscriptionTrie;
 use super::topic::TopicName;
 use super::{ConnId, Millis, ShardId};
@@ -45,9 +45,12 @@ pub struct BrokerConfig {
     pub shards: u16,
     /// The largest packet accepted from a client, in bytes.
     pub max_packet_size: usize,
-    /// QoS 1/2 messages in flight to one client before further ones are
-    /// dropped (and counted).
+    /// QoS 1/2 messages in flight to one client; further ones wait in its
+    /// session queue.
     pub max_inflight: usize,
+    /// QoS 1/2 messages a session's queue holds (offline, or window full);
+    /// past it new messages for that session are dropped and counted.
+    pub max_queued: usize,
 }
 
 /// A publish travelling between shards. `Send`: payload and topic are
@@ -283,6 +286,7 @@ impl Broker {
         self.queue_bytes(id, &connack);
         if session_present {
             self.resend_inflight(id, key);
+            self.pump_queue(key);
         }
         id
     }
@@ -412,6 +416,7 @@ impl Broker {
                         s.inflight.remove(&ack.packet_id.get());
                     }
                 });
+                self.pump_conn_queue(conn);
             }
             Packet::PubRec(ack) => {
                 self.with_session(conn, |s| {
@@ -437,6 +442,7 @@ impl Broker {
                         s.inflight.remove(&comp.packet_id.get());
                     }
                 });
+                self.pump_conn_queue(conn);
             }
             Packet::Subscribe(sub) => self.handle_subscribe(conn, sub),
             Packet::Unsubscribe(unsub) => {
@@ -540,8 +546,15 @@ impl Broker {
                 .for_each_match(filter, |m| retained.push((m.clone(), options.qos)));
         }
         for (msg, granted) in retained {
-            let qos = msg.qos.min(granted);
-            self.send_publish(conn, key, msg.topic, msg.payload, qos, true);
+            self.deliver_to_session(
+                key,
+                QueuedMessage {
+                    qos: msg.qos.min(granted),
+                    topic: msg.topic,
+                    payload: msg.payload,
+                    retain: true,
+                },
+            );
         }
     }
 
@@ -578,38 +591,89 @@ impl Broker {
                 }
             });
         for (&key, &granted) in &matches {
-            let qos = publish.qos.min(granted); // MQTT-3.8.4-6
-            match self.session(key).and_then(|s| s.conn) {
-                // MQTT-3.3.1-9: RETAIN=0 on normal forwarding.
-                Some(conn) => self.send_publish(
-                    conn,
-                    key,
-                    publish.topic.clone(),
-                    publish.payload.clone(),
-                    qos,
-                    false,
-                ),
-                // Offline sessions: queueing arrives with QoS 1/2 (issue 5).
-                None => bump(&self.counters.messages_dropped),
-            }
+            self.deliver_to_session(
+                key,
+                QueuedMessage {
+                    topic: publish.topic.clone(),
+                    payload: publish.payload.clone(),
+                    qos: publish.qos.min(granted), // MQTT-3.8.4-6
+                    retain: false,                 // MQTT-3.3.1-9
+                },
+            );
         }
         self.matches = matches;
     }
 
-    fn send_publish(
-        &mut self,
-        conn: ConnId,
-        key: SessionKey,
-        topic: TopicName,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
-    ) {
+    /// Delivers one message to a session: at once when it is connected and
+    /// its inflight window has room, else (QoS 1/2) into its queue.
+    fn deliver_to_session(&mut self, key: SessionKey, msg: QueuedMessage) {
         let max_inflight = self.config.max_inflight;
+        let max_queued = self.config.max_queued;
+        let Some(session) = self.session_mut(key) else {
+            return;
+        };
+        let conn = session.conn;
+        if msg.qos == QoS::AtMostOnce {
+            // QoS 0 is never queued: an offline session misses it, as
+            // mosquitto does by default (MQTT-3.1.2-5 lets the server choose).
+            match conn {
+                Some(conn) => self.send_now(conn, key, msg),
+                None => bump(&self.counters.messages_dropped),
+            }
+            return;
+        }
+        let must_wait =
+            conn.is_none() || !session.queue.is_empty() || session.inflight.len() >= max_inflight;
+        if !must_wait {
+            if let Some(conn) = conn {
+                self.send_now(conn, key, msg);
+            }
+            return;
+        }
+        if session.queue.len() >= max_queued {
+            // The queue is full: the newest message is the one dropped, so
+            // what the client does get stays in order.
+            bump(&self.counters.messages_dropped);
+            return;
+        }
+        session.queue.push_back(msg);
+    }
+
+    fn pump_conn_queue(&mut self, conn: ConnId) {
+        if let Some(key) = self.conn(conn).and_then(|c| c.session) {
+            self.pump_queue(key);
+        }
+    }
+
+    /// Moves queued messages into flight while the window has room.
+    fn pump_queue(&mut self, key: SessionKey) {
+        let max_inflight = self.config.max_inflight;
+        loop {
+            let Some(session) = self.session_mut(key) else {
+                return;
+            };
+            let Some(conn) = session.conn else { return };
+            if session.inflight.len() >= max_inflight {
+                return;
+            }
+            let Some(msg) = session.queue.pop_front() else {
+                return;
+            };
+            self.send_now(conn, key, msg);
+        }
+    }
+
+    fn send_now(&mut self, conn: ConnId, key: SessionKey, msg: QueuedMessage) {
+        let QueuedMessage {
+            topic,
+            payload,
+            qos,
+            retain,
+        } = msg;
         let packet_id = if qos == QoS::AtMostOnce {
             // A client that does not read must not grow our memory: past the
             // cap its QoS 0 messages are dropped and counted (QoS 1/2 are
-            // bounded by the inflight window instead).
+            // bounded by the inflight window and the queue instead).
             if self
                 .conn(conn)
                 .is_some_and(|c| c.outgoing.len() >= MAX_PENDING_OUTGOING)
@@ -622,12 +686,7 @@ impl Broker {
             let Some(session) = self.session_mut(key) else {
                 return;
             };
-            let id = if session.inflight.len() < max_inflight {
-                session.allocate_packet_id()
-            } else {
-                None
-            };
-            match id {
+            match session.allocate_packet_id() {
                 Some(id) => Some(id),
                 None => {
                     bump(&self.counters.messages_dropped);

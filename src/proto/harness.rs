@@ -47,6 +47,7 @@ impl Harness {
                         shards,
                         max_packet_size: 1 << 20,
                         max_inflight: 20,
+                        max_queued: 100,
                     },
                     counters.clone(),
                     Millis(0),
@@ -246,14 +247,20 @@ fn subscribe_many(filters: &[(&str, QoS)]) -> Packet {
     })
 }
 
-fn publish(topic: &str, payload: &'static [u8], qos: QoS, retain: bool, id: Option<u16>) -> Packet {
+fn publish(
+    topic: &str,
+    payload: impl AsRef<[u8]>,
+    qos: QoS,
+    retain: bool,
+    id: Option<u16>,
+) -> Packet {
     Packet::Publish(Publish {
         dup: false,
         qos,
         retain,
         topic: TopicName::new(topic.to_string()).unwrap(),
         packet_id: id.map(pid),
-        payload: Bytes::from_static(payload),
+        payload: Bytes::copy_from_slice(payload.as_ref()),
         properties: None,
     })
 }
@@ -695,4 +702,96 @@ fn encode(packet: &Packet) -> BytesMut {
     let mut buf = BytesMut::new();
     packet.encode(ProtocolVersion::V3_1_1, &mut buf);
     buf
+}
+
+fn ack(h: &mut Harness, c: Client, packets: &[Packet]) {
+    for p in packets {
+        if let Packet::Publish(p) = p {
+            if let Some(id) = p.packet_id {
+                h.send(
+                    c,
+                    Packet::PubAck(PubResp {
+                        packet_id: id,
+                        reason: 0,
+                        properties: None,
+                    }),
+                );
+            }
+        }
+    }
+}
+
+fn payloads(packets: &[Packet]) -> Vec<String> {
+    packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(String::from_utf8_lossy(&p.payload).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn offline_persistent_session_gets_queued_qos1_in_order_on_reconnect_mqtt_4_6_0() {
+    let mut h = Harness::new(4);
+    let (s, _) = h.connect(connect("sleeper", false, 0));
+    h.send(s, subscribe_many(&[("q/#", QoS::AtLeastOnce)]));
+    h.recv(s);
+    h.send(s, disconnect());
+    let (p, _) = h.connect(connect("p", true, 0));
+    for i in 0..3u16 {
+        h.send(
+            p,
+            publish("q/a", format!("m{i}"), QoS::AtLeastOnce, false, Some(i + 1)),
+        );
+    }
+    // QoS 0 is not queued for an offline session.
+    h.send(p, publish("q/a", b"zero", QoS::AtMostOnce, false, None));
+    let (s, ack_) = h.connect(connect("sleeper", false, 0));
+    assert!(ack_.session_present);
+    let got = h.recv(s);
+    assert_eq!(payloads(&got), ["m0", "m1", "m2"]);
+    assert!(got
+        .iter()
+        .all(|p| matches!(p, Packet::Publish(p) if p.qos == QoS::AtLeastOnce && !p.dup)));
+}
+
+#[test]
+fn inflight_window_holds_the_rest_in_order_until_acknowledged() {
+    let mut h = Harness::new(1);
+    let (s, _) = h.connect(connect("s", true, 0));
+    h.send(s, subscribe("w", QoS::AtLeastOnce));
+    h.recv(s);
+    let (p, _) = h.connect(connect("p", true, 0));
+    for i in 0..30u16 {
+        h.send(
+            p,
+            publish("w", i.to_string(), QoS::AtLeastOnce, false, Some(i + 1)),
+        );
+    }
+    let first = h.recv(s);
+    assert_eq!(first.len(), 20, "max_inflight is 20");
+    ack(&mut h, s, &first);
+    let rest = h.recv(s);
+    let all: Vec<String> = payloads(&first)
+        .into_iter()
+        .chain(payloads(&rest))
+        .collect();
+    assert_eq!(all, (0..30).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert_eq!(get(&h.counters.messages_dropped), 0);
+}
+
+#[test]
+fn session_queue_is_bounded_and_drops_are_counted() {
+    let mut h = Harness::new(1);
+    let (s, _) = h.connect(connect("s", false, 0));
+    h.send(s, subscribe("b", QoS::AtLeastOnce));
+    h.send(s, disconnect());
+    let (p, _) = h.connect(connect("p", true, 0));
+    for i in 0..150u16 {
+        h.send(p, publish("b", b"x", QoS::AtLeastOnce, false, Some(i + 1)));
+    }
+    assert_eq!(get(&h.counters.messages_dropped), 50, "max_queued is 100");
+    let (s, _) = h.connect(connect("s", false, 0));
+    assert_eq!(h.recv(s).len(), 20, "the window's worth first");
 }

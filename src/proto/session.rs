@@ -2,11 +2,14 @@
 //! (MQTT 3.1.1 §3.1.2.4): its subscriptions, the QoS 1/2 messages in flight to
 //! it, and the QoS 2 packet ids it has sent us that await PUBREL.
 
+use std::collections::VecDeque;
+
+use bytes::Bytes;
 use bytestring::ByteString;
 use hashbrown::{HashMap, HashSet};
 
 use super::codec::{PacketId, Publish, QoS};
-use super::topic::TopicFilter;
+use super::topic::{TopicFilter, TopicName};
 use super::ConnId;
 
 /// Index of a session in its shard's session table; the trie's subscriber key.
@@ -32,7 +35,25 @@ pub struct Session {
     /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting PUBREL:
     /// a resent PUBLISH with one of these ids is not routed again (MQTT-4.3.3).
     pub awaiting_rel: HashSet<u16>,
+    /// QoS 1/2 messages owed to the client that are not yet in flight: it is
+    /// offline (a persistent session), or its inflight window is full. Sent in
+    /// order, after the messages in flight (MQTT-4.6.0).
+    pub queue: VecDeque<QueuedMessage>,
     next_packet_id: u16,
+}
+
+/// A message waiting in a session's queue.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    /// Topic published to.
+    pub topic: TopicName,
+    /// Payload, shared with every other delivery of the message.
+    pub payload: Bytes,
+    /// Delivery QoS: already the minimum of publish and subscription.
+    pub qos: QoS,
+    /// RETAIN as it will be sent (1 only for retained messages sent because
+    /// of a new subscription).
+    pub retain: bool,
 }
 
 /// An outgoing QoS 1/2 message awaiting its acknowledgement.
@@ -54,6 +75,7 @@ impl Session {
             subscriptions: HashMap::new(),
             inflight: HashMap::new(),
             awaiting_rel: HashSet::new(),
+            queue: VecDeque::new(),
             next_packet_id: 1,
         }
     }

@@ -218,6 +218,7 @@ pub fn run(config: Config) -> io::Result<()> {
                             shards: shards as u16,
                             max_packet_size: config.max_packet_size,
                             max_inflight: usize::from(config.max_inflight),
+                            max_queued: config.max_queued,
                         },
                         counters.clone(),
                         Millis(0),
