@@ -460,6 +460,7 @@ fn run(plan: Plan) -> Result<i32> {
             params: plan.params,
             started_unix,
             total_wall_s: total_wall,
+            main_secs: plan.main_secs,
             parent_cpu_s: crate::sys::rusage_cpu_s(libc::RUSAGE_SELF),
             children_cpu_s: crate::sys::rusage_cpu_s(libc::RUSAGE_CHILDREN),
         },

@@ -218,7 +218,6 @@ pub struct Engine {
     h_ping: Histogram<u64>,
     h_to_close: Histogram<u64>,
     h_to_connack: Histogram<u64>,
-    h_silent_close: Histogram<u64>,
     series: Vec<u64>,
     go_us: u64,
     // ramp / main bookkeeping
@@ -304,7 +303,6 @@ impl Engine {
             h_ping: new_hist(),
             h_to_close: new_hist(),
             h_to_connack: new_hist(),
-            h_silent_close: new_hist(),
             series: Vec::new(),
             go_us: 0,
             next_idx: 0,
@@ -835,8 +833,6 @@ impl Engine {
             }
             St::Silent => {
                 self.open -= 1;
-                self.h_silent_close
-                    .saturating_record(now.saturating_sub(t_sent).max(1));
                 self.silent_log.push((n, t_sent * 1000, now * 1000));
             }
             St::AwaitClose => {
@@ -1128,7 +1124,13 @@ impl Engine {
                 Phase::Ramped => {
                     if self.take_command("next") {
                         self.main_start = mono_us();
-                        self.main_end = self.main_start + (self.spec.main_secs * 1e6) as u64;
+                        // Nothing to hold: no reason to wait out the hold.
+                        let secs = if self.spec.mode != Mode::Churn && self.open == 0 {
+                            0.0
+                        } else {
+                            self.spec.main_secs
+                        };
+                        self.main_end = self.main_start + (secs * 1e6) as u64;
                         self.main_cpu0 = rusage_cpu_s(libc::RUSAGE_SELF);
                         self.set_phase(Phase::Main);
                         if self.spec.mode == Mode::Churn {
@@ -1194,7 +1196,6 @@ impl Engine {
             ("ping", &self.h_ping),
             ("takeover_old_close", &self.h_to_close),
             ("takeover_connack", &self.h_to_connack),
-            ("silent_close", &self.h_silent_close),
         ] {
             if !h.is_empty() {
                 hists.insert(name.to_string(), hist_to_b64(h));

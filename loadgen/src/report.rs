@@ -36,6 +36,8 @@ pub struct RunInfo {
     pub params: serde_json::Value,
     pub started_unix: u64,
     pub total_wall_s: f64,
+    /// Configured length of the main phase, seconds.
+    pub main_secs: f64,
     pub parent_cpu_s: f64,
     pub children_cpu_s: f64,
 }
@@ -144,6 +146,8 @@ pub struct Report {
     pub command_line: Vec<String>,
     pub kernel: String,
     pub cpus: usize,
+    /// /proc/loadavg when the report was made: the machine is shared.
+    pub loadavg: String,
     pub started_unix: u64,
     pub mode: String,
     pub broker: String,
@@ -380,6 +384,9 @@ impl Report {
             command_line: std::env::args().collect(),
             kernel: crate::sys::kernel(),
             cpus: crate::sys::affinity_cpus(),
+            loadavg: std::fs::read_to_string("/proc/loadavg")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
             started_unix: info.started_unix,
             mode: info.mode.name().to_string(),
             broker: info.broker,
@@ -400,7 +407,7 @@ impl Report {
             total_wall_s: (info.total_wall_s * 1000.0).round() / 1000.0,
             connect_rate_per_s: rate(connected.saturating_sub(takeovers), ramp_s),
             cycles_per_s: rate(cycles, main_s),
-            takeovers_per_s: rate(takeovers, main_s),
+            takeovers_per_s: rate(takeovers, main_s.min(info.main_secs)),
             series,
             latency,
             broker_cost,
@@ -417,16 +424,18 @@ impl Report {
     /// The summary for people.
     pub fn table(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(
+        let _ =
+            writeln!(
             o,
-            "loadgen {} {} → {}  ({} worker(s), {} source IP(s), kernel {}, {} cpu(s))",
+            "loadgen {} {} → {}  ({} worker(s), {} source IP(s), kernel {}, {} cpu(s), loadavg {})",
             self.loadgen_version,
             self.mode,
             self.broker,
             self.workers,
             self.source_ips,
             self.kernel,
-            self.cpus
+            self.cpus,
+            self.loadavg.split(' ').take(3).collect::<Vec<_>>().join(" ")
         );
         let _ = writeln!(
             o,
