@@ -96,6 +96,8 @@ pub struct BrokerCost {
     pub cpu_us_per_disconnect: Option<f64>,
     /// (RSS at end of hold − RSS before) ÷ connections held.
     pub bytes_per_held_connection: Option<f64>,
+    /// (RSS when the ramp ended − RSS before) ÷ connections held.
+    pub bytes_per_connection_after_ramp: Option<f64>,
 }
 
 /// The keep-alive detection figures (keepalive subcommand).
@@ -323,6 +325,13 @@ impl Report {
                     _ => per_op_us(cpu_disc, disconnected),
                 },
                 bytes_per_held_connection: match (info.mode, s.before, s.end_main) {
+                    (Mode::Churn, _, _) => None,
+                    (_, Some(a), Some(b)) if held > 0 => {
+                        Some(((b.rss_bytes as f64 - a.rss_bytes as f64) / held as f64).round())
+                    }
+                    _ => None,
+                },
+                bytes_per_connection_after_ramp: match (info.mode, s.before, s.after_ramp) {
                     (Mode::Churn, _, _) => None,
                     (_, Some(a), Some(b)) if held > 0 => {
                         Some(((b.rss_bytes as f64 - a.rss_bytes as f64) / held as f64).round())
@@ -558,7 +567,11 @@ impl Report {
             }
             let _ = writeln!(o, "  broker CPU µs per op: {}", per.join("  "));
             if let Some(v) = b.bytes_per_held_connection {
-                let _ = writeln!(o, "  broker bytes per held connection: {v}");
+                let _ = writeln!(
+                    o,
+                    "  broker bytes per held connection: {v} at end of hold ({} when the ramp ended)",
+                    f(b.bytes_per_connection_after_ramp)
+                );
             }
         }
         let _ = writeln!(
