@@ -40,6 +40,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<(TcpListener, RawFd)> {
     // setsockopt here instead of one per connection. MQTT packets are small
     // and latency-bound; Nagle would hold a PINGRESP or a PUBACK back.
     socket.set_nodelay(true)?;
+    // Non-blocking, so the accept loop's own accept4 returns EAGAIN on an
+    // empty queue instead of blocking the shard.
+    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     let fd = std::os::fd::IntoRawFd::into_raw_fd(socket);
@@ -55,7 +58,17 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, listener_fd: R
     // queued and the accept loop spins on EMFILE.
     let mut spare = open_spare();
     loop {
-        match listener.accept().await {
+        // Fast path: accept4 straight from the queue, one syscall per
+        // connection. glommio's own accept wraps every accept in three fcntl
+        // calls (it toggles the listener's O_NONBLOCK); we use it only to wait
+        // in the ring once the queue is empty.
+        let accepted = match accept_now(listener_fd) {
+            // SAFETY: accept4 returned a fresh connected socket we own.
+            Some(Ok(fd)) => Ok(unsafe { TcpStream::from_raw_fd(fd) }),
+            Some(Err(e)) => Err(glommio::GlommioError::IoError(e)),
+            None => listener.accept().await,
+        };
+        match accepted {
             Ok(stream) => {
                 if get(&shard.counters.sockets_current) >= shard.socket_ceiling {
                     bump(&shard.counters.accept_refused);
@@ -87,6 +100,30 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, listener_fd: R
                 }
             }
         }
+    }
+}
+
+/// One accept4 on the non-blocking listener; `None` when the queue is empty.
+fn accept_now(listener: RawFd) -> Option<io::Result<RawFd>> {
+    // SAFETY: accept4 on our listening fd with no address buffers.
+    let fd = unsafe {
+        libc::accept4(
+            listener,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd >= 0 {
+        return Some(Ok(fd));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) => None,
+        // Interrupted or a connection that died in the queue: try again
+        // through the ring.
+        Some(libc::EINTR) | Some(libc::ECONNABORTED) => None,
+        _ => Some(Err(err)),
     }
 }
 
