@@ -271,6 +271,7 @@ impl ConnAck {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::*;
     use bytes::Bytes;
     use bytestring::ByteString;
 
@@ -278,19 +279,6 @@ mod tests {
     use super::*;
     use crate::proto::topic::TopicName;
     use ProtocolVersion::*;
-
-    const MAX: usize = 1 << 20;
-
-    fn dec(bytes: &[u8], v: ProtocolVersion) -> Result<Option<Packet>, DecodeError> {
-        decode(&mut BytesMut::from(bytes), v, MAX)
-    }
-
-    fn enc(p: &Packet, v: ProtocolVersion) -> Vec<u8> {
-        let mut out = BytesMut::new();
-        p.encode(v, &mut out);
-        assert_eq!(out.len(), p.encoded_len(v));
-        out.to_vec()
-    }
 
     fn connect(protocol: ProtocolVersion) -> Connect {
         Connect {

@@ -25,6 +25,8 @@ mod publish;
 mod simple;
 mod subscribe;
 #[cfg(test)]
+mod test_util;
+#[cfg(test)]
 mod tests;
 mod wire;
 

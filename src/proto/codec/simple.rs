@@ -117,24 +117,12 @@ impl Auth {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::*;
     use bytestring::ByteString;
 
-    use super::super::{decode, Packet};
+    use super::super::Packet;
     use super::*;
     use ProtocolVersion::*;
-
-    const MAX: usize = 1 << 20;
-
-    fn dec(bytes: &[u8], v: ProtocolVersion) -> Result<Option<Packet>, DecodeError> {
-        decode(&mut BytesMut::from(bytes), v, MAX)
-    }
-
-    fn enc(p: &Packet, v: ProtocolVersion) -> Vec<u8> {
-        let mut out = BytesMut::new();
-        p.encode(v, &mut out);
-        assert_eq!(out.len(), p.encoded_len(v));
-        out.to_vec()
-    }
 
     #[test]
     fn ping_bytes_every_version_mqtt_3_12_and_3_13() {

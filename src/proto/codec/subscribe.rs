@@ -270,29 +270,13 @@ impl UnsubAck {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::*;
     use bytestring::ByteString;
 
-    use super::super::{decode, Packet, PacketId, Properties};
+    use super::super::{decode, Packet, Properties};
     use super::*;
     use crate::proto::topic::TopicFilter;
     use ProtocolVersion::*;
-
-    const MAX: usize = 1 << 20;
-
-    fn dec(bytes: &[u8], v: ProtocolVersion) -> Result<Option<Packet>, DecodeError> {
-        decode(&mut BytesMut::from(bytes), v, MAX)
-    }
-
-    fn enc(p: &Packet, v: ProtocolVersion) -> Vec<u8> {
-        let mut out = BytesMut::new();
-        p.encode(v, &mut out);
-        assert_eq!(out.len(), p.encoded_len(v));
-        out.to_vec()
-    }
-
-    fn pid(v: u16) -> PacketId {
-        PacketId::new(v).unwrap()
-    }
 
     fn filter(s: &'static str) -> TopicFilter {
         TopicFilter::new(s).unwrap()
