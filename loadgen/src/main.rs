@@ -1,5 +1,6 @@
 //! loadgen: the load generator for coremq. See README.md beside this crate.
 
+mod compare;
 mod coord;
 mod engine;
 mod null_broker;
@@ -35,6 +36,8 @@ enum Cmd {
     Takeover(TakeoverArgs),
     /// A server that only answers CONNECT and PINGREQ: the machine's ceiling.
     NullBroker(NullArgs),
+    /// Run the same scenarios against coremq, mosquitto and the null broker; print ratios.
+    Compare(compare::CompareArgs),
     /// Internal: one worker process (spawned by the others).
     #[command(hide = true)]
     Worker {
@@ -250,6 +253,7 @@ fn main() {
         Cmd::Churn(a) => coord::churn(a),
         Cmd::Keepalive(a) => coord::keepalive(a),
         Cmd::Takeover(a) => coord::takeover(a),
+        Cmd::Compare(a) => compare::compare(a),
     };
     match res {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,191 @@
+//! `loadgen compare` end to end, small: the null broker and coremq, churn
+//! only, one one-second run each. Every broker it starts, compare stops by
+//! its PID; the test itself has a wall-clock limit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
+
+/// The coremq binary of this workspace: beside loadgen's own binary (cargo
+/// builds it there for `cargo test --workspace --all-targets --release`),
+/// built with `cargo build --release -p coremq` when it is missing.
+fn coremq_bin() -> PathBuf {
+    let sibling = Path::new(LOADGEN).with_file_name("coremq");
+    if sibling.exists() {
+        return sibling;
+    }
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    let st = Command::new(cargo)
+        .args(["build", "--release", "-p", "coremq"])
+        .current_dir(manifest.join(".."))
+        .status()
+        .expect("run cargo build for coremq");
+    assert!(st.success(), "cargo build --release -p coremq failed");
+    if sibling.exists() {
+        return sibling;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../target"));
+    target.join("release/coremq")
+}
+
+/// The CPUs this process may run on (Cpus_allowed_list, e.g. "0-3,6").
+fn allowed_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or("0")
+        .trim()
+        .to_string();
+    let mut out = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().unwrap()),
+        }
+    }
+    out
+}
+
+fn run(args: &[&str], limit: Duration) -> Output {
+    let start = Instant::now();
+    let mut child = Command::new(LOADGEN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("loadgen {args:?} ran past {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn compare_null_and_coremq_churn_prints_both_rows_and_the_ratio() {
+    let coremq = coremq_bin();
+    let cpus = allowed_cpus();
+    let broker_cpu = cpus.get(1).copied().unwrap_or(cpus[0]).to_string();
+    let loadgen_cpu = cpus[0].to_string();
+    let dir = std::env::temp_dir().join(format!("loadgen-compare-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let md = dir.join("c.md");
+    let json = dir.join("c.json");
+    let start = Instant::now();
+    let out = run(
+        &[
+            "compare",
+            "--coremq",
+            coremq.to_str().unwrap(),
+            "--brokers",
+            "null,coremq",
+            "--scenarios",
+            "churn",
+            "--runs",
+            "1",
+            "--duration",
+            "1",
+            "--churn-concurrency",
+            "4",
+            "--broker-cpu",
+            &broker_cpu,
+            "--loadgen-cpu",
+            &loadgen_cpu,
+            "--markdown",
+            md.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    let took = start.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // The scenario's table starts at its header row ("broker  cycles/s ...").
+    let table: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("broker "))
+        .collect();
+    assert!(!table.is_empty(), "no table in:\n{stdout}");
+    let row = |name: &str| {
+        table
+            .iter()
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} row in:\n{stdout}"))
+            .to_string()
+    };
+    // Both rows carry a cycle rate (digits) and a loadgen-bound count (k/1).
+    for name in ["null", "coremq"] {
+        let r = row(name);
+        assert!(r.contains("/1"), "{name} row: {r}");
+        assert!(!r.contains("no report"), "{name} row: {r}");
+    }
+    assert!(stdout.contains("cycles/s"), "{stdout}");
+    assert!(stdout.contains("coremq/null"), "no ratio column:\n{stdout}");
+    let ratio = row("cycles/s");
+    assert!(ratio.contains('×'), "ratio row: {ratio}");
+    assert!(!stdout.contains("coremq/mosquitto"), "{stdout}");
+    for k in ["commit", "kernel", "cpu", "pinning", "loadavg"] {
+        assert!(
+            stdout.lines().any(|l| l.trim_start().starts_with(k)),
+            "no {k} in the context block:\n{stdout}"
+        );
+    }
+    let md = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        md.contains("| **coremq** |") && md.contains("| **null** |"),
+        "{md}"
+    );
+    assert!(md.contains("| ratio | coremq/null |"), "{md}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["runs"].as_array().unwrap().len(), 2);
+    assert!(doc["medians"]["churn"]["coremq"]["rate"].as_f64().unwrap() > 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+#[test]
+fn compare_without_mosquitto_or_with_bad_arguments_says_one_line_and_exits_2() {
+    for (args, needle) in [
+        (
+            vec!["compare", "--mosquitto", "/nonexistent/mosquitto"],
+            "scripts/compare.sh",
+        ),
+        (vec!["compare", "--runs", "0"], "--runs"),
+        (vec!["compare", "--brokers", "hivemq"], "--brokers"),
+        (vec!["compare", "--scenarios", "publish"], "--scenarios"),
+        (
+            vec!["compare", "--brokers", "null", "--broker-cpu", "100000"],
+            "--broker-cpu",
+        ),
+    ] {
+        let out = run(&args, Duration::from_secs(10));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
