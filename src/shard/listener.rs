@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
 use bytes::BytesMut;
@@ -64,18 +64,19 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, listener_fd: R
         // in the ring once the queue is empty.
         let accepted = match accept_now(listener_fd) {
             // SAFETY: accept4 returned a fresh connected socket we own.
-            Some(Ok(fd)) => Ok(Sock::Raw(unsafe { OwnedFd::from_raw_fd(fd) })),
+            Some(Ok(fd)) => Ok(unsafe { TcpStream::from_raw_fd(fd) }),
             Some(Err(e)) => Err(glommio::GlommioError::IoError(e)),
-            None => listener.accept().await.map(Sock::Stream),
+            None => listener.accept().await,
         };
         match accepted {
-            Ok(sock) => {
+            Ok(stream) => {
                 if get(&shard.counters.sockets_current) >= shard.socket_ceiling {
                     bump(&shard.counters.accept_refused);
-                    drop(sock);
+                    drop(stream);
                     continue;
                 }
-                glommio::spawn_local(handshake_task(shard.clone(), sock)).detach();
+                let shard2 = shard.clone();
+                glommio::spawn_local(handshake_task(shard2, stream)).detach();
             }
             Err(err) => {
                 let errno = match &err {
@@ -155,124 +156,31 @@ impl Drop for SocketGuard {
     }
 }
 
-/// A socket in its handshake: still a bare fd while its CONNECT can be read
-/// without waiting, a glommio stream once we had to wait for it.
-enum Sock {
-    Raw(OwnedFd),
-    Stream(TcpStream),
-}
-
-impl Sock {
-    fn fd(&self) -> RawFd {
-        match self {
-            Sock::Raw(fd) => fd.as_raw_fd(),
-            Sock::Stream(s) => s.as_raw_fd(),
-        }
-    }
-
-    fn into_stream(self) -> TcpStream {
-        match self {
-            // SAFETY: the fd is a connected socket we own; the stream takes it.
-            Sock::Raw(fd) => unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) },
-            Sock::Stream(s) => s,
-        }
-    }
-
-    /// Writes a CONNACK before a close. Four bytes always fit an empty send
-    /// buffer, so a bare socket is written without waiting; a failure only
-    /// means the client is gone.
-    async fn send_connack(&mut self, bytes: &[u8]) {
-        match self {
-            Sock::Raw(fd) => {
-                // SAFETY: send from a valid slice on our socket; MSG_NOSIGNAL so
-                // a closed peer gives EPIPE, not SIGPIPE.
-                unsafe {
-                    libc::send(
-                        fd.as_raw_fd(),
-                        bytes.as_ptr().cast(),
-                        bytes.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                };
-            }
-            Sock::Stream(s) => {
-                let _ = s.write_all(bytes).await;
-            }
-        }
-    }
-}
-
-/// Reads what the socket already holds, without waiting: `Ok(0)` is EOF,
-/// `WouldBlock` means nothing has arrived yet.
-fn recv_now(shard: &Shard, fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
-    let mut scratch = shard.scratch.borrow_mut();
-    // SAFETY: recv into our scratch buffer, bounded by its length.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            scratch.as_mut_ptr().cast(),
-            scratch.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    buf.extend_from_slice(&scratch[..n]);
-    Ok(n)
-}
-
-async fn handshake_task(shard: Rc<Shard>, sock: Sock) {
+async fn handshake_task(shard: Rc<Shard>, mut stream: TcpStream) {
     bump(&shard.counters.sockets_current);
     let guard = SocketGuard(shard.clone());
     let mut buf = BytesMut::new();
-    let max_packet_size = shard.config.max_packet_size;
-    // Most clients send CONNECT right behind the TCP handshake, so it is
-    // usually here already: read it before arming any poll or timer. Only a
-    // socket that makes us wait becomes a glommio stream on this shard, and
-    // a connection owned elsewhere is handed over as the bare fd.
-    let first = match recv_now(&shard, sock.fd(), &mut buf) {
-        Ok(0) => return,
-        Ok(_) => handshake::read_first_packet(&mut buf, max_packet_size),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => FirstPacket::Incomplete,
-        Err(_) => return,
-    };
-    let (mut sock, first) = match first {
-        FirstPacket::Incomplete => {
-            let mut stream = sock.into_stream();
-            let first = glommio::timer::timeout(shard.config.connect_timeout, async {
-                loop {
-                    match handshake::read_first_packet(&mut buf, max_packet_size) {
-                        FirstPacket::Incomplete => {}
-                        other => return Ok(other),
-                    }
-                    match read_some(&shard, &mut stream, &mut buf).await {
-                        Ok(0) | Err(_) => {
-                            return Err(glommio::GlommioError::IoError(
-                                io::ErrorKind::UnexpectedEof.into(),
-                            ))
-                        }
-                        Ok(_) => {}
-                    }
+    let first = glommio::timer::timeout(shard.config.connect_timeout, async {
+        loop {
+            match handshake::read_first_packet(&mut buf, shard.config.max_packet_size) {
+                FirstPacket::Incomplete => {}
+                other => return Ok(other),
+            }
+            match read_some(&shard, &mut stream, &mut buf).await {
+                Ok(0) | Err(_) => {
+                    return Err(glommio::GlommioError::IoError(
+                        io::ErrorKind::UnexpectedEof.into(),
+                    ))
                 }
-            })
-            .await;
-            match first {
-                Ok(first) => (Sock::Stream(stream), first),
-                Err(glommio::GlommioError::TimedOut(_)) => {
-                    bump(&shard.counters.connect_timeouts);
-                    return;
-                }
-                Err(_) => return, // closed or failed before a whole CONNECT
+                Ok(_) => {}
             }
         }
-        first => (sock, first),
-    };
+    })
+    .await;
 
     let connect = match first {
-        FirstPacket::Connect(connect) => connect,
-        FirstPacket::Reject { connack, error } => {
+        Ok(FirstPacket::Connect(connect)) => connect,
+        Ok(FirstPacket::Reject { connack, error }) => {
             bump(&shard.counters.malformed_packets);
             if let HandshakeError::Malformed(e) = error {
                 tracing::debug!(error = %e, "malformed first packet");
@@ -280,11 +188,16 @@ async fn handshake_task(shard: Rc<Shard>, sock: Sock) {
             if let Some(code) = connack {
                 bump(&shard.counters.connacks[usize::from(code)]);
                 let reply = connack_bytes(ProtocolVersion::V3_1_1, false, code);
-                sock.send_connack(&reply).await;
+                let _ = stream.write_all(&reply).await;
             }
             return;
         }
-        FirstPacket::Incomplete => return,
+        Ok(FirstPacket::Incomplete) => return,
+        Err(glommio::GlommioError::TimedOut(_)) => {
+            bump(&shard.counters.connect_timeouts);
+            return;
+        }
+        Err(_) => return, // closed or failed before a whole CONNECT
     };
 
     let refusal = check_connect(&connect, shard.auth.as_ref())
@@ -301,8 +214,7 @@ async fn handshake_task(shard: Rc<Shard>, sock: Sock) {
             ProtocolVersion::V5 => ProtocolVersion::V3_1_1,
             v => v,
         };
-        sock.send_connack(&connack_bytes(version, false, code))
-            .await;
+        let _ = stream.write_all(&connack_bytes(version, false, code)).await;
         return;
     }
 
@@ -313,7 +225,7 @@ async fn handshake_task(shard: Rc<Shard>, sock: Sock) {
     }
     let owner = owner_of(&connect.client_id, shard.shards);
     if owner == shard.id {
-        start_connection(shard, sock.into_stream(), guard, *connect, buf);
+        start_connection(shard, stream, guard, *connect, buf);
         return;
     }
     if shard.mesh_backlogged() {
@@ -322,25 +234,21 @@ async fn handshake_task(shard: Rc<Shard>, sock: Sock) {
         // queue without bound (CONNACK 3, server unavailable).
         let code = return_code::SERVER_UNAVAILABLE;
         bump(&shard.counters.connacks[usize::from(code)]);
-        sock.send_connack(&connack_bytes(connect.protocol, false, code))
+        let _ = stream
+            .write_all(&connack_bytes(connect.protocol, false, code))
             .await;
         return;
     }
-    let fd = match sock {
-        Sock::Raw(fd) => fd,
-        Sock::Stream(stream) => {
-            // Dup the fd so dropping our glommio stream (which closes its own
-            // fd) leaves the socket open for the owner.
-            // SAFETY: dup of a descriptor we hold open; the result is owned below.
-            let dup = unsafe { libc::dup(stream.as_raw_fd()) };
-            if dup < 0 {
-                return;
-            }
-            drop(stream);
-            // SAFETY: fresh descriptor from dup.
-            unsafe { OwnedFd::from_raw_fd(dup) }
-        }
-    };
+    // Hand over: dup the fd so dropping our glommio stream (which closes its
+    // own fd) leaves the socket open for the owner.
+    // SAFETY: dup of a descriptor we hold open; the result is owned below.
+    let dup = unsafe { libc::dup(stream.as_raw_fd()) };
+    if dup < 0 {
+        return;
+    }
+    // SAFETY: fresh descriptor from dup.
+    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    drop(stream);
     // The owner shard counts the socket from its arrival there.
     drop(guard);
     shard.send_to(
