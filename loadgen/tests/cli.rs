@@ -3,13 +3,14 @@
 //! every server a test starts is killed by its PID when the test ends.
 
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
+mod common;
+
+use common::{coremq_bin, LOADGEN};
 
 /// Kills the server when the test ends, however it ends.
 struct Server(Child);
@@ -50,31 +51,6 @@ fn null_broker() -> (Server, String) {
     let s = Server(child);
     wait_listening(port);
     (s, format!("127.0.0.1:{port}"))
-}
-
-/// The coremq binary of this workspace: beside loadgen's own binary (cargo
-/// builds it there for `cargo test --workspace --all-targets --release`),
-/// built with `cargo build --release -p coremq` when it is missing.
-fn coremq_bin() -> PathBuf {
-    let sibling = std::path::Path::new(LOADGEN).with_file_name("coremq");
-    if sibling.exists() {
-        return sibling;
-    }
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let cargo = option_env!("CARGO").unwrap_or("cargo");
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "coremq"])
-        .current_dir(manifest.join(".."))
-        .status()
-        .expect("run cargo build for coremq");
-    assert!(st.success(), "cargo build --release -p coremq failed");
-    if sibling.exists() {
-        return sibling;
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest.join("../target"));
-    target.join("release/coremq")
 }
 
 fn coremq() -> (Server, String) {
