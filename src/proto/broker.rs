@@ -20,10 +20,9 @@ use bytestring::ByteString;
 use hashbrown::HashMap;
 
 use super::codec::{
-    self, Connect, LastWill, Packet, PacketId, ProtocolVersion, PubResp, Publish, QoS, SubAck,
-    UnsubAck,
+    self, return_code, ConnAck, Connect, LastWill, Packet, PacketId, ProtocolVersion, PubResp,
+    Publish, QoS, SubAck, UnsubAck,
 };
-use super::handshake::connack_bytes;
 use super::keepalive::{KeepAliveWheel, Secs, Verdict};
 use super::retained::{RetainedMessage, RetainedStore};
 use super::session::{Inflight, QueuedMessage, Session, SessionKey};
@@ -282,8 +281,14 @@ impl Broker {
         bump(&self.counters.connacks[0]);
         bump(&self.counters.connections_total);
         bump(&self.counters.connections_current);
-        let connack = connack_bytes(protocol, session_present, 0);
-        self.queue_bytes(id, &connack);
+        self.queue_packet(
+            id,
+            &Packet::ConnAck(ConnAck {
+                session_present,
+                code: return_code::ACCEPTED,
+                properties: None,
+            }),
+        );
         if session_present {
             self.resend_inflight(id, key);
             self.pump_queue(key);
@@ -786,15 +791,6 @@ impl Broker {
             return;
         }
         packet.encode(c.version, &mut c.outgoing);
-        if !c.transmit_queued {
-            c.transmit_queued = true;
-            self.events.push_back(Event::Transmit(conn));
-        }
-    }
-
-    fn queue_bytes(&mut self, conn: ConnId, bytes: &[u8]) {
-        let Some(c) = self.conn_mut(conn) else { return };
-        c.outgoing.extend_from_slice(bytes);
         if !c.transmit_queued {
             c.transmit_queued = true;
             self.events.push_back(Event::Transmit(conn));
