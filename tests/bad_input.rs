@@ -189,8 +189,26 @@ fn five_byte_remaining_length_is_closed() {
     broker.wait_for_stat("malformed", |n| n == 3, 5 * SEC);
 }
 
+/// Opens up to 600 silent sockets (twice the broker's descriptors) and
+/// returns the ones that connected.
+fn open_flood(broker: &Broker) -> Vec<TcpStream> {
+    let flood: Vec<TcpStream> = (0..600)
+        .filter_map(|_| TcpStream::connect_timeout(&broker.addr(), Duration::from_millis(300)).ok())
+        .collect();
+    assert!(
+        flood.len() >= 300,
+        "only {} flood sockets connected",
+        flood.len()
+    );
+    flood
+}
+
 /// With 300 descriptors, ~600 silent sockets exhaust the broker's ceiling:
-/// it must refuse the excess, keep serving established clients, and recover.
+/// it must refuse the excess, keep serving established clients, recover, and
+/// give back what the flood took. Memory is measured after a warm-up flood,
+/// which fills the allocator's per-shard caches (a one-off of up to ~10 MiB
+/// over four shards, seen on CI), so what is compared is flood against flood:
+/// a leak shows as growth from one to the next.
 #[test]
 fn descriptor_flood_is_refused_and_survived() {
     let broker = Broker::start_with(
@@ -206,29 +224,27 @@ fn descriptor_flood_is_refused_and_survived() {
     let mut sub = RawClient::subscriber(port, "flood-sub", "flood/t", 1);
     let (mut publ, _) = RawClient::connect(port, &ConnectOpts::id("flood-pub"));
     assert_pubsub_works(&mut publ, &mut sub, "flood/t", "warm-up");
+    drop(open_flood(&broker));
+    broker.wait_for_stat("sockets", |n| n == 2, 10 * SEC);
+    let mut refused = broker.stat("accept_refused");
     let rss_before = broker.rss_kib();
 
-    let mut flood = Vec::new();
-    for _ in 0..600 {
-        if let Ok(s) = TcpStream::connect_timeout(&broker.addr(), Duration::from_millis(300)) {
-            flood.push(s);
-        }
-    }
-    assert!(
-        flood.len() >= 300,
-        "only {} flood sockets connected",
-        flood.len()
-    );
-    // Established clients are still served during the flood.
-    assert_pubsub_works(&mut publ, &mut sub, "flood/t", "during");
-    broker.wait_for_stat("accept_refused", |n| n > 0, 10 * SEC);
     let mut broker = broker;
-    assert!(broker.is_running(), "broker died in the flood");
-
-    drop(flood);
-    // Everything but our two clients goes away.
-    broker.wait_for_stat("sockets", |n| n == 2, 10 * SEC);
-    assert_pubsub_works(&mut publ, &mut sub, "flood/t", "after");
+    // Three more floods: a leak of a few KiB per refused or timed-out socket
+    // would add up to more than the slack below (two 2 MiB allocator
+    // segments, the step seen between otherwise identical runs).
+    for round in 0..3 {
+        let flood = open_flood(&broker);
+        // Established clients are still served during the flood.
+        assert_pubsub_works(&mut publ, &mut sub, "flood/t", "during");
+        broker.wait_for_stat("accept_refused", |n| n > refused, 10 * SEC);
+        assert!(broker.is_running(), "broker died in flood {round}");
+        drop(flood);
+        // Everything but our two clients goes away.
+        broker.wait_for_stat("sockets", |n| n == 2, 10 * SEC);
+        refused = broker.stat("accept_refused");
+        assert_pubsub_works(&mut publ, &mut sub, "flood/t", "after");
+    }
     // And new clients connect fine again.
     let mut fresh: Vec<RawClient> = (0..20)
         .map(|i| RawClient::connect(port, &ConnectOpts::id(&format!("after-{i}"))).0)
@@ -238,10 +254,11 @@ fn descriptor_flood_is_refused_and_survived() {
     sub.expect_publish("flood/t", b"to the new ones", 2 * SEC);
     fresh[0].expect_publish("flood/t", b"to the new ones", 2 * SEC);
     drop(fresh);
+    broker.wait_for_stat("sockets", |n| n == 2, 10 * SEC);
     let rss_after = broker.rss_kib();
     assert!(
-        rss_after < rss_before + 8 * 1024,
-        "RSS {rss_before} KiB before the flood, {rss_after} KiB after"
+        rss_after <= rss_before + 4 * 1024,
+        "RSS {rss_before} KiB after the warm-up flood, {rss_after} KiB after three more"
     );
     assert!(broker.is_running());
 }

@@ -763,7 +763,13 @@ impl Engine {
                     self.slots[slot].push((tok, gen));
                 }
             }
-            (St::Held, Packet::PingResp) => {
+            // A PINGREQ written just before the hold ended is answered
+            // ahead of the DISCONNECT that followed it on the same stream:
+            // count that answer too, so pings == pongs for a broker that
+            // answers every ping.
+            (St::Held, Packet::PingResp) | (St::AwaitClose, Packet::PingResp)
+                if st == St::Held || self.conns[tok as usize].t_aux != 0 =>
+            {
                 self.pongs += 1;
                 let c = &mut self.conns[tok as usize];
                 if c.t_aux != 0 {
