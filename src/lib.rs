@@ -10,7 +10,9 @@
 //!   - [`proto::broker`]: one shard's connections, sessions, wills, routing.
 //!   - [`proto::session`]: a client's session: subscriptions, packet ids, inflight.
 //!   - [`proto::retained`]: retained messages (a full replica per shard).
-//! - [`shard`]: the glommio shell: executors, accept, hand-off, per-connection tasks.
+//! - [`shard`]: the glommio shell: executors, the tick, dispatching the broker's events.
+//!   - [`shard::net`]: accept, the CONNECT handshake, hand-off, reading and writing sockets.
+//!   - [`shard::poller`]: the shard's epoll set and how its readiness reaches io_uring.
 //!   - [`shard::mesh`]: messages between shards and how they travel.
 //! - [`metrics`]: process-wide counters and the periodic summary line.
 //! - [`config`]: CLI flags + optional TOML file → a validated `Config`.

@@ -890,21 +890,3 @@ fn pub_resp(packet_id: PacketId) -> PubResp {
 fn keepalive_tick(t: Millis) -> Secs {
     Secs(t.0.div_ceil(100).min(u64::from(u32::MAX)) as u32)
 }
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn print_sizes() {
-        eprintln!(
-            "Slot {} Conn {} Session {} LastWill {} Option<Session> {}",
-            std::mem::size_of::<super::Slot>(),
-            std::mem::size_of::<super::Conn>(),
-            std::mem::size_of::<super::Session>(),
-            std::mem::size_of::<super::LastWill>(),
-            std::mem::size_of::<Option<super::Session>>()
-        );
-        eprintln!(
-            "TcpStream {}",
-            std::mem::size_of::<glommio::net::TcpStream>()
-        );
-    }
-}

@@ -2,6 +2,12 @@
 //! are enough cores, each accepting on every listen address (SO_REUSEPORT),
 //! owning the connections and sessions whose clientId hashes to it.
 //!
+//! A shard runs three tasks: its socket loop ([`net`], every client socket
+//! in one epoll set whose readiness arrives through io_uring), its mesh
+//! receiver ([`mesh`]), and the tick below (keep-alive, connect timeouts,
+//! stats). All three call into the shard's sans-IO [`Broker`] and then
+//! [`Shard::dispatch`], which carries out what it asks for at once.
+//!
 //! Everything shard-local is `Rc`/`RefCell` (`!Send`): only [`mesh::MeshMsg`]
 //! crosses threads. This module is the only place that reads the clock.
 
@@ -10,7 +16,6 @@ use std::io;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
@@ -20,14 +25,16 @@ use crate::config::Config;
 use crate::metrics::Counters;
 use crate::proto::broker::{Broker, BrokerConfig, Event};
 use crate::proto::handshake::Authenticate;
-use crate::proto::{ConnId, Millis, ShardId};
-
-pub mod driver;
+use crate::proto::{Millis, ShardId};
 
 pub mod listener;
 pub mod mesh;
+pub mod net;
+pub mod poller;
 
 use mesh::{Mesh, MeshEnds, MeshMsg};
+use net::Net;
+use poller::Epoll;
 
 /// Bytes read from a socket at once into the shard's shared scratch buffer.
 const SCRATCH_SIZE: usize = 64 * 1024;
@@ -57,8 +64,11 @@ pub struct Shard {
     pub connection_ceiling: u64,
     /// The protocol state machine of this shard.
     pub broker: RefCell<Broker>,
+    /// Every socket of this shard: listeners, handshakes, connections.
+    epoll: Epoll,
+    net: RefCell<Net>,
+    /// The one buffer every socket of the shard is read into.
     scratch: RefCell<Box<[u8]>>,
-    wakers: RefCell<Vec<Option<Waker>>>,
     mesh: Option<Rc<Mesh>>,
     serial: Cell<u64>,
     started: Instant,
@@ -93,59 +103,15 @@ impl Shard {
         n
     }
 
-    fn set_waker_slot(&self, id: ConnId) {
-        let mut wakers = self.wakers.borrow_mut();
-        let i = id.index as usize;
-        if wakers.len() <= i {
-            wakers.resize(i + 1, None);
-        }
-        wakers[i] = None;
-    }
-
-    fn store_waker(&self, id: ConnId, waker: &Waker) {
-        let mut wakers = self.wakers.borrow_mut();
-        if let Some(slot) = wakers.get_mut(id.index as usize) {
-            match slot {
-                Some(w) if w.will_wake(waker) => {}
-                _ => *slot = Some(waker.clone()),
-            }
-        }
-    }
-
-    fn clear_waker(&self, id: ConnId) {
-        if let Some(slot) = self.wakers.borrow_mut().get_mut(id.index as usize) {
-            *slot = None;
-        }
-    }
-
-    fn wake(&self, id: ConnId) {
-        let waker = self
-            .wakers
-            .borrow()
-            .get(id.index as usize)
-            .cloned()
-            .flatten();
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-
-    /// The socket of `id` failed: tell the broker (the will goes out) and
-    /// carry out what follows.
-    fn lost(&self, id: ConnId) {
-        let now = self.now();
-        self.broker.borrow_mut().connection_lost(id, now);
-        self.clear_waker(id);
-        self.dispatch();
-    }
-
-    /// Carries out the broker's events: wake connection tasks, send to peers.
+    /// Carries out the broker's events: write to sockets, close them, send
+    /// to peers.
     pub fn dispatch(&self) {
         loop {
             let event = self.broker.borrow_mut().poll_event();
             match event {
                 None => return,
-                Some(Event::Transmit(id)) | Some(Event::Close(id)) => self.wake(id),
+                Some(Event::Transmit(id)) => self.transmit(id),
+                Some(Event::Close(id)) => self.close_conn(id),
                 Some(Event::Broadcast(msg)) => {
                     for peer in 0..self.shards {
                         if peer != self.id.0 {
@@ -209,6 +175,13 @@ pub fn run(config: Config) -> io::Result<()> {
             .ring_depth(1024)
             .spawn(move || async move {
                 let mesh = ends.map(|e| Mesh::new(ShardId(i as u16), e)).transpose()?;
+                let mut listeners = Vec::new();
+                for addr in &config.listen {
+                    let fd = listener::bind(*addr).map_err(|e| {
+                        io::Error::new(e.kind(), format!("listening on {addr}: {e}"))
+                    })?;
+                    listeners.push(fd);
+                }
                 let shard = Rc::new(Shard {
                     id: ShardId(i as u16),
                     shards: shards as u16,
@@ -229,8 +202,9 @@ pub fn run(config: Config) -> io::Result<()> {
                     nonce,
                     socket_ceiling,
                     connection_ceiling,
+                    epoll: Epoll::new()?,
+                    net: RefCell::new(Net::new(listeners)),
                     scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
-                    wakers: RefCell::new(Vec::new()),
                     mesh,
                     serial: Cell::new(0),
                     started: Instant::now(),
@@ -253,12 +227,6 @@ pub fn run(config: Config) -> io::Result<()> {
 }
 
 async fn shard_main(shard: Rc<Shard>) -> io::Result<()> {
-    let mut listeners = Vec::new();
-    for addr in &shard.config.listen {
-        let bound = listener::bind(*addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))?;
-        listeners.push(bound);
-    }
     if let Some(mesh) = shard.mesh.clone() {
         let receiver = shard.clone();
         let stopper = shard.clone();
@@ -276,9 +244,7 @@ async fn shard_main(shard: Rc<Shard>) -> io::Result<()> {
             env!("CARGO_PKG_VERSION")
         );
     }
-    for (listener, fd) in listeners {
-        glommio::spawn_local(listener::accept_loop(shard.clone(), listener, fd)).detach();
-    }
+    glommio::spawn_local(net::run(shard.clone())).detach();
 
     let stats_every = shard.config.stats_interval;
     let mut last_stats = Instant::now();
@@ -289,6 +255,7 @@ async fn shard_main(shard: Rc<Shard>) -> io::Result<()> {
         }
         let now = shard.now();
         shard.broker.borrow_mut().tick(now);
+        shard.expire_sockets(now);
         shard.dispatch();
         if shard.id.0 == 0 && !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
             last_stats = Instant::now();
@@ -306,7 +273,7 @@ async fn shard_main(shard: Rc<Shard>) -> io::Result<()> {
 
 fn handle_mesh_msg(shard: &Rc<Shard>, msg: MeshMsg) {
     match msg {
-        MeshMsg::Handoff(handoff) => driver::accept_handoff(shard.clone(), handoff),
+        MeshMsg::Handoff(handoff) => net::accept_handoff(shard, handoff),
         MeshMsg::Broker(msg) => {
             shard.broker.borrow_mut().handle_remote(msg);
             shard.dispatch();

@@ -1,0 +1,832 @@
+//! A shard's sockets: its listeners, the sockets still in the CONNECT
+//! handshake, and the connections it owns, all in one epoll set (see
+//! [`super::poller`] for why), driven by one task.
+//!
+//! The loop is: take what epoll has ready; for a listener, accept; for a
+//! handshake socket, read until a whole CONNECT is in and then admit, refuse
+//! or hand it to its owner shard; for a connection, read once into the
+//! shard's scratch buffer and feed the broker, or write what was waiting for
+//! room. What the broker asks for (bytes to send, a close, a message to the
+//! other shards) is carried out at once by [`Shard::dispatch`], whoever
+//! called into the broker: this loop, the mesh receiver or the tick.
+//!
+//! Nothing here is per connection while it is idle but its [`Sock`] record:
+//! a descriptor, a generation and a flag. A partial packet or unsent bytes
+//! get a boxed buffer that is released as soon as it is empty. Handshake and
+//! close deadlines live in FIFO queues walked by the shard's tick; the
+//! timeouts are fixed, so arrival order is deadline order and no timer is
+//! set per socket.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+
+use bytes::{Buf, BytesMut};
+
+use super::listener;
+use super::mesh::{Handoff, MeshMsg};
+use super::poller::{self, Event, READ, READ_WRITE};
+use super::Shard;
+use crate::metrics::{bump, drop_one, get};
+use crate::proto::codec::{return_code, Connect, ProtocolVersion};
+use crate::proto::handshake::{
+    self, assign_client_id, check_connect, connack_bytes, owner_of, FirstPacket, HandshakeError,
+};
+use crate::proto::{ConnId, Millis};
+
+/// Accepts taken from one listener per readiness before the loop looks at
+/// the other sockets again.
+const ACCEPT_BATCH: usize = 64;
+
+/// Events taken from epoll at once.
+const EVENT_BATCH: usize = 1024;
+
+/// How long a closing connection may take to drain what it was sent (a
+/// refusal's CONNACK, the packets before a takeover's close) before its
+/// socket is closed regardless.
+const CLOSE_LINGER_MS: u64 = 5_000;
+
+/// What an epoll token refers to: bits 62–63 the kind, bits 32–61 a
+/// generation, bits 0–31 an index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    /// A connection, by its broker [`ConnId`].
+    Conn(ConnId),
+    /// A socket still in the handshake: slot index and generation.
+    Pending { index: u32, generation: u32 },
+    /// Listener number `n`.
+    Listener(u32),
+}
+
+const KIND_SHIFT: u32 = 62;
+const GEN_MASK: u64 = (1 << 30) - 1;
+
+impl Token {
+    fn encode(self) -> u64 {
+        let (kind, generation, index) = match self {
+            Token::Conn(id) => (0u64, id.generation, id.index),
+            Token::Pending { index, generation } => (1, generation, index),
+            Token::Listener(n) => (2, 0, n),
+        };
+        (kind << KIND_SHIFT) | ((u64::from(generation) & GEN_MASK) << 32) | u64::from(index)
+    }
+
+    /// Decodes a token; a connection's generation comes back truncated to
+    /// 30 bits, so compare it with [`same_generation`].
+    fn decode(raw: u64) -> Token {
+        let index = raw as u32;
+        let generation = ((raw >> 32) & GEN_MASK) as u32;
+        match raw >> KIND_SHIFT {
+            0 => Token::Conn(ConnId { index, generation }),
+            1 => Token::Pending { index, generation },
+            _ => Token::Listener(index),
+        }
+    }
+}
+
+fn same_generation(full: u32, from_token: u32) -> bool {
+    u64::from(full) & GEN_MASK == u64::from(from_token)
+}
+
+/// Buffers a connection needs only while a packet is partial or the socket
+/// is full.
+#[derive(Default)]
+struct SockBufs {
+    /// Bytes of a packet not yet whole.
+    partial: BytesMut,
+    /// Bytes the socket did not take yet; more wait in the broker.
+    unsent: BytesMut,
+}
+
+/// One connection's socket.
+struct Sock {
+    fd: OwnedFd,
+    generation: u32,
+    /// EPOLLOUT armed: `bufs.unsent` is not empty.
+    writing: bool,
+    /// The broker closed it: write what is left, then close the socket.
+    closing: bool,
+    bufs: Option<Box<SockBufs>>,
+}
+
+impl Sock {
+    fn bufs(&mut self) -> &mut SockBufs {
+        self.bufs.get_or_insert_with(Default::default)
+    }
+
+    /// Drops the buffers once both are empty: an idle connection keeps none.
+    fn release_empty_bufs(&mut self) {
+        if self
+            .bufs
+            .as_ref()
+            .is_some_and(|b| b.partial.is_empty() && b.unsent.is_empty())
+        {
+            self.bufs = None;
+        }
+    }
+}
+
+/// A socket accepted but not yet past its CONNECT.
+struct Pending {
+    fd: OwnedFd,
+    buf: BytesMut,
+    /// Registered in the epoll set (it did not send its CONNECT with the
+    /// first read).
+    registered: bool,
+}
+
+enum PendingSlot {
+    Free { generation: u32 },
+    Used { generation: u32, pending: Pending },
+}
+
+/// The shard's socket table.
+pub(crate) struct Net {
+    listeners: Vec<OwnedFd>,
+    /// Connections by `ConnId::index`, the broker's slot numbering.
+    socks: Vec<Option<Sock>>,
+    pending: Vec<PendingSlot>,
+    free_pending: Vec<u32>,
+    /// (slot, generation, deadline) of handshake sockets, in arrival order.
+    connect_deadlines: VecDeque<(u32, u32, Millis)>,
+    /// (connection, deadline) of closing connections still draining.
+    close_deadlines: VecDeque<(ConnId, Millis)>,
+    /// Released when accept fails with EMFILE so the pending connection can
+    /// be accepted and closed (see [`listener::refuse_one`]).
+    spare: Option<OwnedFd>,
+}
+
+impl Net {
+    pub(crate) fn new(listeners: Vec<OwnedFd>) -> Net {
+        Net {
+            listeners,
+            socks: Vec::new(),
+            pending: Vec::new(),
+            free_pending: Vec::new(),
+            connect_deadlines: VecDeque::new(),
+            close_deadlines: VecDeque::new(),
+            spare: listener::open_spare(),
+        }
+    }
+
+    /// The full id of the connection a token names, if it is still there
+    /// (tokens carry 30 bits of the generation).
+    fn resolve(&self, index: u32, token_generation: u32) -> Option<ConnId> {
+        let sock = self.socks.get(index as usize)?.as_ref()?;
+        same_generation(sock.generation, token_generation).then_some(ConnId {
+            index,
+            generation: sock.generation,
+        })
+    }
+
+    fn sock_mut(&mut self, id: ConnId) -> Option<&mut Sock> {
+        self.socks
+            .get_mut(id.index as usize)
+            .and_then(Option::as_mut)
+            .filter(|s| s.generation == id.generation)
+    }
+
+    fn take_sock(&mut self, id: ConnId) -> Option<Sock> {
+        let slot = self.socks.get_mut(id.index as usize)?;
+        if slot.as_ref()?.generation != id.generation {
+            return None;
+        }
+        slot.take()
+    }
+
+    fn insert_sock(&mut self, id: ConnId, fd: OwnedFd) {
+        let i = id.index as usize;
+        if self.socks.len() <= i {
+            self.socks.resize_with(i + 1, || None);
+        }
+        self.socks[i] = Some(Sock {
+            fd,
+            generation: id.generation,
+            writing: false,
+            closing: false,
+            bufs: None,
+        });
+    }
+
+    fn insert_pending(&mut self, pending: Pending) -> (u32, u32) {
+        let index = match self.free_pending.pop() {
+            Some(i) => i,
+            None => {
+                self.pending.push(PendingSlot::Free { generation: 0 });
+                (self.pending.len() - 1) as u32
+            }
+        };
+        let generation = match self.pending[index as usize] {
+            PendingSlot::Free { generation } => generation,
+            PendingSlot::Used { .. } => unreachable!("free list holds free slots"),
+        };
+        self.pending[index as usize] = PendingSlot::Used {
+            generation,
+            pending,
+        };
+        (index, generation)
+    }
+
+    fn pending_mut(&mut self, index: u32, generation: u32) -> Option<&mut Pending> {
+        match self.pending.get_mut(index as usize)? {
+            PendingSlot::Used {
+                generation: g,
+                pending,
+            } if same_generation(*g, generation) => Some(pending),
+            _ => None,
+        }
+    }
+
+    fn take_pending(&mut self, index: u32, generation: u32) -> Option<Pending> {
+        let slot = self.pending.get_mut(index as usize)?;
+        let g = match slot {
+            PendingSlot::Used { generation: g, .. } if same_generation(*g, generation) => *g,
+            _ => return None,
+        };
+        let old = std::mem::replace(
+            slot,
+            PendingSlot::Free {
+                generation: g.wrapping_add(1),
+            },
+        );
+        self.free_pending.push(index);
+        match old {
+            PendingSlot::Used { pending, .. } => Some(pending),
+            PendingSlot::Free { .. } => unreachable!("checked above"),
+        }
+    }
+}
+
+/// Registers the listeners and runs the shard's socket loop forever.
+pub(crate) async fn run(shard: Rc<Shard>) {
+    for (n, fd) in shard.net.borrow().listeners.iter().enumerate() {
+        if let Err(e) = shard
+            .epoll
+            .add(fd.as_raw_fd(), READ, Token::Listener(n as u32).encode())
+        {
+            tracing::error!(shard = shard.id.0, error = %e, "cannot watch a listener");
+        }
+    }
+    let mut events: Vec<Event> = Vec::with_capacity(EVENT_BATCH);
+    loop {
+        if let Err(e) = shard.epoll.poll_now(&mut events) {
+            tracing::error!(shard = shard.id.0, error = %e, "epoll_wait failed");
+            glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        }
+        if events.is_empty() {
+            shard.epoll.readable().await;
+            continue;
+        }
+        for ev in &events {
+            match Token::decode(poller::token(ev)) {
+                Token::Listener(n) => accept_ready(&shard, n),
+                Token::Pending { index, generation } => pending_ready(&shard, index, generation),
+                Token::Conn(t) => {
+                    let Some(id) = shard.net.borrow().resolve(t.index, t.generation) else {
+                        continue;
+                    };
+                    if poller::is_writable(ev) {
+                        shard.write_ready(id);
+                    }
+                    if poller::is_readable(ev) {
+                        shard.read_ready(id);
+                    }
+                }
+            }
+        }
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// One non-blocking `recv` into the shard's scratch buffer, appended to
+/// `buf`. `Ok(0)` is EOF; `WouldBlock` means nothing was there.
+fn recv_into(shard: &Shard, fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut scratch = shard.scratch.borrow_mut();
+    // SAFETY: recv into our scratch buffer, at most its length.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            scratch.as_mut_ptr().cast(),
+            scratch.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    buf.extend_from_slice(&scratch[..n]);
+    Ok(n)
+}
+
+/// Writes as much of `data` as the socket takes now; returns how much.
+fn send_some(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < data.len() {
+        // SAFETY: send from a valid slice; MSG_NOSIGNAL so a peer that has
+        // gone gives EPIPE, not SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                fd,
+                data[sent..].as_ptr().cast(),
+                data.len() - sent,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(sent),
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+        }
+        sent += n as usize;
+    }
+    Ok(sent)
+}
+
+fn accept_ready(shard: &Rc<Shard>, n: u32) {
+    let Some(listener_fd) = shard
+        .net
+        .borrow()
+        .listeners
+        .get(n as usize)
+        .map(|fd| fd.as_raw_fd())
+    else {
+        return;
+    };
+    for _ in 0..ACCEPT_BATCH {
+        match listener::accept_now(listener_fd) {
+            None => return,
+            Some(Ok(fd)) => {
+                if get(&shard.counters.sockets_current) >= shard.socket_ceiling {
+                    bump(&shard.counters.accept_refused);
+                    drop(fd);
+                    continue;
+                }
+                bump(&shard.counters.sockets_current);
+                start_handshake(shard, fd);
+            }
+            Some(Err(e)) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                // Out of descriptors: the kernel keeps the connection queued
+                // and the listener stays readable, so refuse it explicitly
+                // with the spare descriptor (counted).
+                bump(&shard.counters.accept_refused);
+                let mut net = shard.net.borrow_mut();
+                drop(net.spare.take());
+                listener::refuse_one(listener_fd);
+                net.spare = listener::open_spare();
+                if net.spare.is_none() {
+                    // Still none free; the next readiness tries again.
+                    return;
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(shard = shard.id.0, error = %e, "accept failed");
+                return;
+            }
+        }
+    }
+}
+
+/// A fresh socket: its CONNECT has often arrived with it, so read once
+/// before paying for an epoll registration.
+fn start_handshake(shard: &Rc<Shard>, fd: OwnedFd) {
+    let mut pending = Pending {
+        fd,
+        buf: BytesMut::new(),
+        registered: false,
+    };
+    match recv_into(shard, pending.fd.as_raw_fd(), &mut pending.buf) {
+        Ok(0) => return close_socket(shard, pending.fd),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(_) => return close_socket(shard, pending.fd),
+    }
+    match handshake::read_first_packet(&mut pending.buf, shard.config.max_packet_size) {
+        FirstPacket::Incomplete => {
+            let deadline = Millis(shard.now().0 + shard.config.connect_timeout.as_millis() as u64);
+            let raw = pending.fd.as_raw_fd();
+            let mut net = shard.net.borrow_mut();
+            let (index, generation) = net.insert_pending(pending);
+            net.connect_deadlines
+                .push_back((index, generation, deadline));
+            let token = Token::Pending { index, generation }.encode();
+            if shard.epoll.add(raw, READ, token).is_ok() {
+                if let Some(p) = net.pending_mut(index, generation) {
+                    p.registered = true;
+                }
+            } else if let Some(p) = net.take_pending(index, generation) {
+                drop(net);
+                close_socket(shard, p.fd);
+            }
+        }
+        other => first_packet(shard, pending, other),
+    }
+}
+
+fn pending_ready(shard: &Rc<Shard>, index: u32, generation: u32) {
+    let mut net = shard.net.borrow_mut();
+    let Some(p) = net.pending_mut(index, generation) else {
+        return;
+    };
+    let raw = p.fd.as_raw_fd();
+    let mut buf = std::mem::take(&mut p.buf);
+    let read = recv_into(shard, raw, &mut buf);
+    let first = match read {
+        Ok(0) => None,
+        Ok(_) => Some(handshake::read_first_packet(
+            &mut buf,
+            shard.config.max_packet_size,
+        )),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(FirstPacket::Incomplete),
+        Err(_) => None,
+    };
+    match first {
+        Some(FirstPacket::Incomplete) => {
+            if let Some(p) = net.pending_mut(index, generation) {
+                p.buf = buf;
+            }
+        }
+        None => {
+            // Closed or failed before a whole CONNECT.
+            let p = net.take_pending(index, generation).expect("found above");
+            drop(net);
+            close_socket(shard, p.fd);
+        }
+        Some(other) => {
+            let mut p = net.take_pending(index, generation).expect("found above");
+            drop(net);
+            p.buf = buf;
+            first_packet(shard, p, other);
+        }
+    }
+}
+
+/// Closes a socket this shard counted.
+fn close_socket(shard: &Shard, fd: OwnedFd) {
+    drop(fd);
+    drop_one(&shard.counters.sockets_current);
+}
+
+/// Sends a refusal's CONNACK (best effort: it is four bytes into an empty
+/// send buffer) and closes.
+fn refuse(shard: &Shard, fd: OwnedFd, version: ProtocolVersion, code: u8) {
+    bump(&shard.counters.connacks[usize::from(code)]);
+    let _ = send_some(fd.as_raw_fd(), &connack_bytes(version, false, code));
+    close_socket(shard, fd);
+}
+
+/// The first packet of a socket is whole (or proved not to be a CONNECT).
+fn first_packet(shard: &Rc<Shard>, pending: Pending, first: FirstPacket) {
+    let connect = match first {
+        FirstPacket::Connect(connect) => connect,
+        FirstPacket::Reject { connack, error } => {
+            bump(&shard.counters.malformed_packets);
+            if let HandshakeError::Malformed(e) = error {
+                tracing::debug!(error = %e, "malformed first packet");
+            }
+            match connack {
+                Some(code) => refuse(shard, pending.fd, ProtocolVersion::V3_1_1, code),
+                None => close_socket(shard, pending.fd),
+            }
+            return;
+        }
+        FirstPacket::Incomplete => unreachable!("callers handle an incomplete packet"),
+    };
+
+    let refusal = check_connect(&connect, shard.auth.as_ref())
+        .err()
+        .or_else(|| {
+            (get(&shard.counters.connections_current) >= shard.connection_ceiling)
+                .then_some(return_code::SERVER_UNAVAILABLE)
+        });
+    if let Some(code) = refusal {
+        // MQTT 5 clients are refused in the 3.1.1 format: this broker does
+        // not speak 5.0 yet, which is what return code 1 tells them.
+        let version = match connect.protocol {
+            ProtocolVersion::V5 => ProtocolVersion::V3_1_1,
+            v => v,
+        };
+        return refuse(shard, pending.fd, version, code);
+    }
+
+    let mut connect = connect;
+    if connect.client_id.is_empty() {
+        // MQTT-3.1.3-6: assign a unique id; it is hashed after assignment.
+        connect.client_id = assign_client_id(shard.nonce, shard.id, shard.next_serial());
+    }
+    let owner = owner_of(&connect.client_id, shard.shards);
+    if owner == shard.id {
+        admit(shard, pending.fd, pending.registered, *connect, pending.buf);
+        return;
+    }
+    if shard.mesh_backlogged() {
+        // The owner is not keeping up with what we already sent it (its inbox
+        // is full and our overflow queue is not empty): refuse rather than
+        // queue without bound (CONNACK 3, server unavailable).
+        return refuse(
+            shard,
+            pending.fd,
+            connect.protocol,
+            return_code::SERVER_UNAVAILABLE,
+        );
+    }
+    if pending.registered {
+        // The descriptor stays open on the owner shard, so closing it will
+        // not take it out of this shard's set: do it now.
+        let _ = shard.epoll.delete(pending.fd.as_raw_fd());
+    }
+    // The owner counts the socket from its arrival there.
+    drop_one(&shard.counters.sockets_current);
+    shard.send_to(
+        owner,
+        MeshMsg::Handoff(Handoff {
+            fd: pending.fd,
+            connect,
+            rest: pending.buf,
+        }),
+    );
+}
+
+/// A connection handed over by the shard that accepted it.
+pub(crate) fn accept_handoff(shard: &Rc<Shard>, handoff: Handoff) {
+    bump(&shard.counters.sockets_current);
+    admit(shard, handoff.fd, false, *handoff.connect, handoff.rest);
+}
+
+/// Registers a CONNECT this shard owns with the broker (takeover, session,
+/// CONNACK) and starts watching its socket.
+fn admit(shard: &Rc<Shard>, fd: OwnedFd, registered: bool, connect: Connect, mut rest: BytesMut) {
+    let now = shard.now();
+    let id = shard.broker.borrow_mut().connect(connect, now);
+    let raw = fd.as_raw_fd();
+    let token = Token::Conn(id).encode();
+    let watched = if registered {
+        shard.epoll.modify(raw, READ, token)
+    } else {
+        shard.epoll.add(raw, READ, token)
+    };
+    shard.net.borrow_mut().insert_sock(id, fd);
+    if watched.is_err() {
+        shard.lost(id);
+    } else if !rest.is_empty() {
+        shard.feed(id, &mut rest);
+    }
+    shard.dispatch();
+}
+
+impl Shard {
+    /// Feeds bytes read from `id`'s socket to the broker, keeping a partial
+    /// packet for the next read.
+    fn feed(&self, id: ConnId, buf: &mut BytesMut) {
+        let now = self.now();
+        self.broker.borrow_mut().handle_read(id, buf, now);
+        if !buf.is_empty() {
+            if let Some(sock) = self.net.borrow_mut().sock_mut(id) {
+                sock.bufs().partial = std::mem::take(buf);
+            }
+        }
+    }
+
+    fn read_ready(&self, id: ConnId) {
+        let mut net = self.net.borrow_mut();
+        let Some(sock) = net.sock_mut(id) else { return };
+        if sock.closing {
+            return;
+        }
+        let raw = sock.fd.as_raw_fd();
+        let mut buf = match sock.bufs.as_mut() {
+            Some(b) => std::mem::take(&mut b.partial),
+            None => BytesMut::new(),
+        };
+        sock.release_empty_bufs();
+        drop(net);
+        match recv_into(self, raw, &mut buf) {
+            Ok(0) => self.lost(id),
+            Ok(_) => self.feed(id, &mut buf),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !buf.is_empty() {
+                    if let Some(sock) = self.net.borrow_mut().sock_mut(id) {
+                        sock.bufs().partial = buf;
+                    }
+                }
+            }
+            Err(_) => self.lost(id),
+        }
+        self.dispatch();
+    }
+
+    fn write_ready(&self, id: ConnId) {
+        let flushed = {
+            let mut net = self.net.borrow_mut();
+            let Some(sock) = net.sock_mut(id) else { return };
+            if !sock.writing {
+                return;
+            }
+            let raw = sock.fd.as_raw_fd();
+            let bufs = sock.bufs();
+            match send_some(raw, &bufs.unsent) {
+                Ok(n) => {
+                    bufs.unsent.advance(n);
+                    if bufs.unsent.is_empty() {
+                        sock.writing = false;
+                        sock.release_empty_bufs();
+                        if !sock.closing {
+                            let _ = self.epoll.modify(raw, READ, Token::Conn(id).encode());
+                        }
+                        Ok(true)
+                    } else {
+                        Ok(false)
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        };
+        match flushed {
+            // Drained: what the broker queued meanwhile goes next.
+            Ok(true) => self.transmit(id),
+            Ok(false) => {}
+            Err(_) => self.lost(id),
+        }
+        self.dispatch();
+    }
+
+    /// Writes what the broker has for `id`. A socket that takes only part
+    /// of it keeps the rest and is watched for room; until it drains, new
+    /// bytes stay in the broker, which bounds them (and drops QoS 0 for a
+    /// stuck subscriber).
+    pub(crate) fn transmit(&self, id: ConnId) {
+        let raw = {
+            let mut net = self.net.borrow_mut();
+            let Some(sock) = net.sock_mut(id) else { return };
+            if sock.writing {
+                return;
+            }
+            sock.fd.as_raw_fd()
+        };
+        let out = self.broker.borrow_mut().take_outgoing(id);
+        let closing = self.broker.borrow().is_closing(id);
+        if !out.is_empty() {
+            match send_some(raw, &out) {
+                Ok(n) if n == out.len() => {}
+                Ok(n) => {
+                    let mut net = self.net.borrow_mut();
+                    let sock = net.sock_mut(id).expect("looked up above");
+                    let mut out = out;
+                    out.advance(n);
+                    sock.bufs().unsent = out;
+                    sock.writing = true;
+                    let interest = if sock.closing || closing {
+                        libc::EPOLLOUT as u32
+                    } else {
+                        READ_WRITE
+                    };
+                    let _ = self.epoll.modify(raw, interest, Token::Conn(id).encode());
+                    if sock.closing {
+                        let deadline = Millis(self.now().0 + CLOSE_LINGER_MS);
+                        net.close_deadlines.push_back((id, deadline));
+                    }
+                    return;
+                }
+                Err(_) => return self.lost(id),
+            }
+        }
+        if self
+            .net
+            .borrow_mut()
+            .sock_mut(id)
+            .is_some_and(|s| s.closing)
+        {
+            self.finish_close(id);
+        }
+    }
+
+    /// The broker closed `id`: write what is pending, then close the socket
+    /// and free the broker's slot.
+    pub(crate) fn close_conn(&self, id: ConnId) {
+        {
+            let mut net = self.net.borrow_mut();
+            let Some(sock) = net.sock_mut(id) else {
+                // No socket (it failed first): just free the slot.
+                drop(net);
+                self.broker.borrow_mut().release(id);
+                return;
+            };
+            if sock.closing {
+                return;
+            }
+            sock.closing = true;
+            if sock.writing {
+                // Wait for room, and no longer read: nothing a client sends
+                // after its close counts (MQTT-3.14.4-2).
+                let raw = sock.fd.as_raw_fd();
+                let _ = self
+                    .epoll
+                    .modify(raw, libc::EPOLLOUT as u32, Token::Conn(id).encode());
+                let deadline = Millis(self.now().0 + CLOSE_LINGER_MS);
+                net.close_deadlines.push_back((id, deadline));
+                return;
+            }
+        }
+        // Writes what is left and closes, or waits for room (watched for
+        // EPOLLOUT only, with a linger deadline).
+        self.transmit(id);
+    }
+
+    /// Closes `id`'s socket and frees its broker slot.
+    fn finish_close(&self, id: ConnId) {
+        let sock = self.net.borrow_mut().take_sock(id);
+        if let Some(sock) = sock {
+            // Dropping the descriptor closes the socket (FIN after what we
+            // wrote) and takes it out of the epoll set; an explicit shutdown
+            // first would cost a syscall per connection for nothing.
+            close_socket(self, sock.fd);
+        }
+        self.broker.borrow_mut().release(id);
+    }
+
+    /// The socket of `id` failed or reached EOF without DISCONNECT: the
+    /// broker publishes the will; the socket is closed.
+    pub(crate) fn lost(&self, id: ConnId) {
+        let sock = self.net.borrow_mut().take_sock(id);
+        if let Some(sock) = sock {
+            close_socket(self, sock.fd);
+        }
+        let now = self.now();
+        self.broker.borrow_mut().connection_lost(id, now);
+    }
+
+    /// Closes handshake sockets past the connect timeout and closing
+    /// connections past their linger.
+    pub(crate) fn expire_sockets(&self, now: Millis) {
+        loop {
+            let mut net = self.net.borrow_mut();
+            let Some(&(index, generation, deadline)) = net.connect_deadlines.front() else {
+                break;
+            };
+            if deadline > now {
+                break;
+            }
+            net.connect_deadlines.pop_front();
+            if let Some(p) = net.take_pending(index, generation) {
+                drop(net);
+                bump(&self.counters.connect_timeouts);
+                close_socket(self, p.fd);
+            }
+        }
+        loop {
+            let mut net = self.net.borrow_mut();
+            let Some(&(id, deadline)) = net.close_deadlines.front() else {
+                break;
+            };
+            if deadline > now {
+                break;
+            }
+            net.close_deadlines.pop_front();
+            let still_closing = net.sock_mut(id).is_some_and(|s| s.closing);
+            drop(net);
+            if still_closing {
+                self.finish_close(id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_keep_kinds_apart() {
+        let conn = Token::Conn(ConnId {
+            index: 7,
+            generation: 3,
+        });
+        assert_eq!(Token::decode(conn.encode()), conn);
+        let p = Token::Pending {
+            index: u32::MAX,
+            generation: 5,
+        };
+        assert_eq!(Token::decode(p.encode()), p);
+        assert_eq!(
+            Token::decode(Token::Listener(2).encode()),
+            Token::Listener(2)
+        );
+        // A generation past 30 bits is compared truncated.
+        let big = ConnId {
+            index: 1,
+            generation: (1 << 30) + 9,
+        };
+        match Token::decode(Token::Conn(big).encode()) {
+            Token::Conn(id) => {
+                assert_eq!(id.index, 1);
+                assert!(same_generation(big.generation, id.generation));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
