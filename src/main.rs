@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use coremq::config::{self, Command, Config, PasswdAction, PasswdCommand};
 
 // mimalloc: per-thread free lists suit thread-per-core shards, and it returns
-// memory to the OS better than glibc malloc under many small buffers.
+// memory to the OS better than glibc malloc under many small buffers. Built
+// with `no_thp` (Cargo.toml): with transparent huge pages its arenas are
+// faulted in 2 MiB at a time, which measured 18.8 MiB of RSS at start and
+// 652 B per idle connection, against 5.6 MiB and 394 B without.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

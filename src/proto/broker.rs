@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use std::hash::BuildHasher;
 
 use super::codec::{
     self, return_code, ConnAck, Connect, LastWill, Packet, PacketId, ProtocolVersion, PubResp,
@@ -109,9 +110,10 @@ struct Conn {
     version: ProtocolVersion,
     /// `None` once the connection is closing and its session detached.
     session: Option<SessionKey>,
-    will: Option<LastWill>,
+    /// Boxed: most connections have none, and it is 80 bytes inline.
+    will: Option<Box<LastWill>>,
     /// 1.5 × keep-alive in milliseconds; 0 when keep-alive is off.
-    expiry_ms: u64,
+    expiry_ms: u32,
     last_seen: Millis,
     /// Encoded packets waiting for the socket. `BytesMut::new()` holds no
     /// allocation, so an idle connection costs no buffer.
@@ -133,7 +135,10 @@ pub struct Broker {
     free_slots: Vec<u32>,
     sessions: Vec<Option<Session>>,
     free_sessions: Vec<u32>,
-    by_client_id: HashMap<ByteString, SessionKey>,
+    /// Sessions by clientId: keys only, hashed by the id stored in the
+    /// session itself, so the id is held once.
+    by_client_id: HashTable<SessionKey>,
+    hasher: DefaultHashBuilder,
     trie: SubscriptionTrie<SessionKey, QoS>,
     retained: RetainedStore,
     /// Runs in 100 ms ticks, not seconds (see [`keepalive_tick`]).
@@ -153,7 +158,8 @@ impl Broker {
             free_slots: Vec::new(),
             sessions: Vec::new(),
             free_sessions: Vec::new(),
-            by_client_id: HashMap::new(),
+            by_client_id: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             trie: SubscriptionTrie::new(),
             retained: RetainedStore::default(),
             keepalive: KeepAliveWheel::new(keepalive_tick(now)),
@@ -237,8 +243,8 @@ impl Broker {
             generation: 0,
             version: protocol,
             session: None,
-            will,
-            expiry_ms: u64::from(keep_alive) * 1500,
+            will: will.map(Box::new),
+            expiry_ms: u32::from(keep_alive) * 1500,
             last_seen: now,
             outgoing: BytesMut::new(),
             transmit_queued: false,
@@ -248,14 +254,14 @@ impl Broker {
         // MQTT-3.1.4-2: a client already connected with this id is disconnected.
         // Its will goes out (see "Takeover" in the README), and a clean session
         // ends with it.
-        if let Some(&key) = self.by_client_id.get(&client_id) {
+        if let Some(key) = self.find_session(&client_id) {
             if let Some(old) = self.session(key).and_then(|s| s.conn) {
                 bump(&self.counters.takeovers);
                 self.close(old, CloseReason::TakenOver, now);
             }
         }
 
-        let existing = self.by_client_id.get(&client_id).copied();
+        let existing = self.find_session(&client_id);
         let (key, session_present) = match existing {
             // MQTT-3.2.2-2: a stored session is resumed, with sessionPresent=1.
             Some(key) if !clean_start => (key, true),
@@ -375,7 +381,7 @@ impl Broker {
                 }
                 // The wheel only says a tick has come; the exact test is here,
                 // in milliseconds, so nobody is closed before 1.5 × keep-alive.
-                let deadline = c.last_seen.0 + c.expiry_ms;
+                let deadline = c.last_seen.0 + u64::from(c.expiry_ms);
                 if now.0 >= deadline {
                     expired.push(ConnId { index, generation });
                     Verdict::Expired
@@ -416,36 +422,42 @@ impl Broker {
             Packet::Publish(publish) => self.handle_publish(conn, publish, now),
             Packet::PubAck(ack) => {
                 self.with_session(conn, |s| {
-                    if matches!(s.inflight.get(&ack.packet_id.get()), Some(Inflight::Published(p)) if p.qos == QoS::AtLeastOnce)
+                    let f = s.flows_mut();
+                    if matches!(f.inflight.get(&ack.packet_id.get()), Some((_, Inflight::Published(p))) if p.qos == QoS::AtLeastOnce)
                     {
-                        s.inflight.remove(&ack.packet_id.get());
+                        f.inflight.remove(&ack.packet_id.get());
                     }
+                    s.release_idle_flows();
                 });
                 self.pump_conn_queue(conn);
             }
             Packet::PubRec(ack) => {
                 self.with_session(conn, |s| {
-                    if let Some(entry) = s.inflight.get_mut(&ack.packet_id.get()) {
+                    if let Some((_, entry)) = s.flows_mut().inflight.get_mut(&ack.packet_id.get()) {
                         *entry = Inflight::Released;
                     }
+                    s.release_idle_flows();
                 });
                 // MQTT-4.3.3-1: answer PUBREC with PUBREL, whatever we knew of it.
                 self.queue_packet(conn, &Packet::PubRel(pub_resp(ack.packet_id)));
             }
             Packet::PubRel(rel) => {
                 self.with_session(conn, |s| {
-                    s.awaiting_rel.remove(&rel.packet_id.get());
+                    s.flows_mut().awaiting_rel.remove(&rel.packet_id.get());
+                    s.release_idle_flows();
                 });
                 self.queue_packet(conn, &Packet::PubComp(pub_resp(rel.packet_id)));
             }
             Packet::PubComp(comp) => {
                 self.with_session(conn, |s| {
+                    let f = s.flows_mut();
                     if matches!(
-                        s.inflight.get(&comp.packet_id.get()),
-                        Some(Inflight::Released)
+                        f.inflight.get(&comp.packet_id.get()),
+                        Some((_, Inflight::Released))
                     ) {
-                        s.inflight.remove(&comp.packet_id.get());
+                        f.inflight.remove(&comp.packet_id.get());
                     }
+                    s.release_idle_flows();
                 });
                 self.pump_conn_queue(conn);
             }
@@ -457,7 +469,7 @@ impl Broker {
                 for filter in &unsub.filters {
                     self.trie.unsubscribe(filter, key);
                     if let Some(s) = self.session_mut(key) {
-                        s.subscriptions.remove(filter);
+                        s.unsubscribe(filter);
                     }
                 }
                 self.queue_packet(
@@ -506,7 +518,7 @@ impl Broker {
                 // MQTT-4.3.3: a PUBLISH resent before PUBREL is acknowledged
                 // again but not delivered again.
                 let first = self
-                    .with_session(conn, |s| s.awaiting_rel.insert(id.get()))
+                    .with_session(conn, |s| s.flows_mut().awaiting_rel.insert(id.get()))
                     .unwrap_or(false);
                 if first {
                     self.route(routed);
@@ -531,7 +543,7 @@ impl Broker {
             // MQTT-3.8.4-3: a repeated filter replaces the old subscription.
             self.trie.subscribe(filter, key, granted);
             if let Some(s) = self.session_mut(key) {
-                s.subscriptions.insert(filter.clone(), granted);
+                s.subscribe(filter, granted);
             }
             codes.push(granted as u8);
         }
@@ -628,20 +640,20 @@ impl Broker {
             return;
         }
         let must_wait =
-            conn.is_none() || !session.queue.is_empty() || session.inflight.len() >= max_inflight;
+            conn.is_none() || session.queue_len() > 0 || session.inflight_len() >= max_inflight;
         if !must_wait {
             if let Some(conn) = conn {
                 self.send_now(conn, key, msg);
             }
             return;
         }
-        if session.queue.len() >= max_queued {
+        if session.queue_len() >= max_queued {
             // The queue is full: the newest message is the one dropped, so
             // what the client does get stays in order.
             bump(&self.counters.messages_dropped);
             return;
         }
-        session.queue.push_back(msg);
+        session.flows_mut().queue.push_back(msg);
     }
 
     fn pump_conn_queue(&mut self, conn: ConnId) {
@@ -658,10 +670,11 @@ impl Broker {
                 return;
             };
             let Some(conn) = session.conn else { return };
-            if session.inflight.len() >= max_inflight {
+            if session.inflight_len() >= max_inflight {
                 return;
             }
-            let Some(msg) = session.queue.pop_front() else {
+            let Some(msg) = session.flows_mut().queue.pop_front() else {
+                session.release_idle_flows();
                 return;
             };
             self.send_now(conn, key, msg);
@@ -710,8 +723,8 @@ impl Broker {
         };
         if let Some(id) = packet_id {
             if let Some(s) = self.session_mut(key) {
-                s.inflight
-                    .insert(id.get(), Inflight::Published(publish.clone()));
+                s.flows_mut()
+                    .start(id.get(), Inflight::Published(publish.clone()));
             }
         }
         bump(&self.counters.publishes_sent);
@@ -721,16 +734,10 @@ impl Broker {
     /// MQTT-4.4.0-1: on a resumed session, unacknowledged PUBLISHes are sent
     /// again with DUP=1 and PUBRELs again, in their original order.
     fn resend_inflight(&mut self, conn: ConnId, key: SessionKey) {
-        let Some(session) = self.session(key) else {
+        let Some(flows) = self.session(key).and_then(Session::flows) else {
             return;
         };
-        let mut pending: Vec<(u16, Inflight)> = session
-            .inflight
-            .iter()
-            .map(|(id, f)| (*id, f.clone()))
-            .collect();
-        pending.sort_by_key(|(id, _)| *id);
-        for (id, flight) in pending {
+        for (id, flight) in flows.inflight_in_order() {
             let packet = match flight {
                 Inflight::Published(mut p) => {
                     p.dup = true;
@@ -835,8 +842,24 @@ impl Broker {
         }
     }
 
+    fn find_session(&self, client_id: &str) -> Option<SessionKey> {
+        let hash = self.hasher.hash_one(client_id);
+        let sessions = &self.sessions;
+        self.by_client_id
+            .find(hash, |k| {
+                sessions[k.0 as usize]
+                    .as_ref()
+                    .is_some_and(|s| &*s.client_id == client_id)
+            })
+            .copied()
+    }
+
     fn create_session(&mut self, client_id: ByteString, clean: bool) -> SessionKey {
-        let session = Session::new(client_id.clone(), clean);
+        // A copy of its own: the id arrived as a slice of the CONNECT's read
+        // buffer, which it would otherwise keep alive for the session's life.
+        let client_id = ByteString::from(String::from(&*client_id));
+        let hash = self.hasher.hash_one(&*client_id);
+        let session = Session::new(client_id, clean);
         let key = match self.free_sessions.pop() {
             Some(i) => {
                 self.sessions[i as usize] = Some(session);
@@ -847,7 +870,13 @@ impl Broker {
                 SessionKey(self.sessions.len() as u32 - 1)
             }
         };
-        self.by_client_id.insert(client_id, key);
+        let (sessions, hasher) = (&self.sessions, &self.hasher);
+        self.by_client_id.insert_unique(hash, key, |k| {
+            let id = sessions[k.0 as usize]
+                .as_ref()
+                .map_or("", |s| &*s.client_id);
+            hasher.hash_one(id)
+        });
         key
     }
 
@@ -855,10 +884,13 @@ impl Broker {
         let Some(session) = self.sessions.get_mut(key.0 as usize).and_then(Option::take) else {
             return;
         };
-        for filter in session.subscriptions.keys() {
+        for (filter, _) in session.subscriptions() {
             self.trie.unsubscribe(filter, key);
         }
-        self.by_client_id.remove(&session.client_id);
+        let hash = self.hasher.hash_one(&*session.client_id);
+        if let Ok(entry) = self.by_client_id.find_entry(hash, |k| *k == key) {
+            entry.remove();
+        }
         self.free_sessions.push(key.0);
     }
 
