@@ -1,18 +1,23 @@
 //! Cross-shard messages and how they travel.
 //!
 //! Each shard has one inbox: a bounded crossbeam channel every peer pushes
-//! into, paired with a [`Doorbell`] — an eventfd the shard reads through
-//! glommio's ring while it waits, so a push wakes a shard parked in io_uring
-//! (a crossbeam send alone would not; see architecture.md). The bell is
-//! written only when the shard has armed it before parking, so a busy shard
-//! costs its peers no syscall per message.
+//! into, paired with a [`Doorbell`] — an eventfd in the shard's epoll set, so
+//! a push wakes a shard that is blocked waiting for its sockets (a crossbeam
+//! send alone would not; see architecture.md). The bell is written only when
+//! the shard has armed it before blocking, so a busy shard costs its peers no
+//! syscall per message.
 //!
 //! A full inbox never drops a message: [`Mesh::send`] moves it, and every
-//! message after it, to a local overflow queue drained by one task that parks
-//! on this shard's room bell, which receivers ring after taking messages. A
-//! will or a hand-off is delayed, never lost, and messages from one shard to
-//! another keep the order they were produced in (MQTT-4.6.0: ordering per
-//! topic).
+//! message after it, to a local overflow queue that the shard drains when its
+//! room bell (rung by receivers after taking messages) says there may be
+//! room. A will or a hand-off is delayed, never lost, and messages from one
+//! shard to another keep the order they were produced in (MQTT-4.6.0:
+//! ordering per topic).
+//!
+//! The figures below chose crossbeam + eventfd over glommio's mesh when the
+//! shard parked in io_uring and read its bell through the ring. The shard now
+//! blocks in epoll (see [`super::poller`]), where an eventfd is the natural
+//! bell and `channel_mesh`, which only wakes a ring, cannot be used at all.
 //!
 //! Why this and not glommio's `channel_mesh`: measured side by side — a
 //! bounded crossbeam-channel per ordered pair with an eventfd doorbell read
@@ -61,17 +66,15 @@
 //! rather than one channel per ordered pair: the same primitives, n channels
 //! instead of n², and FIFO per producer keeps per-pair order.)
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::rc::Rc;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
-use glommio::io::BufferedFile;
 
 use crate::proto::broker::ShardMsg;
 use crate::proto::codec::Connect;
@@ -79,9 +82,6 @@ use crate::proto::ShardId;
 
 /// Capacity of each shard's inbox.
 pub const MESH_CHANNEL_CAPACITY: usize = 1024;
-
-/// Messages handled between two looks at the executor's other work.
-const RECEIVE_BATCH: usize = 64;
 
 /// A message between shards.
 #[derive(Debug)]
@@ -105,19 +105,17 @@ pub struct Handoff {
     pub rest: BytesMut,
 }
 
-/// An eventfd written only when its owner has armed it before parking.
+/// An eventfd written only when its owner has armed it before blocking.
 #[derive(Debug)]
 pub struct Doorbell {
     armed: AtomicBool,
-    // Blocking on purpose: io_uring answers EAGAIN for an O_NONBLOCK fd
-    // instead of waiting on it.
     efd: OwnedFd,
 }
 
 impl Doorbell {
     fn new() -> io::Result<Arc<Doorbell>> {
         // SAFETY: plain eventfd creation; the result is checked and owned.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -128,11 +126,11 @@ impl Doorbell {
         }))
     }
 
-    /// Wakes the owner if it is parked (or about to park) on this bell. Call
-    /// after the state it waits for has changed.
+    /// Wakes the owner if it is blocked (or about to block) on this bell.
+    /// Call after the state it waits for has changed.
     pub fn ring(&self) {
-        // Pairs with the fence in `DoorbellWait::park`: either the owner sees
-        // our change when it re-checks, or we see its `armed`.
+        // Pairs with the fence in `arm`: either the owner sees our change
+        // when it re-checks, or we see its `armed`.
         fence(Ordering::SeqCst);
         if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::Relaxed) {
             self.write();
@@ -142,7 +140,8 @@ impl Doorbell {
     fn write(&self) {
         let one = 1u64;
         // SAFETY: an 8-byte write from a valid u64 to our eventfd. It can only
-        // fail if the counter would overflow, which one write per park cannot.
+        // fail if the counter would overflow, which one write per arming
+        // cannot.
         unsafe {
             libc::write(
                 self.efd.as_raw_fd(),
@@ -151,41 +150,31 @@ impl Doorbell {
             )
         };
     }
-}
 
-/// The owner's side of a [`Doorbell`], inside its executor.
-struct DoorbellWait {
-    bell: Arc<Doorbell>,
-    file: BufferedFile,
-}
-
-impl DoorbellWait {
-    fn new(bell: Arc<Doorbell>) -> io::Result<DoorbellWait> {
-        // SAFETY: dup of an eventfd we hold open; the BufferedFile owns the copy.
-        let dup = unsafe { libc::dup(bell.efd.as_raw_fd()) };
-        if dup < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(DoorbellWait {
-            // SAFETY: `dup` is a fresh descriptor nobody else owns.
-            file: unsafe { BufferedFile::from_raw_fd(dup) },
-            bell,
-        })
+    /// Arms the bell, then reports whether `ready` already holds (in which
+    /// case the owner must not block). Dekker-style with [`Doorbell::ring`].
+    fn arm(&self, ready: impl Fn() -> bool) -> bool {
+        self.armed.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        ready()
     }
 
-    /// Parks until rung, unless `ready` is already true once armed.
-    async fn park(&self, ready: impl Fn() -> bool) {
-        self.bell.armed.store(true, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        if ready() {
-            // A ringer that already disarmed it has written the eventfd: the
-            // next park returns at once and re-checks. Harmless.
-            self.bell.armed.store(false, Ordering::Relaxed);
-            return;
-        }
-        if let Err(e) = self.file.read_at(0, 8).await {
-            tracing::error!(error = %e, "doorbell read failed");
-        }
+    fn disarm(&self) {
+        self.armed.store(false, Ordering::Relaxed);
+    }
+
+    /// Resets the eventfd after it woke the owner.
+    fn clear(&self) {
+        let mut count = 0u64;
+        // SAFETY: an 8-byte read into a valid u64 from our non-blocking
+        // eventfd; EAGAIN (already clear) is fine.
+        unsafe {
+            libc::read(
+                self.efd.as_raw_fd(),
+                (&mut count as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
     }
 }
 
@@ -227,118 +216,131 @@ pub fn build(shards: usize) -> io::Result<Vec<MeshEnds>> {
 pub struct Mesh {
     id: ShardId,
     ends: MeshEnds,
-    data_wait: DoorbellWait,
-    room_wait: DoorbellWait,
-    /// Messages waiting for room in a full inbox, in send order.
+    /// Messages waiting for room in a full inbox, in send order, with the
+    /// number of them bound for each peer.
     overflow: RefCell<VecDeque<(ShardId, MeshMsg)>>,
-    draining: Cell<bool>,
+    overflow_per_peer: RefCell<Vec<usize>>,
 }
 
 impl Mesh {
-    /// Connects shard `id` to its ends; must run inside its executor.
-    pub fn new(id: ShardId, ends: MeshEnds) -> io::Result<Rc<Mesh>> {
-        let data_wait = DoorbellWait::new(ends.data_bells[id.0 as usize].clone())?;
-        let room_wait = DoorbellWait::new(ends.room_bells[id.0 as usize].clone())?;
-        Ok(Rc::new(Mesh {
+    /// Connects shard `id` to its ends.
+    pub fn new(id: ShardId, ends: MeshEnds) -> Mesh {
+        let peers = ends.inboxes.len();
+        Mesh {
             id,
             ends,
-            data_wait,
-            room_wait,
             overflow: RefCell::new(VecDeque::new()),
-            draining: Cell::new(false),
-        }))
+            overflow_per_peer: RefCell::new(vec![0; peers]),
+        }
+    }
+
+    /// The eventfd rung when messages arrive for this shard.
+    pub fn data_bell_fd(&self) -> RawFd {
+        self.ends.data_bells[self.id.0 as usize].efd.as_raw_fd()
+    }
+
+    /// The eventfd rung when a peer took messages from its inbox.
+    pub fn room_bell_fd(&self) -> RawFd {
+        self.ends.room_bells[self.id.0 as usize].efd.as_raw_fd()
     }
 
     /// Sends `msg` to shard `to`. Never blocks and never drops: a full inbox
     /// queues it (and everything after it) locally until there is room.
-    pub fn send(self: &Rc<Self>, to: ShardId, msg: MeshMsg) {
+    pub fn send(&self, to: ShardId, msg: MeshMsg) {
         if self.overflow.borrow().is_empty() {
             match self.ends.inboxes[to.0 as usize].try_send(msg) {
-                Ok(()) => {
-                    self.ends.data_bells[to.0 as usize].ring();
-                    return;
-                }
-                Err(TrySendError::Full(msg)) => self.overflow.borrow_mut().push_back((to, msg)),
-                Err(TrySendError::Disconnected(_)) => return, // shutting down
+                Ok(()) => self.ends.data_bells[to.0 as usize].ring(),
+                Err(TrySendError::Full(msg)) => self.push_overflow(to, msg),
+                Err(TrySendError::Disconnected(_)) => {} // shutting down
             }
         } else {
-            self.overflow.borrow_mut().push_back((to, msg));
-        }
-        if !self.draining.replace(true) {
-            glommio::spawn_local(self.clone().drain_overflow()).detach();
+            self.push_overflow(to, msg);
         }
     }
 
-    /// True while messages wait for room in a peer's full inbox.
-    pub fn backlogged(&self) -> bool {
-        !self.overflow.borrow().is_empty()
+    fn push_overflow(&self, to: ShardId, msg: MeshMsg) {
+        self.overflow.borrow_mut().push_back((to, msg));
+        self.overflow_per_peer.borrow_mut()[to.0 as usize] += 1;
     }
 
-    async fn drain_overflow(self: Rc<Self>) {
+    /// True while messages for shard `peer` wait for room in its full inbox.
+    pub fn backlogged_to(&self, peer: ShardId) -> bool {
+        self.overflow_per_peer.borrow()[peer.0 as usize] > 0
+    }
+
+    /// Moves overflowed messages into their inboxes while there is room, in
+    /// order; stops at the first one that still does not fit.
+    pub fn drain_overflow(&self) {
+        self.ends.room_bells[self.id.0 as usize].clear();
         loop {
-            let Some((to, msg)) = self.overflow.borrow_mut().pop_front() else {
-                break;
-            };
-            let inbox = &self.ends.inboxes[to.0 as usize];
-            let mut msg = msg;
-            loop {
-                match inbox.try_send(msg) {
-                    Ok(()) => {
-                        self.ends.data_bells[to.0 as usize].ring();
-                        break;
-                    }
-                    Err(TrySendError::Full(m)) => {
-                        msg = m;
-                        self.room_wait.park(|| !inbox.is_full()).await;
-                    }
-                    Err(TrySendError::Disconnected(_)) => break,
-                }
-            }
-        }
-        self.draining.set(false);
-    }
-
-    /// Receives forever, calling `handle` for each message, until `stop`
-    /// says so (checked whenever the inbox is empty).
-    pub async fn receive(self: Rc<Self>, mut handle: impl FnMut(MeshMsg), stop: impl Fn() -> bool) {
-        loop {
-            let mut taken = 0;
-            loop {
-                match self.ends.inbox.try_recv() {
-                    Ok(msg) => {
-                        handle(msg);
-                        taken += 1;
-                        if taken % RECEIVE_BATCH == 0 {
-                            self.ring_rooms();
-                            glommio::yield_if_needed().await;
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return,
-                }
-            }
-            if taken > 0 {
-                self.ring_rooms();
-            }
-            if stop() {
+            let mut overflow = self.overflow.borrow_mut();
+            let Some((to, msg)) = overflow.pop_front() else {
                 return;
+            };
+            match self.ends.inboxes[to.0 as usize].try_send(msg) {
+                Ok(()) => {
+                    self.overflow_per_peer.borrow_mut()[to.0 as usize] -= 1;
+                    self.ends.data_bells[to.0 as usize].ring();
+                }
+                Err(TrySendError::Full(msg)) => {
+                    overflow.push_front((to, msg));
+                    return;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.overflow_per_peer.borrow_mut()[to.0 as usize] -= 1;
+                }
             }
-            let inbox = &self.ends.inbox;
-            self.data_wait.park(|| !inbox.is_empty() || stop()).await;
         }
     }
 
-    /// Wakes the receive loop so it sees `stop` (shutdown).
-    pub fn wake_receiver(&self) {
-        self.ends.data_bells[self.id.0 as usize].write();
-    }
-
-    /// Tells senders parked on a full inbox that there may be room now.
-    fn ring_rooms(&self) {
-        for (peer, bell) in self.ends.room_bells.iter().enumerate() {
-            if peer != self.id.0 as usize {
-                bell.ring();
+    /// Takes up to `max` messages from this shard's inbox, calling `handle`
+    /// for each; returns how many it took. Peers waiting for room are told.
+    pub fn receive(&self, max: usize, mut handle: impl FnMut(MeshMsg)) -> usize {
+        self.ends.data_bells[self.id.0 as usize].clear();
+        let mut taken = 0;
+        while taken < max {
+            match self.ends.inbox.try_recv() {
+                Ok(msg) => {
+                    handle(msg);
+                    taken += 1;
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        if taken > 0 {
+            for (peer, bell) in self.ends.room_bells.iter().enumerate() {
+                if peer != self.id.0 as usize {
+                    bell.ring();
+                }
+            }
+        }
+        taken
+    }
+
+    /// Arms this shard's bells before it blocks: the data bell always, the
+    /// room bell while it has overflow. Returns false when there is already
+    /// something to do, and the shard must not block.
+    pub fn arm_before_block(&self) -> bool {
+        let inbox = &self.ends.inbox;
+        if self.ends.data_bells[self.id.0 as usize].arm(|| !inbox.is_empty()) {
+            self.disarm();
+            return false;
+        }
+        let overflow = self.overflow.borrow();
+        if let Some((to, _)) = overflow.front() {
+            let target = &self.ends.inboxes[to.0 as usize];
+            if self.ends.room_bells[self.id.0 as usize].arm(|| !target.is_full()) {
+                drop(overflow);
+                self.disarm();
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Disarms this shard's bells once it is awake.
+    pub fn disarm(&self) {
+        self.ends.data_bells[self.id.0 as usize].disarm();
+        self.ends.room_bells[self.id.0 as usize].disarm();
     }
 }

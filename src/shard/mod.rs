@@ -2,11 +2,11 @@
 //! are enough cores, each accepting on every listen address (SO_REUSEPORT),
 //! owning the connections and sessions whose clientId hashes to it.
 //!
-//! A shard runs three tasks: its socket loop ([`net`], every client socket
-//! in one epoll set whose readiness arrives through io_uring), its mesh
-//! receiver ([`mesh`]), and the tick below (keep-alive, connect timeouts,
-//! stats). All three call into the shard's sans-IO [`Broker`] and then
-//! [`Shard::dispatch`], which carries out what it asks for at once.
+//! A shard runs one loop ([`net`]): every client socket, listener and mesh
+//! doorbell in one epoll set, messages from other shards ([`mesh`]), and a
+//! tick every 100 ms (keep-alive, connect timeouts, stats). Each calls into
+//! the shard's sans-IO [`Broker`] and then [`Shard::dispatch`], which carries
+//! out what it asks for at once.
 //!
 //! Everything shard-local is `Rc`/`RefCell` (`!Send`): only [`mesh::MeshMsg`]
 //! crosses threads. This module is the only place that reads the clock.
@@ -40,7 +40,7 @@ use poller::Epoll;
 const SCRATCH_SIZE: usize = 64 * 1024;
 
 /// How often a shard advances its keep-alive wheel and checks for shutdown.
-const TICK: Duration = Duration::from_millis(100);
+pub(crate) const TICK: Duration = Duration::from_millis(100);
 
 /// One shard's state, shared by its tasks.
 pub struct Shard {
@@ -69,9 +69,10 @@ pub struct Shard {
     net: RefCell<Net>,
     /// The one buffer every socket of the shard is read into.
     scratch: RefCell<Box<[u8]>>,
-    mesh: Option<Rc<Mesh>>,
+    mesh: Option<Mesh>,
     serial: Cell<u64>,
     started: Instant,
+    last_stats: Cell<Instant>,
     shutdown: Arc<AtomicBool>,
 }
 
@@ -123,9 +124,44 @@ impl Shard {
         }
     }
 
-    /// True while messages to other shards wait for room in a full inbox.
-    fn mesh_backlogged(&self) -> bool {
-        self.mesh.as_ref().is_some_and(|m| m.backlogged())
+    /// True while messages to shard `peer` wait for room in its full inbox.
+    fn mesh_backlogged_to(&self, peer: ShardId) -> bool {
+        self.mesh.as_ref().is_some_and(|m| m.backlogged_to(peer))
+    }
+
+    fn handle_mesh_msg(&self, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Handoff(handoff) => net::accept_handoff(self, handoff),
+            MeshMsg::Broker(msg) => {
+                self.broker.borrow_mut().handle_remote(msg);
+                self.dispatch();
+            }
+        }
+    }
+
+    /// The shard's periodic work: keep-alive expiry, connect timeouts and
+    /// lingering closes, the stats line. Returns false once shutdown has
+    /// been asked for.
+    fn tick(&self) -> bool {
+        if self.is_shutting_down() {
+            if self.id.0 == 0 {
+                tracing::info!("shutting down; final stats {}", self.counters);
+            }
+            return false;
+        }
+        let now = self.now();
+        self.broker.borrow_mut().tick(now);
+        self.expire_sockets(now);
+        self.dispatch();
+        let stats_every = self.config.stats_interval;
+        if self.id.0 == 0
+            && !stats_every.is_zero()
+            && self.last_stats.get().elapsed() >= stats_every
+        {
+            self.last_stats.set(Instant::now());
+            tracing::info!("stats {}", self.counters);
+        }
+        true
     }
 
     /// Sends `msg` to shard `peer` over the mesh (never blocks, never drops).
@@ -174,7 +210,7 @@ pub fn run(config: Config) -> io::Result<()> {
             .io_memory(64 * 1024)
             .ring_depth(1024)
             .spawn(move || async move {
-                let mesh = ends.map(|e| Mesh::new(ShardId(i as u16), e)).transpose()?;
+                let mesh = ends.map(|e| Mesh::new(ShardId(i as u16), e));
                 let mut listeners = Vec::new();
                 for addr in &config.listen {
                     let fd = listener::bind(*addr).map_err(|e| {
@@ -208,6 +244,7 @@ pub fn run(config: Config) -> io::Result<()> {
                     mesh,
                     serial: Cell::new(0),
                     started: Instant::now(),
+                    last_stats: Cell::new(Instant::now()),
                     shutdown,
                 });
                 shard_main(shard).await
@@ -227,15 +264,6 @@ pub fn run(config: Config) -> io::Result<()> {
 }
 
 async fn shard_main(shard: Rc<Shard>) -> io::Result<()> {
-    if let Some(mesh) = shard.mesh.clone() {
-        let receiver = shard.clone();
-        let stopper = shard.clone();
-        glommio::spawn_local(mesh.receive(
-            move |msg| handle_mesh_msg(&receiver, msg),
-            move || stopper.is_shutting_down(),
-        ))
-        .detach();
-    }
     if shard.id.0 == 0 {
         tracing::info!(
             shards = shard.shards,
@@ -244,39 +272,5 @@ async fn shard_main(shard: Rc<Shard>) -> io::Result<()> {
             env!("CARGO_PKG_VERSION")
         );
     }
-    glommio::spawn_local(net::run(shard.clone())).detach();
-
-    let stats_every = shard.config.stats_interval;
-    let mut last_stats = Instant::now();
-    loop {
-        glommio::timer::sleep(TICK).await;
-        if shard.is_shutting_down() {
-            break;
-        }
-        let now = shard.now();
-        shard.broker.borrow_mut().tick(now);
-        shard.expire_sockets(now);
-        shard.dispatch();
-        if shard.id.0 == 0 && !stats_every.is_zero() && last_stats.elapsed() >= stats_every {
-            last_stats = Instant::now();
-            tracing::info!("stats {}", shard.counters);
-        }
-    }
-    if let Some(mesh) = &shard.mesh {
-        mesh.wake_receiver();
-    }
-    if shard.id.0 == 0 {
-        tracing::info!("shutting down; final stats {}", shard.counters);
-    }
-    Ok(())
-}
-
-fn handle_mesh_msg(shard: &Rc<Shard>, msg: MeshMsg) {
-    match msg {
-        MeshMsg::Handoff(handoff) => net::accept_handoff(shard, handoff),
-        MeshMsg::Broker(msg) => {
-            shard.broker.borrow_mut().handle_remote(msg);
-            shard.dispatch();
-        }
-    }
+    net::run(shard).await
 }

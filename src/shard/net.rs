@@ -1,14 +1,15 @@
-//! A shard's sockets: its listeners, the sockets still in the CONNECT
-//! handshake, and the connections it owns, all in one epoll set (see
-//! [`super::poller`] for why), driven by one task.
+//! A shard's event loop and its sockets: its listeners, the sockets still in
+//! the CONNECT handshake, and the connections it owns, all in one epoll set
+//! with the shard's mesh doorbells (see [`super::poller`] for why).
 //!
-//! The loop is: take what epoll has ready; for a listener, accept; for a
-//! handshake socket, read until a whole CONNECT is in and then admit, refuse
-//! or hand it to its owner shard; for a connection, read once into the
-//! shard's scratch buffer and feed the broker, or write what was waiting for
-//! room. What the broker asks for (bytes to send, a close, a message to the
-//! other shards) is carried out at once by [`Shard::dispatch`], whoever
-//! called into the broker: this loop, the mesh receiver or the tick.
+//! The loop is: wait for what epoll has ready, at most until the next tick;
+//! for a listener, accept; for a handshake socket, read until a whole
+//! CONNECT is in and then admit, refuse or hand it to its owner shard; for a
+//! connection, read once into the shard's scratch buffer and feed the
+//! broker, or write what was waiting for room; then take what other shards
+//! sent, and tick when it is time. What the broker asks for (bytes to send,
+//! a close, a message to the other shards) is carried out at once by
+//! [`Shard::dispatch`].
 //!
 //! Nothing here is per connection while it is idle but its [`Sock`] record:
 //! a descriptor, a generation and a flag. A partial packet or unsent bytes
@@ -21,13 +22,14 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 
 use super::listener;
 use super::mesh::{Handoff, MeshMsg};
 use super::poller::{self, Event, READ, READ_WRITE};
-use super::Shard;
+use super::{Shard, TICK};
 use crate::metrics::{bump, drop_one, get};
 use crate::proto::codec::{return_code, Connect, ProtocolVersion};
 use crate::proto::handshake::{
@@ -41,6 +43,10 @@ const ACCEPT_BATCH: usize = 64;
 
 /// Events taken from epoll at once.
 const EVENT_BATCH: usize = 1024;
+
+/// Messages taken from the mesh inbox per turn of the loop, so sockets are
+/// not starved by a flood from other shards.
+const MESH_BATCH: usize = 256;
 
 /// How long a closing connection may take to drain what it was sent (a
 /// refusal's CONNACK, the packets before a takeover's close) before its
@@ -57,6 +63,10 @@ enum Token {
     Pending { index: u32, generation: u32 },
     /// Listener number `n`.
     Listener(u32),
+    /// The mesh doorbell rung when messages arrive.
+    DataBell,
+    /// The mesh doorbell rung when a full peer inbox has room again.
+    RoomBell,
 }
 
 const KIND_SHIFT: u32 = 62;
@@ -68,6 +78,8 @@ impl Token {
             Token::Conn(id) => (0u64, id.generation, id.index),
             Token::Pending { index, generation } => (1, generation, index),
             Token::Listener(n) => (2, 0, n),
+            Token::DataBell => (3, 0, 0),
+            Token::RoomBell => (3, 0, 1),
         };
         (kind << KIND_SHIFT) | ((u64::from(generation) & GEN_MASK) << 32) | u64::from(index)
     }
@@ -80,7 +92,9 @@ impl Token {
         match raw >> KIND_SHIFT {
             0 => Token::Conn(ConnId { index, generation }),
             1 => Token::Pending { index, generation },
-            _ => Token::Listener(index),
+            2 => Token::Listener(index),
+            _ if index == 0 => Token::DataBell,
+            _ => Token::RoomBell,
         }
     }
 }
@@ -258,26 +272,37 @@ impl Net {
     }
 }
 
-/// Registers the listeners and runs the shard's socket loop forever.
-pub(crate) async fn run(shard: Rc<Shard>) {
+/// Registers the listeners and doorbells and runs the shard until shutdown.
+pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
     for (n, fd) in shard.net.borrow().listeners.iter().enumerate() {
-        if let Err(e) = shard
+        shard
             .epoll
-            .add(fd.as_raw_fd(), READ, Token::Listener(n as u32).encode())
-        {
-            tracing::error!(shard = shard.id.0, error = %e, "cannot watch a listener");
-        }
+            .add(fd.as_raw_fd(), READ, Token::Listener(n as u32).encode())?;
+    }
+    if let Some(mesh) = &shard.mesh {
+        shard
+            .epoll
+            .add(mesh.data_bell_fd(), READ, Token::DataBell.encode())?;
+        shard
+            .epoll
+            .add(mesh.room_bell_fd(), READ, Token::RoomBell.encode())?;
     }
     let mut events: Vec<Event> = Vec::with_capacity(EVENT_BATCH);
+    let mut next_tick = Instant::now() + TICK;
     loop {
-        if let Err(e) = shard.epoll.poll_now(&mut events) {
-            tracing::error!(shard = shard.id.0, error = %e, "epoll_wait failed");
-            glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
-            continue;
+        let mut timeout_ms = next_tick
+            .saturating_duration_since(Instant::now())
+            .as_micros()
+            .div_ceil(1000) as i32;
+        if let Some(mesh) = &shard.mesh {
+            if !mesh.arm_before_block() {
+                // Messages are waiting: look at the sockets, do not block.
+                timeout_ms = 0;
+            }
         }
-        if events.is_empty() {
-            shard.epoll.readable().await;
-            continue;
+        shard.epoll.wait(&mut events, timeout_ms)?;
+        if let Some(mesh) = &shard.mesh {
+            mesh.disarm();
         }
         for ev in &events {
             match Token::decode(poller::token(ev)) {
@@ -294,6 +319,23 @@ pub(crate) async fn run(shard: Rc<Shard>) {
                         shard.read_ready(id);
                     }
                 }
+                // The inbox is looked at below on every turn, rung or not.
+                Token::DataBell => {}
+                Token::RoomBell => {
+                    if let Some(mesh) = &shard.mesh {
+                        mesh.drain_overflow();
+                    }
+                }
+            }
+        }
+        if let Some(mesh) = &shard.mesh {
+            mesh.receive(MESH_BATCH, |msg| shard.handle_mesh_msg(msg));
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            next_tick = (next_tick + TICK).max(now);
+            if !shard.tick() {
+                return Ok(());
             }
         }
         glommio::yield_if_needed().await;
@@ -348,7 +390,7 @@ fn send_some(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     Ok(sent)
 }
 
-fn accept_ready(shard: &Rc<Shard>, n: u32) {
+fn accept_ready(shard: &Shard, n: u32) {
     let Some(listener_fd) = shard
         .net
         .borrow()
@@ -394,7 +436,7 @@ fn accept_ready(shard: &Rc<Shard>, n: u32) {
 
 /// A fresh socket: its CONNECT has often arrived with it, so read once
 /// before paying for an epoll registration.
-fn start_handshake(shard: &Rc<Shard>, fd: OwnedFd) {
+fn start_handshake(shard: &Shard, fd: OwnedFd) {
     let mut pending = Pending {
         fd,
         buf: BytesMut::new(),
@@ -428,7 +470,7 @@ fn start_handshake(shard: &Rc<Shard>, fd: OwnedFd) {
     }
 }
 
-fn pending_ready(shard: &Rc<Shard>, index: u32, generation: u32) {
+fn pending_ready(shard: &Shard, index: u32, generation: u32) {
     let mut net = shard.net.borrow_mut();
     let Some(p) = net.pending_mut(index, generation) else {
         return;
@@ -481,7 +523,7 @@ fn refuse(shard: &Shard, fd: OwnedFd, version: ProtocolVersion, code: u8) {
 }
 
 /// The first packet of a socket is whole (or proved not to be a CONNECT).
-fn first_packet(shard: &Rc<Shard>, pending: Pending, first: FirstPacket) {
+fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
     let connect = match first {
         FirstPacket::Connect(connect) => connect,
         FirstPacket::Reject { connack, error } => {
@@ -524,7 +566,7 @@ fn first_packet(shard: &Rc<Shard>, pending: Pending, first: FirstPacket) {
         admit(shard, pending.fd, pending.registered, *connect, pending.buf);
         return;
     }
-    if shard.mesh_backlogged() {
+    if shard.mesh_backlogged_to(owner) {
         // The owner is not keeping up with what we already sent it (its inbox
         // is full and our overflow queue is not empty): refuse rather than
         // queue without bound (CONNACK 3, server unavailable).
@@ -553,14 +595,14 @@ fn first_packet(shard: &Rc<Shard>, pending: Pending, first: FirstPacket) {
 }
 
 /// A connection handed over by the shard that accepted it.
-pub(crate) fn accept_handoff(shard: &Rc<Shard>, handoff: Handoff) {
+pub(crate) fn accept_handoff(shard: &Shard, handoff: Handoff) {
     bump(&shard.counters.sockets_current);
     admit(shard, handoff.fd, false, *handoff.connect, handoff.rest);
 }
 
 /// Registers a CONNECT this shard owns with the broker (takeover, session,
 /// CONNACK) and starts watching its socket.
-fn admit(shard: &Rc<Shard>, fd: OwnedFd, registered: bool, connect: Connect, mut rest: BytesMut) {
+fn admit(shard: &Shard, fd: OwnedFd, registered: bool, connect: Connect, mut rest: BytesMut) {
     let now = shard.now();
     let id = shard.broker.borrow_mut().connect(connect, now);
     let raw = fd.as_raw_fd();
