@@ -182,6 +182,9 @@ pub fn run(config: Config) -> io::Result<()> {
     let auth = Arc::new(Authenticator::from_config(&config).map_err(io::Error::other)?);
     let counters = Arc::new(Counters::default());
     let nofile = crate::sys::raise_nofile_limit()?;
+    // Up to 4 Mi descriptors (32 MiB of kernel table): past that, a limit
+    // is more likely a setting nobody will reach than a plan.
+    crate::sys::reserve_fd_table(nofile.min(1 << 22));
     let socket_ceiling = nofile.saturating_sub(config.fd_reserve()).max(1);
     let connection_ceiling = config.connection_ceiling(nofile) as u64;
     let mut nonce_bytes = [0u8; 8];
