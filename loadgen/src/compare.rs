@@ -41,6 +41,10 @@ const TO_N: u32 = 1000;
 const TO_RATE: u32 = 500;
 const TO_DURATION: f64 = 5.0;
 
+/// Source addresses set aside for each loadgen run (see `--source-skip`):
+/// enough for 1,900,000 connections at loadgen's one address per 30,000.
+const SOURCE_IPS_PER_RUN: u32 = 64;
+
 /// A broker under comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Broker {
@@ -809,6 +813,7 @@ fn run_one(
     run: u32,
     s: Scenario,
     b: Broker,
+    step: u32,
 ) -> RunResult {
     let mut r = RunResult {
         run,
@@ -851,6 +856,12 @@ fn run_one(
             "--json".to_string(),
             json_path.display().to_string(),
             "--quiet".to_string(),
+            // Fresh source addresses for every run: a churn run leaves
+            // ~100,000 sockets in TIME_WAIT for a minute, and connects from
+            // addresses whose ports they hold slowed to ~3,500/s for every
+            // broker alike (520 us per connect() in the kernel's port search).
+            "--source-skip".to_string(),
+            (step * SOURCE_IPS_PER_RUN).to_string(),
         ]);
         r.command = std::iter::once("loadgen".to_string())
             .chain(argv.iter().cloned())
@@ -886,7 +897,7 @@ fn run_all(a: &CompareArgs, bins: &Bins, dir: &Path) -> Result<i32> {
         for &s in &a.scenarios {
             for &b in &a.brokers {
                 step += 1;
-                let r = run_one(a, bins, dir, run, s, b);
+                let r = run_one(a, bins, dir, run, s, b, step as u32);
                 eprintln!(
                     "[{step:>2}/{total}] run {run} {:<9} {:<9} {}",
                     s.name(),

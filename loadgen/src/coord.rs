@@ -48,8 +48,10 @@ fn check_common(c: &Common) {
         usage_error("--source-ips must be at least 1");
     }
     if let Some(ips) = c.source_ips {
-        if ips > 254 * 256 * 254 {
-            usage_error("--source-ips: at most 16,516,096 addresses in 127.1.0.1 and up");
+        if u64::from(ips) + u64::from(c.source_skip) > 254 * 256 * 254 {
+            usage_error(
+                "--source-ips plus --source-skip: at most 16,516,096 addresses in 127.1.0.1 and up",
+            );
         }
     }
     if let Err(e) = crate::resolve_v4(&c.broker) {
@@ -267,6 +269,7 @@ fn run(plan: Plan) -> Result<i32> {
             mode: plan.mode,
             broker: plan.common.broker.clone(),
             source_ips,
+            source_skip: plan.common.source_skip,
             first,
             count,
             silent_first: silent_first + sf,

@@ -391,7 +391,8 @@ impl Engine {
     fn start(&mut self, n: u32, flags: u8) -> bool {
         let now = mono_us();
         self.attempted += 1;
-        let src = (self.spec.source_ips > 0).then(|| source_ip(n % self.spec.source_ips));
+        let src = (self.spec.source_ips > 0)
+            .then(|| source_ip(self.spec.source_skip + n % self.spec.source_ips));
         let mut stream = match open_socket(src, &self.dst) {
             Ok(s) => s,
             Err(e) => {

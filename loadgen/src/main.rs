@@ -59,6 +59,10 @@ pub struct Common {
     /// Source addresses from 127.1.0.1 up (default: one per 30,000 connections).
     #[arg(long)]
     pub source_ips: Option<u32>,
+    /// Skip this many source addresses first: runs in a row then use fresh
+    /// ones, whose ports no earlier run's TIME_WAIT sockets hold.
+    #[arg(long, default_value_t = 0)]
+    pub source_skip: u32,
     /// Timeout in seconds for each connect, CONNACK wait and close wait.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,

@@ -46,6 +46,9 @@ pub struct WorkerSpec {
     pub broker: String,
     /// Number of source addresses used by the whole run.
     pub source_ips: u32,
+    /// Source addresses skipped before the first one used.
+    #[serde(default)]
+    pub source_skip: u32,
     /// First client number of this worker (held / pinging clients).
     pub first: u32,
     /// How many clients this worker opens (conn, keepalive, takeover) or
