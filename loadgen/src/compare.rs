@@ -42,7 +42,7 @@ const TO_RATE: u32 = 500;
 const TO_DURATION: f64 = 5.0;
 
 /// Source addresses set aside for each loadgen run (see `--source-skip`):
-/// enough for 1,900,000 connections at loadgen's one address per 30,000.
+/// enough for 320,000 connections at loadgen's one address per 5,000.
 const SOURCE_IPS_PER_RUN: u32 = 64;
 
 /// A broker under comparison.

@@ -56,7 +56,7 @@ pub struct Common {
     /// Worker processes (default: one per 19,000 connections).
     #[arg(long)]
     pub workers: Option<u32>,
-    /// Source addresses from 127.1.0.1 up (default: one per 30,000 connections).
+    /// Source addresses from 127.1.0.1 up (default: one per 5,000 connections).
     #[arg(long)]
     pub source_ips: Option<u32>,
     /// Skip this many source addresses first: runs in a row then use fresh
