@@ -19,11 +19,11 @@ fn protocol(name: &[u8], level: u8) -> Result<ProtocolVersion, DecodeError> {
         (b"MQTT", 4) => Ok(ProtocolVersion::V3_1_1),
         (b"MQTT", 5) => Ok(ProtocolVersion::V5),
         (b"MQIsdp", 3) => Ok(ProtocolVersion::V3_1),
-        // A known name with the other name's level is not "a level we do not
-        // support" but a broken packet.
-        (b"MQTT", 3) | (b"MQIsdp", 4 | 5) => Err(DecodeError::InvalidProtocolName),
-        // The name is right, the level unknown: the client is owed CONNACK
-        // 0x01 / 0x84 before the close (MQTT-3.1.2-2).
+        // A known name with a level we do not speak under that name — an
+        // unknown level, or the other name's (`MQTT` 3, `MQIsdp` 4): the
+        // client is owed CONNACK 0x01 / 0x84 before the close
+        // (MQTT-3.1.2-2), as mosquitto answers too. Only an unknown name is
+        // closed without one (MQTT-3.1.2-1 lets the server just close).
         (b"MQTT" | b"MQIsdp", level) => Err(DecodeError::UnsupportedProtocolVersion(level)),
         _ => Err(DecodeError::InvalidProtocolName),
     }
@@ -315,15 +315,19 @@ mod tests {
     }
 
     #[test]
-    fn protocol_name_and_level_must_match_mqtt_3_1_2_1() {
+    fn level_not_spoken_under_its_name_is_owed_connack_1_mqtt_3_1_2_2() {
+        // `MQTT` with 3.1's level, `MQIsdp` with 3.1.1's.
         assert_eq!(
             dec_connect(b"\x10\x0e\x00\x04MQTT\x03\x02\x00\x3c\x00\x02c1"),
-            Err(DecodeError::InvalidProtocolName)
+            Err(DecodeError::UnsupportedProtocolVersion(3))
         );
-        assert_eq!(
-            dec_connect(b"\x10\x10\x00\x06MQIsdp\x04\x02\x00\x3c\x00\x02c1"),
-            Err(DecodeError::InvalidProtocolName)
-        );
+        let e = dec_connect(b"\x10\x10\x00\x06MQIsdp\x04\x02\x00\x3c\x00\x02c1").unwrap_err();
+        assert_eq!(e, DecodeError::UnsupportedProtocolVersion(4));
+        assert_eq!(e.connack_return_code(), Some(1));
+    }
+
+    #[test]
+    fn unknown_protocol_name_is_closed_without_connack_mqtt_3_1_2_1() {
         assert_eq!(
             dec_connect(b"\x10\x0e\x00\x04MQTX\x04\x02\x00\x3c\x00\x02c1"),
             Err(DecodeError::InvalidProtocolName)

@@ -63,6 +63,8 @@ pub enum DecodeError {
     TrailingBytes,
     /// Reserved bits of a SUBSCRIBE options byte set (MQTT-3.8.3-4 / 5.0 -5).
     InvalidSubscriptionOptions,
+    /// 5.0 SUBSCRIBE option Retain Handling 3 (§3.8.3.1: a Protocol Error).
+    InvalidRetainHandling,
     /// A 5.0 property that appears twice where only one is allowed.
     DuplicateProperty(u8),
     /// A 5.0 property identifier unknown, or not allowed in this packet.
@@ -71,6 +73,10 @@ pub enum DecodeError {
     InvalidPropertyValue(u8),
     /// A 5.0 reason code not allowed in this packet.
     InvalidReasonCode(u8),
+    /// 5.0 Authentication Data without an Authentication Method in CONNECT
+    /// or CONNACK (§3.1.2.11.10, §3.2.2.3.18), or an AUTH without a method
+    /// (§3.15.2.2.2): a Protocol Error.
+    MissingAuthMethod,
 }
 
 impl DecodeError {
@@ -92,9 +98,14 @@ impl DecodeError {
             DecodeError::UnsupportedProtocolVersion(_) => reason::UNSUPPORTED_PROTOCOL_VERSION,
             DecodeError::InvalidTopicName => reason::TOPIC_NAME_INVALID,
             DecodeError::InvalidTopicFilter => reason::TOPIC_FILTER_INVALID,
-            DecodeError::InvalidPacketType(_) | DecodeError::DuplicateProperty(_) => {
-                reason::PROTOCOL_ERROR
-            }
+            // What the 5.0 spec calls a Protocol Error rather than a
+            // Malformed Packet: a packet that parses but breaks a rule.
+            DecodeError::InvalidPacketType(_)
+            | DecodeError::DuplicateProperty(_)
+            | DecodeError::InvalidPropertyValue(_)
+            | DecodeError::NoTopicFilters
+            | DecodeError::InvalidRetainHandling
+            | DecodeError::MissingAuthMethod => reason::PROTOCOL_ERROR,
             _ => reason::MALFORMED_PACKET,
         }
     }
@@ -130,12 +141,75 @@ impl fmt::Display for DecodeError {
             DecodeError::InvalidSubscriptionOptions => {
                 f.write_str("reserved subscription option bits set")
             }
+            DecodeError::InvalidRetainHandling => f.write_str("retain handling 3"),
             DecodeError::DuplicateProperty(p) => write!(f, "duplicate property {p:#x}"),
             DecodeError::InvalidProperty(p) => write!(f, "property {p:#x} not allowed here"),
             DecodeError::InvalidPropertyValue(p) => write!(f, "invalid value for property {p:#x}"),
             DecodeError::InvalidReasonCode(c) => write!(f, "invalid reason code {c:#x}"),
+            DecodeError::MissingAuthMethod => f.write_str("authentication without a method"),
         }
     }
 }
 
 impl std::error::Error for DecodeError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every error with the CONNACK return code (3.x) and reason code (5.0)
+    /// the peer is owed: 5.0's §2.4 splits Malformed Packet (0x81: cannot be
+    /// parsed as the spec says) from Protocol Error (0x82: parses, but breaks
+    /// a rule), and names a few more precisely.
+    #[test]
+    fn every_error_maps_to_what_the_peer_is_owed() {
+        use DecodeError::*;
+        let table: &[(DecodeError, Option<u8>, u8)] = &[
+            (
+                PacketTooLarge { size: 9, max: 8 },
+                None,
+                reason::PACKET_TOO_LARGE,
+            ),
+            (MalformedRemainingLength, None, reason::MALFORMED_PACKET),
+            (InvalidPacketType(0), None, reason::PROTOCOL_ERROR),
+            (
+                InvalidFlags {
+                    packet_type: 3,
+                    flags: 6,
+                },
+                None,
+                reason::MALFORMED_PACKET,
+            ),
+            (InvalidProtocolName, None, reason::MALFORMED_PACKET),
+            (
+                UnsupportedProtocolVersion(6),
+                Some(return_code::UNACCEPTABLE_PROTOCOL_VERSION),
+                reason::UNSUPPORTED_PROTOCOL_VERSION,
+            ),
+            (ReservedConnectFlag, None, reason::MALFORMED_PACKET),
+            (InvalidWillFlags, None, reason::MALFORMED_PACKET),
+            (PasswordWithoutUsername, None, reason::MALFORMED_PACKET),
+            (InvalidUtf8, None, reason::MALFORMED_PACKET),
+            (NullCharacter, None, reason::MALFORMED_PACKET),
+            (InvalidQoS(3), None, reason::MALFORMED_PACKET),
+            (InvalidTopicName, None, reason::TOPIC_NAME_INVALID),
+            (InvalidTopicFilter, None, reason::TOPIC_FILTER_INVALID),
+            (NoTopicFilters, None, reason::PROTOCOL_ERROR),
+            (ZeroPacketId, None, reason::MALFORMED_PACKET),
+            (Truncated, None, reason::MALFORMED_PACKET),
+            (TrailingBytes, None, reason::MALFORMED_PACKET),
+            (InvalidSubscriptionOptions, None, reason::MALFORMED_PACKET),
+            (InvalidRetainHandling, None, reason::PROTOCOL_ERROR),
+            (DuplicateProperty(0x11), None, reason::PROTOCOL_ERROR),
+            (InvalidProperty(0x7f), None, reason::MALFORMED_PACKET),
+            (InvalidPropertyValue(0x21), None, reason::PROTOCOL_ERROR),
+            (InvalidReasonCode(0x7f), None, reason::MALFORMED_PACKET),
+            (MissingAuthMethod, None, reason::PROTOCOL_ERROR),
+        ];
+        for (e, connack, code) in table {
+            assert_eq!(e.connack_return_code(), *connack, "{e:?}");
+            assert_eq!(e.reason_code(), *code, "{e:?}");
+            assert!(!e.to_string().is_empty());
+        }
+    }
+}

@@ -5,7 +5,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 
 use super::header::{varint_len, write_varint};
-use super::wire::{put_str, str_len, Reader};
+use super::wire::{put_str, str_len, topic_name, Reader};
 use super::DecodeError;
 
 /// Every MQTT 5.0 property. Unset ones are `None` / empty. Which may appear
@@ -248,7 +248,11 @@ pub(crate) fn decode(
             PAYLOAD_FORMAT_INDICATOR => p.payload_format_indicator = Some(flag(pid, &mut r)?),
             MESSAGE_EXPIRY_INTERVAL => p.message_expiry_interval = Some(r.u32()?),
             CONTENT_TYPE => p.content_type = Some(r.string()?),
-            RESPONSE_TOPIC => p.response_topic = Some(r.string()?),
+            RESPONSE_TOPIC => {
+                // A topic name: no wildcards (MQTT-3.3.2-14), not empty.
+                let topic = topic_name(r.string()?)?;
+                p.response_topic = Some(topic.as_bytestring().clone());
+            }
             CORRELATION_DATA => p.correlation_data = Some(r.binary()?),
             SUBSCRIPTION_IDENTIFIER => {
                 // 1..=268,435,455 (§3.3.2.3.8); a fifth varint byte is as
@@ -295,6 +299,9 @@ pub(crate) fn decode(
             // `allowed` only holds the identifiers matched above.
             _ => return Err(DecodeError::InvalidProperty(pid)),
         }
+    }
+    if p.authentication_data.is_some() && p.authentication_method.is_none() {
+        return Err(DecodeError::MissingAuthMethod);
     }
     Ok(Some(Box::new(p)))
 }

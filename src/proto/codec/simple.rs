@@ -71,8 +71,24 @@ pub(crate) fn decode_disconnect(
 }
 
 /// Decodes an AUTH body; the caller has already refused AUTH outside 5.0.
+///
+/// Only an empty AUTH (Success, no properties) may leave out the reason code
+/// and property length, and only together (§3.15.2.1); any other carries its
+/// Authentication Method (§3.15.2.2.2).
 pub(crate) fn decode_auth(r: &mut Reader<'_>) -> Result<Auth, DecodeError> {
+    if r.is_empty() {
+        return Ok(Auth::default());
+    }
+    if r.remaining() == 1 {
+        return Err(DecodeError::Truncated);
+    }
     let (reason, properties) = decode_reason_props(r, is_auth_reason, properties::AUTH)?;
+    if properties
+        .as_ref()
+        .is_none_or(|p| p.authentication_method.is_none())
+    {
+        return Err(DecodeError::MissingAuthMethod);
+    }
     Ok(Auth { reason, properties })
 }
 
@@ -211,14 +227,19 @@ mod tests {
         });
         assert_eq!(enc(&c, V5), b"\xf0\x06\x18\x04\x15\x00\x01m");
         assert_eq!(dec(b"\xf0\x06\x18\x04\x15\x00\x01m", V5).unwrap(), Some(c));
-        let r = Packet::Auth(Auth {
-            reason: reason::REAUTHENTICATE,
-            properties: None,
-        });
-        assert_eq!(enc(&r, V5), b"\xf0\x02\x19\x00");
-        assert_eq!(dec(b"\xf0\x02\x19\x00", V5).unwrap(), Some(r));
+        // No method: a Protocol Error (§3.15.2.2.2).
         assert_eq!(
-            dec(b"\xf0\x01\x87", V5),
+            dec(b"\xf0\x02\x19\x00", V5),
+            Err(DecodeError::MissingAuthMethod)
+        );
+        assert_eq!(
+            dec(b"\xf0\x05\x19\x03\x16\x00\x00", V5),
+            Err(DecodeError::MissingAuthMethod)
+        );
+        // The reason code alone, without its property length (§3.15.2.1).
+        assert_eq!(dec(b"\xf0\x01\x18", V5), Err(DecodeError::Truncated));
+        assert_eq!(
+            dec(b"\xf0\x02\x87\x00", V5),
             Err(DecodeError::InvalidReasonCode(0x87))
         );
     }

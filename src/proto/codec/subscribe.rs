@@ -15,8 +15,11 @@ fn options(b: u8, version: ProtocolVersion) -> Result<SubscriptionOptions, Decod
     // 5.0: bits 6-7 are reserved and 0, Retain Handling 3 is a Protocol
     // Error (MQTT-3.8.3-5 of 5.0, §3.8.3.1).
     let reserved = if version.is_v5() { 0xc0 } else { 0xfc };
-    if b & reserved != 0 || (b >> 4) & 0b11 == 3 {
+    if b & reserved != 0 {
         return Err(DecodeError::InvalidSubscriptionOptions);
+    }
+    if (b >> 4) & 0b11 == 3 {
+        return Err(DecodeError::InvalidRetainHandling);
     }
     let qos = QoS::from_u8(b & 0b11).ok_or(DecodeError::InvalidQoS(b & 0b11))?;
     Ok(SubscriptionOptions {
@@ -343,7 +346,7 @@ mod tests {
         );
         assert_eq!(
             dec(b"\x82\x07\x00\x01\x00\x00\x01a\x30", V5),
-            Err(DecodeError::InvalidSubscriptionOptions)
+            Err(DecodeError::InvalidRetainHandling)
         );
         assert_eq!(
             dec(b"\x82\x07\x00\x01\x00\x00\x01a\x03", V5),

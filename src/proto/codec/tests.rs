@@ -79,7 +79,7 @@ fn properties(
         opt(flag()),
         opt(any::<u32>()),
         opt(string()),
-        opt(string()),
+        opt(topic_name().prop_map(|t| t.as_bytestring().clone())),
         opt(binary()),
         vec(1u32..=268_435_455, 0..3),
         opt(any::<u32>()),
@@ -172,6 +172,10 @@ fn properties(
             );
             if !multi_sub_id {
                 p.subscription_identifiers.truncate(1);
+            }
+            // Authentication Data needs its method (§3.1.2.11.10).
+            if p.authentication_data.is_some() && p.authentication_method.is_none() {
+                p.authentication_method = Some(ByteString::from_static("m"));
             }
             (p != Properties::default()).then(|| Box::new(p))
         })
@@ -432,8 +436,20 @@ fn simple(v: ProtocolVersion) -> BoxedStrategy<Packet> {
     )
         .prop_map(|(reason, properties)| Packet::Disconnect(Disconnect { reason, properties }));
     if v.is_v5() {
-        let auth = (code(AUTH_V5), properties(AUTH_IDS, false))
-            .prop_map(|(reason, properties)| Packet::Auth(Auth { reason, properties }));
+        // Every AUTH but the empty one names its method (§3.15.2.2.2).
+        let auth = (code(AUTH_V5), properties(AUTH_IDS, false)).prop_map(|(reason, properties)| {
+            if reason == 0 && properties.is_none() {
+                return Packet::Auth(Auth::default());
+            }
+            let mut properties = properties.unwrap_or_default();
+            if properties.authentication_method.is_none() {
+                properties.authentication_method = Some(ByteString::from_static("m"));
+            }
+            Packet::Auth(Auth {
+                reason,
+                properties: Some(properties),
+            })
+        });
         prop_oneof![
             Just(Packet::PingReq),
             Just(Packet::PingResp),
