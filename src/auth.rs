@@ -594,17 +594,6 @@ impl fmt::Display for AuthError {
 
 impl std::error::Error for AuthError {}
 
-impl From<AuthError> for io::Error {
-    /// So `shard::run` can `?` [`Authenticator::from_config`].
-    fn from(e: AuthError) -> io::Error {
-        let kind = match &e {
-            AuthError::Io { source, .. } => source.kind(),
-            _ => io::ErrorKind::InvalidData,
-        };
-        io::Error::new(kind, e.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -347,7 +347,7 @@ struct Cli {
 #[derive(Args, Debug, Default)]
 struct RunArgs {
     /// Read settings from this TOML file (keys as the long flags, snake_case
-    /// or kebab-case); flags given here override it
+    /// or kebab-case); flags given here override it [default: none]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Accept MQTT connections on HOST:PORT, :PORT or PORT (= 0.0.0.0:PORT);

@@ -36,6 +36,15 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> ExitCode {
+    // The password file is part of the configuration: a bad one is a bad
+    // setting (one line, exit 2), found before anything else is logged.
+    let auth = match coremq::auth::Authenticator::from_config(&config) {
+        Ok(auth) => auth,
+        Err(e) => {
+            eprintln!("coremq: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .compact()
         .with_writer(io::stderr)
@@ -48,7 +57,7 @@ fn run(config: Config) -> ExitCode {
             "allow_anonymous is false and there is no password file: every client will be refused"
         );
     }
-    match coremq::shard::run(config) {
+    match coremq::shard::run(config, auth) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("coremq: {e}");

@@ -15,19 +15,34 @@ fn coremq(args: &[&str]) -> (Option<i32>, String, String) {
 }
 
 #[test]
-fn help_exits_0_and_lists_flags() {
+fn help_exits_0_and_explains_every_flag_with_its_default() {
     let (code, out, err) = coremq(&["--help"]);
     assert_eq!(code, Some(0), "{err}");
-    for flag in [
-        "--shards",
-        "--listen",
-        "--password-file",
-        "--max-connections",
-        "--connect-timeout",
-        "--max-packet-size",
-        "--stats-interval",
+    for (flag, default) in [
+        ("--config", "[default: none]"),
+        ("--listen", "[default: 0.0.0.0:1883]"),
+        ("--shards", "[default: number of CPUs]"),
+        ("--password-file", "[default: none]"),
+        (
+            "--allow-anonymous",
+            "[default: true without --password-file",
+        ),
+        ("--max-connections", "[default: 0]"),
+        ("--connect-timeout", "[default: 10]"),
+        ("--max-packet-size", "[default: 1048576]"),
+        ("--stats-interval", "[default: 60]"),
+        ("--max-inflight", "[default: 20]"),
+        ("--max-queued", "[default: 1000]"),
+        ("--log-level", "[default: info]"),
     ] {
-        assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(flag))
+            .unwrap_or_else(|| panic!("--help lacks {flag}:\n{out}"));
+        assert!(
+            line.contains(default),
+            "{flag} does not say {default}: {line}"
+        );
     }
 }
 
@@ -65,6 +80,23 @@ fn config_file_unknown_key_exits_2_naming_it() {
         &["--config", "/nonexistent/coremq.toml"],
         "/nonexistent/coremq.toml",
     );
+    // Not TOML at all: the line is named.
+    std::fs::write(&file, "shards = 2\nlisten = \n").unwrap();
+    assert_one_line_error(&["--config", file.to_str().unwrap()], "line 2");
+}
+
+#[test]
+fn bad_password_file_exits_2_with_one_line_naming_it() {
+    let dir = TempDir::new("cli-passwords");
+    let file = dir.path("passwords");
+    std::fs::write(&file, "alice:plain-text\n").unwrap();
+    let path = file.to_str().unwrap();
+    assert_one_line_error(&["--password-file", path], "line 1");
+    assert_one_line_error(&["--password-file", "/nonexistent/pw"], "/nonexistent/pw");
+    // The same from a config file.
+    let conf = dir.path("coremq.toml");
+    std::fs::write(&conf, format!("password_file = \"{path}\"\n")).unwrap();
+    assert_one_line_error(&["--config", conf.to_str().unwrap()], path);
 }
 
 #[test]

@@ -37,6 +37,30 @@ fn connect_bad_protocol_name_closes_mqtt_3_1_2_1() {
 }
 
 #[test]
+fn connect_fixed_header_flags_set_close_mqtt_2_2_2_2() {
+    let mut bytes = raw_connect(b"MQTT", 4, 0x02, 0, &id("h1"));
+    bytes[0] = 0x12; // CONNECT with flag bits 0001
+    assert_closed_as_malformed(&bytes);
+}
+
+#[test]
+fn connect_will_topic_with_wildcard_closes_mqtt_3_3_2_2() {
+    for topic in ["dev/+/status", "dev/#", ""] {
+        let mut payload = id("w1");
+        payload.extend(mqtt_str(topic.as_bytes()));
+        payload.extend(mqtt_str(b"gone"));
+        assert_closed_as_malformed(&raw_connect(b"MQTT", 4, 0x02 | 0x04, 0, &payload));
+    }
+}
+
+#[test]
+fn connect_invalid_utf8_username_closes_mqtt_1_5_3_1() {
+    let mut payload = id("u1");
+    payload.extend(mqtt_str(b"al\xffce"));
+    assert_closed_as_malformed(&raw_connect(b"MQTT", 4, 0x02 | 0x80, 0, &payload));
+}
+
+#[test]
 fn connect_will_qos_without_will_flag_closes_mqtt_3_1_2_11_13() {
     // Will QoS 1 (0x08) without the Will Flag (0x04).
     assert_closed_as_malformed(&raw_connect(b"MQTT", 4, 0x02 | 0x08, 0, &id("w1")));
@@ -109,13 +133,16 @@ fn unsupported_protocol_level_gets_connack_1_mqtt_3_1_2_2() {
         (b"MQTT", 0),
         (b"MQTT", 255),
         (b"MQIsdp", 7),
+        // A level that exists, but not under this name.
+        (b"MQTT", 3),
+        (b"MQIsdp", 4),
     ] {
         let mut c = RawClient::tcp(broker.port());
         c.send(&raw_connect(name, level, 0x02, 0, &id("v9")));
         let got = c.expect_closed(2 * SEC);
         assert_eq!(got, [0x20, 0x02, 0x00, 0x01], "level {level}");
     }
-    broker.wait_for_stat("connack_1", |n| n == 4, 5 * SEC);
+    broker.wait_for_stat("connack_1", |n| n == 6, 5 * SEC);
 }
 
 /// MQTT 5 is refused "until MQTT 5 semantics land" (README): CONNACK return
@@ -423,4 +450,48 @@ fn refused_connack_has_session_present_0_and_closes_mqtt_3_2_2_4() {
     );
     assert_eq!(c.expect_closed(2 * SEC), [0x20, 0x02, 0x00, 0x05]);
     broker.wait_for_stat("connack_5", |n| n == 1, 5 * SEC);
+}
+
+/// SIGTERM and SIGINT shut the broker down cleanly: the wills of connected
+/// clients go out to subscribers still connected (as mosquitto does), every
+/// client then sees its connection closed, and the process exits 0.
+#[test]
+fn sigterm_and_sigint_publish_wills_close_clients_and_exit_0() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut broker = Broker::start(&[]);
+        let mut watcher = RawClient::subscriber(broker.port(), "stop-watch", "stop/#", 0);
+        let mut devices: Vec<RawClient> = (0..8)
+            .map(|i| {
+                let opts = ConnectOpts::id(&format!("stop-{i}")).will(
+                    &format!("stop/{i}"),
+                    b"offline",
+                    0,
+                    false,
+                );
+                RawClient::connect(broker.port(), &opts).0
+            })
+            .collect();
+        let start = Instant::now();
+        broker.signal(sig);
+        let mut got: Vec<String> = (0..8)
+            .map(|_| {
+                let p = watcher
+                    .next_publish(3 * SEC)
+                    .unwrap_or_else(|| panic!("signal {sig}: a will is missing"));
+                assert_eq!(&p.payload[..], b"offline");
+                p.topic.to_string()
+            })
+            .collect();
+        got.sort();
+        let mut want: Vec<String> = (0..8).map(|i| format!("stop/{i}")).collect();
+        want.sort();
+        assert_eq!(got, want, "signal {sig}: every will, once");
+        assert!(watcher.expect_closed(3 * SEC).is_empty());
+        for d in &mut devices {
+            assert!(d.expect_closed(3 * SEC).is_empty());
+        }
+        assert_eq!(broker.wait_exit(5 * SEC), Some(0), "signal {sig}");
+        assert!(start.elapsed() < 3 * SEC, "took {:?}", start.elapsed());
+        assert!(broker.log_contains("shutting down; final stats"));
+    }
 }

@@ -397,8 +397,35 @@ impl Broker {
         }
     }
 
-    /// Closes every connection (shutdown). Wills are published, as for any
-    /// close that is not a DISCONNECT.
+    /// First step of a shutdown: publishes the will of every open
+    /// connection, here and (broadcast) on the other shards, while every
+    /// subscriber is still connected to receive them. A broker going away
+    /// closes connections its clients did not DISCONNECT, which is when a
+    /// will is owed; mosquitto publishes them at shutdown too.
+    pub fn publish_all_wills(&mut self) {
+        let mut wills = Vec::new();
+        for slot in &mut self.slots {
+            if let Slot::Used(c) = slot {
+                if !c.closing {
+                    if let Some(will) = c.will.take() {
+                        wills.push(will);
+                    }
+                }
+            }
+        }
+        for will in wills {
+            bump(&self.counters.wills_published);
+            self.route(RoutedPublish {
+                topic: will.topic,
+                payload: will.payload,
+                qos: will.qos,
+                retain: will.retain,
+            });
+        }
+    }
+
+    /// Closes every connection (the last step of a shutdown). A will not
+    /// yet published by [`Broker::publish_all_wills`] is published.
     pub fn close_all(&mut self, now: Millis) {
         let ids: Vec<ConnId> = self
             .slots

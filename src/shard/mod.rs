@@ -140,15 +140,8 @@ impl Shard {
     }
 
     /// The shard's periodic work: keep-alive expiry, connect timeouts and
-    /// lingering closes, the stats line. Returns false once shutdown has
-    /// been asked for.
-    fn tick(&self) -> bool {
-        if self.is_shutting_down() {
-            if self.id.0 == 0 {
-                tracing::info!("shutting down; final stats {}", self.counters);
-            }
-            return false;
-        }
+    /// lingering closes, the stats line.
+    fn tick(&self) {
         let now = self.now();
         self.broker.borrow_mut().tick(now);
         self.expire_sockets(now);
@@ -161,7 +154,6 @@ impl Shard {
             self.last_stats.set(Instant::now());
             tracing::info!("stats {}", self.counters);
         }
-        true
     }
 
     /// Sends `msg` to shard `peer` over the mesh (never blocks, never drops).
@@ -173,13 +165,19 @@ impl Shard {
 }
 
 /// Runs the broker until SIGINT or SIGTERM.
-pub fn run(config: Config) -> io::Result<()> {
+pub fn run(config: Config, auth: Authenticator) -> io::Result<()> {
     let shards = config.shards;
     let shutdown = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, shutdown.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, shutdown.clone())?;
+    // The first SIGINT or SIGTERM starts a clean shutdown (wills out,
+    // connections flushed and closed, exit 0 within ~1.3 s); a second one
+    // while it runs exits at once with status 1. The conditional handler is
+    // registered first so that the first signal only sets the flag.
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, shutdown.clone())?;
+        signal_hook::flag::register(sig, shutdown.clone())?;
+    }
 
-    let auth = Arc::new(Authenticator::from_config(&config).map_err(io::Error::other)?);
+    let auth = Arc::new(auth);
     let counters = Arc::new(Counters::default());
     let nofile = crate::sys::raise_nofile_limit()?;
     // Up to 4 Mi descriptors (32 MiB of kernel table): past that, a limit

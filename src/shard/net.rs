@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 
@@ -252,6 +252,11 @@ impl Net {
         }
     }
 
+    /// No connection and no handshake left.
+    fn is_empty(&self) -> bool {
+        self.socks.iter().all(Option::is_none) && self.free_pending.len() == self.pending.len()
+    }
+
     fn take_pending(&mut self, index: u32, generation: u32) -> Option<Pending> {
         let slot = self.pending.get_mut(index as usize)?;
         let g = match slot {
@@ -272,6 +277,23 @@ impl Net {
     }
 }
 
+/// How long a shard that is shutting down waits, after publishing its
+/// clients' wills, for the other shards' wills to reach its subscribers
+/// before it closes them.
+const SHUTDOWN_WILLS_MS: u64 = 200;
+
+/// How long closing connections may take to drain at shutdown.
+const SHUTDOWN_DRAIN_MS: u64 = 1_000;
+
+/// Where a shard is in a shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopping {
+    /// Wills published; subscribers still open.
+    Wills { until: Instant },
+    /// Every connection closing; waiting for them to drain.
+    Closing { until: Instant },
+}
+
 /// Registers the listeners and doorbells and runs the shard until shutdown.
 pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
     for (n, fd) in shard.net.borrow().listeners.iter().enumerate() {
@@ -289,6 +311,7 @@ pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
     }
     let mut events: Vec<Event> = Vec::with_capacity(EVENT_BATCH);
     let mut next_tick = Instant::now() + TICK;
+    let mut stopping: Option<Stopping> = None;
     loop {
         let mut timeout_ms = next_tick
             .saturating_duration_since(Instant::now())
@@ -334,10 +357,29 @@ pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
         let now = Instant::now();
         if now >= next_tick {
             next_tick = (next_tick + TICK).max(now);
-            if !shard.tick() {
+            shard.tick();
+        }
+        stopping = match stopping {
+            None if shard.is_shutting_down() => {
+                shard.begin_shutdown();
+                Some(Stopping::Wills {
+                    until: now + Duration::from_millis(SHUTDOWN_WILLS_MS),
+                })
+            }
+            Some(Stopping::Wills { until }) if now >= until => {
+                shard.close_everything();
+                Some(Stopping::Closing {
+                    until: now + Duration::from_millis(SHUTDOWN_DRAIN_MS),
+                })
+            }
+            Some(Stopping::Closing { until }) if now >= until || shard.net.borrow().is_empty() => {
+                if shard.id.0 == 0 {
+                    tracing::info!("shutting down; final stats {}", shard.counters);
+                }
                 return Ok(());
             }
-        }
+            other => other,
+        };
         glommio::yield_if_needed().await;
     }
 }
@@ -800,6 +842,42 @@ impl Shard {
         }
         let now = self.now();
         self.broker.borrow_mut().connection_lost(id, now);
+    }
+
+    /// Shutdown, first step: stop accepting (closing the listeners refuses
+    /// new connections at once) and publish every client's will.
+    pub(crate) fn begin_shutdown(&self) {
+        let listeners = std::mem::take(&mut self.net.borrow_mut().listeners);
+        drop(listeners);
+        self.broker.borrow_mut().publish_all_wills();
+        self.dispatch();
+    }
+
+    /// Shutdown, second step: close every connection (after writing what it
+    /// is owed) and every handshake socket.
+    pub(crate) fn close_everything(&self) {
+        let now = self.now();
+        self.broker.borrow_mut().close_all(now);
+        self.dispatch();
+        let pending: Vec<Pending> = {
+            let mut net = self.net.borrow_mut();
+            let slots: Vec<(u32, u32)> = net
+                .pending
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| match p {
+                    PendingSlot::Used { generation, .. } => Some((i as u32, *generation)),
+                    PendingSlot::Free { .. } => None,
+                })
+                .collect();
+            slots
+                .into_iter()
+                .filter_map(|(i, g)| net.take_pending(i, g))
+                .collect()
+        };
+        for p in pending {
+            close_socket(self, p.fd);
+        }
     }
 
     /// Closes handshake sockets past the connect timeout and closing

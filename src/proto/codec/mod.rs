@@ -447,7 +447,13 @@ impl Packet {
     /// [`Packet::encoded_len`]. The encoder trusts the packet's invariants
     /// (packet id present for QoS > 0, 3.x CONNECT password only with a
     /// user name, properties only of the kinds the packet allows); a packet
-    /// that breaks them is written as is and refused by the peer.
+    /// that breaks them is written as is and refused by the peer. So do the
+    /// sizes: a string or binary field over 65,535 bytes, or a body over
+    /// 268,435,455 bytes, trips a `debug_assert` and is written with a
+    /// truncated length in release builds. Every packet the broker encodes
+    /// is built from decoded fields and its own small ones, which those
+    /// limits already bound; checking again per field would tax every
+    /// PUBLISH sent for a case that cannot arise.
     #[inline]
     pub fn encode(&self, version: ProtocolVersion, out: &mut BytesMut) {
         let version = match self {

@@ -472,3 +472,148 @@ pub(crate) fn encode(p: &Option<Box<Properties>>, out: &mut BytesMut) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A well-formed value for property `id`, as its type in §2.2.2.2 says.
+    fn sample_value(id: u8) -> Vec<u8> {
+        match id {
+            // Byte (0 is valid for every flag).
+            PAYLOAD_FORMAT_INDICATOR
+            | REQUEST_PROBLEM_INFORMATION
+            | REQUEST_RESPONSE_INFORMATION
+            | MAXIMUM_QOS
+            | RETAIN_AVAILABLE
+            | WILDCARD_SUBSCRIPTION_AVAILABLE
+            | SUBSCRIPTION_IDENTIFIER_AVAILABLE
+            | SHARED_SUBSCRIPTION_AVAILABLE => vec![1],
+            // Two Byte Integer (non-zero for those that must be).
+            SERVER_KEEP_ALIVE | RECEIVE_MAXIMUM | TOPIC_ALIAS_MAXIMUM | TOPIC_ALIAS => vec![0, 5],
+            // Four Byte Integer.
+            MESSAGE_EXPIRY_INTERVAL
+            | SESSION_EXPIRY_INTERVAL
+            | WILL_DELAY_INTERVAL
+            | MAXIMUM_PACKET_SIZE => vec![0, 0, 1, 0],
+            SUBSCRIPTION_IDENTIFIER => vec![7],
+            // Binary Data.
+            CORRELATION_DATA | AUTHENTICATION_DATA => vec![0, 2, 0xff, 0],
+            USER_PROPERTY => b"\x00\x01k\x00\x01v".to_vec(),
+            // UTF-8 strings (a topic name for Response Topic).
+            _ => b"\x00\x03a/b".to_vec(),
+        }
+    }
+
+    fn decode_one(id: u8, allowed: Allowed) -> Result<Option<Box<Properties>>, DecodeError> {
+        let mut body = Vec::new();
+        if id == AUTHENTICATION_DATA {
+            // Data needs its method beside it (§3.1.2.11.10).
+            body.push(AUTHENTICATION_METHOD);
+            body.extend(sample_value(AUTHENTICATION_METHOD));
+        }
+        body.push(id);
+        body.extend(sample_value(id));
+        let mut wire = vec![body.len() as u8];
+        wire.extend(body);
+        let bytes = Bytes::from(wire);
+        let mut r = Reader::new(&bytes, 0);
+        decode(&mut r, allowed, false)
+    }
+
+    /// Every identifier of table 2.2.2.2 is accepted in exactly the packets
+    /// the table lists, and refused (InvalidProperty) in all others.
+    #[test]
+    fn each_property_is_allowed_exactly_where_table_2_2_2_2_says() {
+        let table: &[(u8, &[&str])] = &[
+            (0x01, &["PUBLISH", "WILL"]),
+            (0x02, &["PUBLISH", "WILL"]),
+            (0x03, &["PUBLISH", "WILL"]),
+            (0x08, &["PUBLISH", "WILL"]),
+            (0x09, &["PUBLISH", "WILL"]),
+            (0x0b, &["PUBLISH", "SUBSCRIBE"]),
+            (0x11, &["CONNECT", "CONNACK", "DISCONNECT"]),
+            (0x12, &["CONNACK"]),
+            (0x13, &["CONNACK"]),
+            (0x15, &["CONNECT", "CONNACK", "AUTH"]),
+            (0x16, &["CONNECT", "CONNACK", "AUTH"]),
+            (0x17, &["CONNECT"]),
+            (0x18, &["WILL"]),
+            (0x19, &["CONNECT"]),
+            (0x1a, &["CONNACK"]),
+            (0x1c, &["CONNACK", "DISCONNECT"]),
+            (0x1f, &["CONNACK", "ACK", "DISCONNECT", "AUTH"]),
+            (0x21, &["CONNECT", "CONNACK"]),
+            (0x22, &["CONNECT", "CONNACK"]),
+            (0x23, &["PUBLISH"]),
+            (0x24, &["CONNACK"]),
+            (0x25, &["CONNACK"]),
+            (
+                0x26,
+                &[
+                    "CONNECT",
+                    "WILL",
+                    "CONNACK",
+                    "PUBLISH",
+                    "ACK",
+                    "SUBSCRIBE",
+                    "UNSUBSCRIBE",
+                    "DISCONNECT",
+                    "AUTH",
+                ],
+            ),
+            (0x27, &["CONNECT", "CONNACK"]),
+            (0x28, &["CONNACK"]),
+            (0x29, &["CONNACK"]),
+            (0x2a, &["CONNACK"]),
+        ];
+        let packets: &[(&str, Allowed)] = &[
+            ("CONNECT", CONNECT),
+            ("WILL", WILL),
+            ("CONNACK", CONNACK),
+            ("PUBLISH", PUBLISH),
+            ("ACK", ACK),
+            ("SUBSCRIBE", SUBSCRIBE),
+            ("UNSUBSCRIBE", UNSUBSCRIBE),
+            ("DISCONNECT", DISCONNECT),
+            ("AUTH", AUTH),
+        ];
+        for id in 0u8..0x30 {
+            let listed = table.iter().find(|(i, _)| *i == id);
+            for (name, allowed) in packets {
+                let expect_ok = listed.is_some_and(|(_, ps)| ps.contains(name));
+                let got = decode_one(id, *allowed);
+                if expect_ok {
+                    assert!(matches!(got, Ok(Some(_))), "{id:#04x} in {name}: {got:?}");
+                } else {
+                    let refused_id = if id == AUTHENTICATION_DATA && !expect_ok {
+                        // The method in front is refused first.
+                        AUTHENTICATION_METHOD
+                    } else {
+                        id
+                    };
+                    assert_eq!(
+                        got,
+                        Err(DecodeError::InvalidProperty(refused_id)),
+                        "{id:#04x} in {name}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn auth_data_without_method_and_wildcard_response_topic_are_refused() {
+        let bytes = Bytes::from_static(b"\x05\x16\x00\x02\xff\x00");
+        assert_eq!(
+            decode(&mut Reader::new(&bytes, 0), CONNECT, false),
+            Err(DecodeError::MissingAuthMethod)
+        );
+        // MQTT-3.3.2-14: Response Topic is a topic name, so no wildcards.
+        let bytes = Bytes::from_static(b"\x06\x08\x00\x03a/+");
+        assert_eq!(
+            decode(&mut Reader::new(&bytes, 0), PUBLISH, false),
+            Err(DecodeError::InvalidTopicName)
+        );
+    }
+}

@@ -494,6 +494,68 @@ fn drain(buf: &mut BytesMut, v: ProtocolVersion, max: usize) -> Vec<Packet> {
     out
 }
 
+/// Big packets: payloads that need a 2- to 3-byte Remaining Length and
+/// topics and client ids near the 65,535-byte string limit, which the
+/// everyday strategies (strings of ≤ 10 characters) never reach.
+fn big_packet() -> impl Strategy<Value = (ProtocolVersion, Packet)> {
+    let long_str = |max: usize| {
+        (1..=max, any::<u8>())
+            .prop_map(|(n, c)| "é".repeat(n / 2) + &"a".repeat(n % 2 + (c % 2) as usize))
+    };
+    (
+        version(),
+        0usize..300_000,
+        long_str(65_000),
+        long_str(65_000),
+        qos(),
+    )
+        .prop_map(|(v, payload_len, topic, client_id, qos)| {
+            let topic = TopicName::new(topic).expect("no wildcards");
+            let payload = Bytes::from(vec![0xa5u8; payload_len]);
+            let packet = if payload_len % 2 == 0 {
+                Packet::Publish(Publish {
+                    dup: false,
+                    qos,
+                    retain: false,
+                    topic,
+                    packet_id: (qos != QoS::AtMostOnce).then(|| PacketId::new(7).unwrap()),
+                    payload,
+                    properties: None,
+                })
+            } else {
+                Packet::Connect(Box::new(Connect {
+                    protocol: v,
+                    clean_start: true,
+                    keep_alive: 60,
+                    client_id: ByteString::from(client_id),
+                    will: Some(LastWill {
+                        topic,
+                        payload: payload.slice(..payload.len().min(65_535)),
+                        qos,
+                        retain: true,
+                        properties: None,
+                    }),
+                    username: None,
+                    password: None,
+                    properties: None,
+                }))
+            };
+            (v, packet)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn big_packets_round_trip((v, p) in big_packet()) {
+        let mut buf = encode(&p, v);
+        prop_assert_eq!(buf.len(), p.encoded_len(v));
+        prop_assert_eq!(decode(&mut buf, v, LARGE), Ok(Some(p)));
+        prop_assert!(buf.is_empty());
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
 
