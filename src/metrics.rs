@@ -16,6 +16,9 @@ pub struct Counters {
     pub connections_total: AtomicU64,
     /// Sockets open now, including those still in the CONNECT handshake.
     pub sockets_current: AtomicU64,
+    /// Sessions held now: connected, and persistent ones whose client is
+    /// away.
+    pub sessions_current: AtomicU64,
     /// CONNACKs sent, by 3.x return code 0..=5.
     pub connacks: [AtomicU64; 6],
     /// Connections closed because a new CONNECT took over their clientId.
@@ -38,6 +41,9 @@ pub struct Counters {
     /// Messages dropped: QoS 1/2 past a session's inflight window, or for an
     /// offline session.
     pub messages_dropped: AtomicU64,
+    /// Times a client's socket stopped being read because the replies owed to
+    /// it (over 1 MiB) were not being read by it.
+    pub reads_paused: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -63,11 +69,13 @@ impl fmt::Display for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "connections={} sockets={} connections_total={} connack_0={} connack_1={} connack_2={} \
-             connack_3={} connack_4={} connack_5={} takeovers={} wills={} keepalive_expiries={} \
-             connect_timeouts={} malformed={} accept_refused={} publishes_in={} publishes_out={} dropped={}",
+            "connections={} sockets={} sessions={} connections_total={} connack_0={} connack_1={} \
+             connack_2={} connack_3={} connack_4={} connack_5={} takeovers={} wills={} \
+             keepalive_expiries={} connect_timeouts={} malformed={} accept_refused={} \
+             publishes_in={} publishes_out={} dropped={} reads_paused={}",
             get(&self.connections_current),
             get(&self.sockets_current),
+            get(&self.sessions_current),
             get(&self.connections_total),
             get(&self.connacks[0]),
             get(&self.connacks[1]),
@@ -84,6 +92,7 @@ impl fmt::Display for Counters {
             get(&self.publishes_received),
             get(&self.publishes_sent),
             get(&self.messages_dropped),
+            get(&self.reads_paused),
         )
     }
 }

@@ -186,3 +186,42 @@ fn passwd_round_trip() {
     assert_eq!(code, Some(1), "{err}");
     assert!(!dir.path("missing").exists());
 }
+
+/// The CPUs in a `Cpus_allowed_list` line of /proc/.../status ("0-3,6").
+fn cpu_list(status: &str) -> Vec<usize> {
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    list.split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![part.parse().unwrap()],
+        })
+        .collect()
+}
+
+/// Shards are pinned to the CPUs the process may use (here, under
+/// `taskset`, the last one this test may use), not to CPUs 0..n.
+#[test]
+fn shards_are_pinned_inside_the_allowed_cpu_set() {
+    let mine = cpu_list(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let cpu = *mine.last().unwrap();
+    let cpu_arg = cpu.to_string();
+    let broker = Broker::start_with(&["taskset", "-c", &cpu_arg], &["--shards", "1"]);
+    let (_c, _) = RawClient::connect(broker.port(), &ConnectOpts::id("pinned"));
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", broker.pid())).unwrap();
+    let mut found = false;
+    for t in tasks {
+        let dir = t.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+        // glommio suffixes the name; the kernel keeps 15 bytes of it.
+        if comm.trim().starts_with("coremq-shard-0") {
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
+            assert_eq!(cpu_list(&status), vec![cpu], "shard 0's CPUs");
+            found = true;
+        }
+    }
+    assert!(found, "no coremq-shard-0 thread");
+}

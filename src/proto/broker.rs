@@ -215,6 +215,11 @@ impl Broker {
         self.conn(conn).is_some_and(|c| !c.outgoing.is_empty())
     }
 
+    /// Bytes waiting for `conn`'s socket.
+    pub fn outgoing_len(&self, conn: ConnId) -> usize {
+        self.conn(conn).map_or(0, |c| c.outgoing.len())
+    }
+
     /// True when the shell must act for `conn`: bytes to write, or a close.
     pub fn wants_attention(&self, conn: ConnId) -> bool {
         self.conn(conn)
@@ -460,8 +465,13 @@ impl Broker {
             }
             Packet::PubRec(ack) => {
                 self.with_session(conn, |s| {
+                    // Only a QoS 2 PUBLISH moves on to its release: a PUBREC
+                    // for a QoS 1 id is the client's mistake, and must not
+                    // turn a flow that awaits PUBACK into one that never ends.
                     if let Some((_, entry)) = s.flows_mut().inflight.get_mut(&ack.packet_id.get()) {
-                        *entry = Inflight::Released;
+                        if matches!(entry, Inflight::Published(p) if p.qos == QoS::ExactlyOnce) {
+                            *entry = Inflight::Released;
+                        }
                     }
                     s.release_idle_flows();
                 });
@@ -897,6 +907,7 @@ impl Broker {
                 SessionKey(self.sessions.len() as u32 - 1)
             }
         };
+        bump(&self.counters.sessions_current);
         let (sessions, hasher) = (&self.sessions, &self.hasher);
         self.by_client_id.insert_unique(hash, key, |k| {
             let id = sessions[k.0 as usize]
@@ -911,6 +922,7 @@ impl Broker {
         let Some(session) = self.sessions.get_mut(key.0 as usize).and_then(Option::take) else {
             return;
         };
+        drop_one(&self.counters.sessions_current);
         for (filter, _) in session.subscriptions() {
             self.trie.unsubscribe(filter, key);
         }

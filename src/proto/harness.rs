@@ -554,6 +554,12 @@ fn retained_set_replaced_cleared_and_flagged_mqtt_3_3_1_6_and_9() {
         )]
     );
     h.send(p, publish("r/1", b"", QoS::AtMostOnce, true, None));
+    // MQTT-3.3.1-12: the clearing PUBLISH itself is delivered as usual to
+    // the subscribers there are, empty and with RETAIN=0.
+    assert_eq!(
+        h.publishes(live).last(),
+        Some(&("r/1".into(), Bytes::new(), QoS::AtMostOnce, false))
+    );
     let later = subscriber(&mut h, "later", "r/#");
     assert!(
         h.publishes(later).is_empty(),

@@ -145,6 +145,7 @@ impl Shard {
         let now = self.now();
         self.broker.borrow_mut().tick(now);
         self.expire_sockets(now);
+        self.resume_listeners();
         self.dispatch();
         let stats_every = self.config.stats_interval;
         if self.id.0 == 0
@@ -189,14 +190,16 @@ pub fn run(config: Config, auth: Authenticator) -> io::Result<()> {
     getrandom::getrandom(&mut nonce_bytes).map_err(|e| io::Error::other(e.to_string()))?;
     let nonce = u64::from_le_bytes(nonce_bytes);
 
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The CPUs this process may run on (taskset, cgroup cpusets), not CPUs
+    // 0..n: pinning shard i to CPU i would put shards outside the allowed set.
+    let cpus = crate::sys::allowed_cpus();
     let mut mesh_ends = mesh::build(if shards > 1 { shards } else { 0 })?.into_iter();
     let mut handles = Vec::with_capacity(shards);
     for i in 0..shards {
         // Pin one shard per core; with more shards than cores (tests run
         // --shards 4 on 2 cores) let the kernel place them.
-        let placement = if shards <= cpus {
-            Placement::Fixed(i)
+        let placement = if shards <= cpus.len() {
+            Placement::Fixed(cpus[i])
         } else {
             Placement::Unbound
         };

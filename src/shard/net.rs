@@ -31,6 +31,7 @@ use super::mesh::{Handoff, MeshMsg};
 use super::poller::{self, Event, READ, READ_WRITE};
 use super::{Shard, TICK};
 use crate::metrics::{bump, drop_one, get};
+use crate::proto::broker::MAX_PENDING_OUTGOING;
 use crate::proto::codec::{return_code, Connect, ProtocolVersion};
 use crate::proto::handshake::{
     self, assign_client_id, check_connect, connack_bytes, owner_of, FirstPacket, HandshakeError,
@@ -169,6 +170,8 @@ pub(crate) struct Net {
     /// Released when accept fails with EMFILE so the pending connection can
     /// be accepted and closed (see [`listener::refuse_one`]).
     spare: Option<OwnedFd>,
+    /// Listeners not watched until the next tick (accept kept failing).
+    paused_listeners: Vec<u32>,
 }
 
 impl Net {
@@ -181,6 +184,7 @@ impl Net {
             connect_deadlines: VecDeque::new(),
             close_deadlines: VecDeque::new(),
             spare: listener::open_spare(),
+            paused_listeners: Vec::new(),
         }
     }
 
@@ -464,12 +468,17 @@ fn accept_ready(shard: &Shard, n: u32) {
                 listener::refuse_one(listener_fd);
                 net.spare = listener::open_spare();
                 if net.spare.is_none() {
-                    // Still none free; the next readiness tries again.
+                    // Not one descriptor free (another shard took the one
+                    // we freed): the listener would stay readable and the
+                    // loop spin, so stop watching it until the next tick.
+                    drop(net);
+                    shard.pause_listener(n, listener_fd);
                     return;
                 }
             }
             Some(Err(e)) => {
                 tracing::warn!(shard = shard.id.0, error = %e, "accept failed");
+                shard.pause_listener(n, listener_fd);
                 return;
             }
         }
@@ -561,6 +570,18 @@ fn close_socket(shard: &Shard, fd: OwnedFd) {
 fn refuse(shard: &Shard, fd: OwnedFd, version: ProtocolVersion, code: u8) {
     bump(&shard.counters.connacks[usize::from(code)]);
     let _ = send_some(fd.as_raw_fd(), &connack_bytes(version, false, code));
+    // Closing a socket with unread input sends RST instead of FIN, and a
+    // client that pipelined packets after its CONNECT could then lose the
+    // CONNACK that says why: read away what it sent first (a few reads at
+    // most; anything sent after the close still gets the RST).
+    let mut discard = BytesMut::new();
+    for _ in 0..4 {
+        discard.clear();
+        match recv_into(shard, fd.as_raw_fd(), &mut discard) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
     close_socket(shard, fd);
 }
 
@@ -702,6 +723,31 @@ impl Shard {
             Err(_) => self.lost(id),
         }
         self.dispatch();
+        self.pause_reading_if_backlogged(id);
+    }
+
+    /// Stops reading a client whose replies pile up because it does not read
+    /// them (a PINGREQ or QoS 1 PUBLISH flood from a client that never takes
+    /// its PINGRESPs or PUBACKs): what it owes us waits in its own socket
+    /// buffers, and our memory for it stays under
+    /// [`MAX_PENDING_OUTGOING`] plus one read's replies. Reading resumes
+    /// when the socket drains ([`Shard::write_ready`]).
+    fn pause_reading_if_backlogged(&self, id: ConnId) {
+        let broker_bytes = self.broker.borrow().outgoing_len(id);
+        let mut net = self.net.borrow_mut();
+        let Some(sock) = net.sock_mut(id) else { return };
+        if !sock.writing || sock.closing {
+            return;
+        }
+        let unsent = sock.bufs.as_ref().map_or(0, |b| b.unsent.len());
+        if broker_bytes + unsent > MAX_PENDING_OUTGOING {
+            let raw = sock.fd.as_raw_fd();
+            let _ = self
+                .epoll
+                .modify(raw, libc::EPOLLOUT as u32, Token::Conn(id).encode());
+            drop(net);
+            bump(&self.counters.reads_paused);
+        }
     }
 
     fn write_ready(&self, id: ConnId) {
@@ -842,6 +888,28 @@ impl Shard {
         }
         let now = self.now();
         self.broker.borrow_mut().connection_lost(id, now);
+    }
+
+    /// Stops watching listener `n` until the next tick: accept is failing in
+    /// a way a retry right away would not fix.
+    fn pause_listener(&self, n: u32, fd: RawFd) {
+        let _ = self.epoll.modify(fd, 0, Token::Listener(n).encode());
+        self.net.borrow_mut().paused_listeners.push(n);
+    }
+
+    /// Watches paused listeners again (each tick).
+    pub(crate) fn resume_listeners(&self) {
+        let mut net = self.net.borrow_mut();
+        for n in std::mem::take(&mut net.paused_listeners) {
+            if let Some(fd) = net.listeners.get(n as usize) {
+                let _ = self
+                    .epoll
+                    .modify(fd.as_raw_fd(), READ, Token::Listener(n).encode());
+            }
+        }
+        if net.spare.is_none() {
+            net.spare = listener::open_spare();
+        }
     }
 
     /// Shutdown, first step: stop accepting (closing the listeners refuses

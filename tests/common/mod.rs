@@ -146,11 +146,16 @@ impl Broker {
         let listen = format!("127.0.0.1:{port}");
         let mut argv: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
         argv.push(COREMQ.to_string());
+        // Four shards, so cross-shard paths run, unless the test picks.
+        let shards = if extra_args.contains(&"--shards") {
+            &[][..]
+        } else {
+            &["--shards", "4"][..]
+        };
+        argv.extend(shards.iter().map(|s| s.to_string()));
         for a in [
             "--listen",
             &listen,
-            "--shards",
-            "4",
             "--log-level",
             "info",
             "--stats-interval",
