@@ -10,6 +10,7 @@
 //! listen = ["127.0.0.1:1883", "[::1]:1883"]   # or one string
 //! shards = 2
 //! password_file = "passwords"                 # relative to this file's folder
+//! acl_file = "acl"                            # mosquitto's acl_file format
 //! allow_anonymous = false
 //! connect_timeout = 10                        # seconds
 //! ```
@@ -44,6 +45,9 @@ pub struct Config {
     pub shards: usize,
     /// mosquitto-format password file (see [`crate::auth`]). Default: none.
     pub password_file: Option<PathBuf>,
+    /// mosquitto-format ACL file (see [`crate::proto::acl`]); with one, what
+    /// it does not grant is refused. Default: none (everything allowed).
+    pub acl_file: Option<PathBuf>,
     /// Whether a client that sends no username may connect. Default: true
     /// without a password file, false with one.
     pub allow_anonymous: bool,
@@ -65,6 +69,9 @@ pub struct Config {
     /// Most messages queued for one offline or slow session; beyond it new
     /// QoS 1/2 messages are dropped. 0 queues nothing. Default: 1000 messages.
     pub max_queued: usize,
+    /// Period of the `$SYS/broker/...` statistics topics; zero disables
+    /// them. Default: 10 s.
+    pub sys_interval: Duration,
     /// tracing filter: error|warn|info|debug|trace|off, or an env-filter
     /// directive such as `coremq=debug,info`. Default: `info`.
     pub log_level: String,
@@ -80,6 +87,7 @@ impl Default for Config {
             )],
             shards: cpus.clamp(1, 1024),
             password_file: None,
+            acl_file: None,
             allow_anonymous: true,
             max_connections: 0,
             connect_timeout: Duration::from_secs(10),
@@ -87,6 +95,7 @@ impl Default for Config {
             stats_interval: Duration::from_secs(60),
             max_inflight: 20,
             max_queued: 1000,
+            sys_interval: Duration::from_secs(10),
             log_level: "info".to_owned(),
         }
     }
@@ -231,6 +240,8 @@ pub enum Key {
     Shards,
     /// `password_file`
     PasswordFile,
+    /// `acl_file`
+    AclFile,
     /// `allow_anonymous`
     AllowAnonymous,
     /// `max_connections`
@@ -245,16 +256,19 @@ pub enum Key {
     MaxInflight,
     /// `max_queued`
     MaxQueued,
+    /// `sys_interval`
+    SysInterval,
     /// `log_level`
     LogLevel,
 }
 
 impl Key {
     /// Every setting, in `--help` order.
-    pub const ALL: [Key; 11] = [
+    pub const ALL: [Key; 13] = [
         Key::Listen,
         Key::Shards,
         Key::PasswordFile,
+        Key::AclFile,
         Key::AllowAnonymous,
         Key::MaxConnections,
         Key::ConnectTimeout,
@@ -262,6 +276,7 @@ impl Key {
         Key::StatsInterval,
         Key::MaxInflight,
         Key::MaxQueued,
+        Key::SysInterval,
         Key::LogLevel,
     ];
 
@@ -271,6 +286,7 @@ impl Key {
             Key::Listen => "listen",
             Key::Shards => "shards",
             Key::PasswordFile => "password_file",
+            Key::AclFile => "acl_file",
             Key::AllowAnonymous => "allow_anonymous",
             Key::MaxConnections => "max_connections",
             Key::ConnectTimeout => "connect_timeout",
@@ -278,6 +294,7 @@ impl Key {
             Key::StatsInterval => "stats_interval",
             Key::MaxInflight => "max_inflight",
             Key::MaxQueued => "max_queued",
+            Key::SysInterval => "sys_interval",
             Key::LogLevel => "log_level",
         }
     }
@@ -300,13 +317,19 @@ impl Key {
             // Past ~1k shards the replicated filter index and mesh
             // (shards² channels) cost more than another thread gains.
             Key::Shards => Some((1, Some(1024))),
-            Key::MaxConnections | Key::StatsInterval | Key::MaxQueued => Some((0, None)),
+            Key::MaxConnections | Key::StatsInterval | Key::MaxQueued | Key::SysInterval => {
+                Some((0, None))
+            }
             Key::ConnectTimeout => Some((1, None)),
             // 2 bytes is the smallest packet (PINGREQ); 268_435_455 is the
             // largest Remaining Length plus a 5-byte fixed header (MQTT 2.2.3).
             Key::MaxPacketSize => Some((2, Some(268_435_460))),
             Key::MaxInflight => Some((1, Some(i64::from(u16::MAX)))),
-            Key::Listen | Key::PasswordFile | Key::AllowAnonymous | Key::LogLevel => None,
+            Key::Listen
+            | Key::PasswordFile
+            | Key::AclFile
+            | Key::AllowAnonymous
+            | Key::LogLevel => None,
         }
     }
 
@@ -360,6 +383,9 @@ struct RunArgs {
     /// mosquitto-format password file (write one with `coremq passwd`) [default: none]
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
+    /// mosquitto-format ACL file: once given, only what it grants is allowed [default: none]
+    #[arg(long, value_name = "FILE")]
+    acl_file: Option<PathBuf>,
     /// Let clients without a username connect (true|false; alone means true)
     /// [default: true without --password-file, false with one]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -382,6 +408,9 @@ struct RunArgs {
     /// Most messages queued for one offline or slow session [default: 1000]
     #[arg(long, value_name = "N")]
     max_queued: Option<String>,
+    /// Seconds between updates of the $SYS/broker/... topics; 0 disables [default: 10]
+    #[arg(long, value_name = "SECS")]
+    sys_interval: Option<String>,
     /// error|warn|info|debug|trace|off, or a tracing env-filter directive
     /// such as coremq=debug,info [default: info]
     #[arg(long, value_name = "LEVEL")]
@@ -504,13 +533,14 @@ fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
             })?;
         }
     }
-    let flags: [(Key, Option<Raw<'_>>); 11] = [
+    let flags: [(Key, Option<Raw<'_>>); 13] = [
         (
             Key::Listen,
             (!args.listen.is_empty()).then(|| Raw::List(args.listen.clone())),
         ),
         (Key::Shards, args.shards.map(Raw::Str)),
         (Key::PasswordFile, args.password_file.map(Raw::Path)),
+        (Key::AclFile, args.acl_file.map(Raw::Path)),
         (Key::AllowAnonymous, args.allow_anonymous.map(Raw::Str)),
         (Key::MaxConnections, args.max_connections.map(Raw::Str)),
         (Key::ConnectTimeout, args.connect_timeout.map(Raw::Str)),
@@ -518,6 +548,7 @@ fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
         (Key::StatsInterval, args.stats_interval.map(Raw::Str)),
         (Key::MaxInflight, args.max_inflight.map(Raw::Str)),
         (Key::MaxQueued, args.max_queued.map(Raw::Str)),
+        (Key::SysInterval, args.sys_interval.map(Raw::Str)),
         (Key::LogLevel, args.log_level.map(Raw::Str)),
     ];
     for (key, raw) in flags {
@@ -699,6 +730,13 @@ impl Builder {
                 }
                 c.password_file = Some(p);
             }
+            Key::AclFile => {
+                let p = raw.path()?;
+                if p.as_os_str().is_empty() {
+                    return Err("must not be empty".into());
+                }
+                c.acl_file = Some(p);
+            }
             Key::AllowAnonymous => self.allow_anonymous = Some(raw.boolean()?),
             Key::MaxConnections => c.max_connections = to_usize(int(&raw)?),
             Key::ConnectTimeout => c.connect_timeout = Duration::from_secs(int(&raw)? as u64),
@@ -706,6 +744,7 @@ impl Builder {
             Key::StatsInterval => c.stats_interval = Duration::from_secs(int(&raw)? as u64),
             Key::MaxInflight => c.max_inflight = int(&raw)? as u16,
             Key::MaxQueued => c.max_queued = to_usize(int(&raw)?),
+            Key::SysInterval => c.sys_interval = Duration::from_secs(int(&raw)? as u64),
             Key::LogLevel => {
                 let s = raw.string()?;
                 check_log_level(&s)?;

@@ -3,13 +3,14 @@
 //! Module map — where each thing lives:
 //!
 //! - [`proto`]: the sans-IO protocol core; no sockets, no clock reads.
+//!   - [`proto::acl`]: topic access rules (mosquitto's `acl_file` format).
 //!   - [`proto::codec`]: the wire format of every packet of every version.
 //!   - [`proto::topic`]: `TopicName` / `TopicFilter` and the subscription trie.
 //!   - [`proto::keepalive`]: the lazy bucket wheel that finds silent connections.
 //!   - [`proto::handshake`]: the first packet: CONNACK return code, owner shard.
 //!   - [`proto::broker`]: one shard's connections, sessions, wills, routing.
 //!   - [`proto::session`]: a client's session: subscriptions, packet ids, inflight.
-//!   - [`proto::retained`]: retained messages (a full replica per shard).
+//!   - [`proto::retained`]: retained messages, each topic on one owner shard.
 //! - [`shard`]: the glommio shell: executors, the tick, dispatching the broker's events.
 //!   - [`shard::net`]: accept, the CONNECT handshake, hand-off, reading and writing sockets.
 //!   - [`shard::poller`]: the shard's epoll set and how its readiness reaches io_uring.

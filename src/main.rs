@@ -45,6 +45,13 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let acl = match config.acl_file.as_deref().map(load_acl).transpose() {
+        Ok(acl) => acl,
+        Err(e) => {
+            eprintln!("coremq: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .compact()
         .with_writer(io::stderr)
@@ -57,13 +64,20 @@ fn run(config: Config) -> ExitCode {
             "allow_anonymous is false and there is no password file: every client will be refused"
         );
     }
-    match coremq::shard::run(config, auth) {
+    match coremq::shard::run(config, auth, acl) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("coremq: {e}");
             ExitCode::from(1)
         }
     }
+}
+
+/// Reads and parses an ACL file; the error names the file and the line.
+fn load_acl(path: &std::path::Path) -> Result<coremq::proto::acl::Acl, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("acl file {}: {e}", path.display()))?;
+    coremq::proto::acl::Acl::parse(&text).map_err(|e| format!("acl file {}: {e}", path.display()))
 }
 
 /// Raises the open-file limit and says how many clients it allows, since

@@ -19,6 +19,8 @@ pub struct Counters {
     /// Sessions held now: connected, and persistent ones whose client is
     /// away.
     pub sessions_current: AtomicU64,
+    /// Retained topics held now (all shards).
+    pub retained_current: AtomicU64,
     /// CONNACKs sent, by 3.x return code 0..=5.
     pub connacks: [AtomicU64; 6],
     /// Connections closed because a new CONNECT took over their clientId.
@@ -34,6 +36,18 @@ pub struct Counters {
     /// Connections refused before CONNECT was read (accept failing with
     /// EMFILE/ENFILE, or the process at its socket ceiling).
     pub accept_refused: AtomicU64,
+    /// Subscriptions held now (a filter of a session counts once).
+    pub subscriptions_current: AtomicU64,
+    /// Most client connections open at once since start.
+    pub connections_maximum: AtomicU64,
+    /// MQTT packets received from and sent to clients (all types).
+    pub packets_received: AtomicU64,
+    /// See `packets_received`.
+    pub packets_sent: AtomicU64,
+    /// Bytes read from and written to client sockets.
+    pub bytes_received: AtomicU64,
+    /// See `bytes_received`.
+    pub bytes_sent: AtomicU64,
     /// PUBLISH packets received from clients.
     pub publishes_received: AtomicU64,
     /// PUBLISH packets sent to clients.
@@ -41,6 +55,9 @@ pub struct Counters {
     /// Messages dropped: QoS 1/2 past a session's inflight window, or for an
     /// offline session.
     pub messages_dropped: AtomicU64,
+    /// SUBSCRIBE filters refused (SUBACK 0x80), PUBLISHes and wills dropped,
+    /// because the ACL does not allow them.
+    pub acl_denied: AtomicU64,
     /// Times a client's socket stopped being read because the replies owed to
     /// it (over 1 MiB) were not being read by it.
     pub reads_paused: AtomicU64,
@@ -64,6 +81,70 @@ pub fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
+impl Counters {
+    /// The `$SYS/broker/...` topics and their values, mosquitto's names
+    /// (what dashboards and monitoring scripts written for it read).
+    pub fn sys_topics(&self, uptime_secs: u64) -> Vec<(&'static str, String)> {
+        let connected = get(&self.connections_current);
+        let sessions = get(&self.sessions_current);
+        vec![
+            (
+                "$SYS/broker/version",
+                format!("coremq {}", env!("CARGO_PKG_VERSION")),
+            ),
+            ("$SYS/broker/uptime", format!("{uptime_secs} seconds")),
+            ("$SYS/broker/clients/connected", connected.to_string()),
+            ("$SYS/broker/clients/active", connected.to_string()),
+            (
+                "$SYS/broker/clients/disconnected",
+                sessions.saturating_sub(connected).to_string(),
+            ),
+            (
+                "$SYS/broker/clients/inactive",
+                sessions.saturating_sub(connected).to_string(),
+            ),
+            ("$SYS/broker/clients/total", sessions.to_string()),
+            (
+                "$SYS/broker/clients/maximum",
+                get(&self.connections_maximum).to_string(),
+            ),
+            (
+                "$SYS/broker/messages/received",
+                get(&self.packets_received).to_string(),
+            ),
+            (
+                "$SYS/broker/messages/sent",
+                get(&self.packets_sent).to_string(),
+            ),
+            (
+                "$SYS/broker/publish/messages/received",
+                get(&self.publishes_received).to_string(),
+            ),
+            (
+                "$SYS/broker/publish/messages/sent",
+                get(&self.publishes_sent).to_string(),
+            ),
+            (
+                "$SYS/broker/publish/messages/dropped",
+                get(&self.messages_dropped).to_string(),
+            ),
+            (
+                "$SYS/broker/bytes/received",
+                get(&self.bytes_received).to_string(),
+            ),
+            ("$SYS/broker/bytes/sent", get(&self.bytes_sent).to_string()),
+            (
+                "$SYS/broker/subscriptions/count",
+                get(&self.subscriptions_current).to_string(),
+            ),
+            (
+                "$SYS/broker/retained messages/count",
+                get(&self.retained_current).to_string(),
+            ),
+        ]
+    }
+}
+
 impl fmt::Display for Counters {
     /// The one summary line: `key=value` pairs, stable order, grep-friendly.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -72,7 +153,8 @@ impl fmt::Display for Counters {
             "connections={} sockets={} sessions={} connections_total={} connack_0={} connack_1={} \
              connack_2={} connack_3={} connack_4={} connack_5={} takeovers={} wills={} \
              keepalive_expiries={} connect_timeouts={} malformed={} accept_refused={} \
-             publishes_in={} publishes_out={} dropped={} reads_paused={}",
+             publishes_in={} publishes_out={} dropped={} acl_denied={} reads_paused={} \
+             retained={}",
             get(&self.connections_current),
             get(&self.sockets_current),
             get(&self.sessions_current),
@@ -92,7 +174,9 @@ impl fmt::Display for Counters {
             get(&self.publishes_received),
             get(&self.publishes_sent),
             get(&self.messages_dropped),
+            get(&self.acl_denied),
             get(&self.reads_paused),
+            get(&self.retained_current),
         )
     }
 }

@@ -20,17 +20,22 @@ use bytestring::ByteString;
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use std::hash::BuildHasher;
 
+use super::acl::{Access, Acl};
 use super::codec::{
     self, return_code, ConnAck, Connect, LastWill, Packet, PacketId, ProtocolVersion, PubResp,
     Publish, QoS, SubAck, UnsubAck,
 };
 use super::keepalive::{KeepAliveWheel, Secs, Verdict};
-use super::retained::{RetainedMessage, RetainedStore};
+use super::retained::{retained_owner, RetainedMessage, RetainedStore};
 use super::session::{Inflight, QueuedMessage, Session, SessionKey};
 use super::topic::trie::SubscriptionTrie;
-use super::topic::TopicName;
+use super::topic::{TopicFilter, TopicName};
 use super::{ConnId, Millis, ShardId};
 use crate::metrics::{bump, drop_one, Counters};
+
+/// The SUBACK code for a refused filter (MQTT-3.9.3-2 of 3.1.1; 5.0's
+/// Unspecified error has the same value).
+const SUBACK_FAILURE: u8 = 0x80;
 
 /// Bytes queued for one connection's socket beyond which QoS 0 messages to it
 /// are dropped: a stuck subscriber costs at most this much.
@@ -51,6 +56,8 @@ pub struct BrokerConfig {
     /// QoS 1/2 messages a session's queue holds (offline, or window full);
     /// past it new messages for that session are dropped and counted.
     pub max_queued: usize,
+    /// Topic access rules (`--acl-file`); `None` lets everyone do anything.
+    pub acl: Option<Arc<Acl>>,
 }
 
 /// A publish travelling between shards. `Send`: payload and topic are
@@ -68,11 +75,39 @@ pub struct RoutedPublish {
     pub retain: bool,
 }
 
-/// A message from one shard's broker to the others.
+/// A message from one shard's broker to another.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShardMsg {
-    /// Deliver to local subscribers, and store if retained.
+    /// Deliver to local subscribers; the topic's retained owner also stores
+    /// it if RETAIN is set.
     Publish(RoutedPublish),
+    /// A new subscription on another shard asks for the retained messages
+    /// this shard owns that its filter matches.
+    RetainedQuery(RetainedQuery),
+    /// The answer to a [`ShardMsg::RetainedQuery`].
+    RetainedReply(RetainedReply),
+}
+
+/// Who asked for retained messages, and for which subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedQuery {
+    /// The shard that asks, where the session is.
+    pub from: ShardId,
+    /// The session that subscribed.
+    pub session: SessionKey,
+    /// Its clientId: the key alone could name a later session by then.
+    pub client_id: ByteString,
+    /// The new subscription's filter.
+    pub filter: TopicFilter,
+}
+
+/// Retained messages for a new subscription, from the shard that owns them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedReply {
+    /// The query this answers (its `from` is where this goes).
+    pub query: RetainedQuery,
+    /// The matching messages (payloads shared, not copied).
+    pub messages: Vec<RetainedMessage>,
 }
 
 /// What the shell must do after a call into the broker.
@@ -84,6 +119,8 @@ pub enum Event {
     Close(ConnId),
     /// Send this to every other shard.
     Broadcast(ShardMsg),
+    /// Send this to one other shard.
+    SendTo(ShardId, ShardMsg),
 }
 
 /// Why a connection ended. Every reason but `Disconnect` publishes the will.
@@ -146,6 +183,20 @@ pub struct Broker {
     events: VecDeque<Event>,
     /// Reused by every routing call: subscriber → highest granted QoS.
     matches: HashMap<SessionKey, QoS>,
+    /// Per-packet tallies, kept here and added to the shared counters by
+    /// [`Broker::flush_counts`]: an atomic add per packet from every shard
+    /// would make the counters' cache lines the busiest memory in the
+    /// process.
+    counts: LocalCounts,
+}
+
+/// Tallies a shard keeps to itself between flushes.
+#[derive(Debug, Default, Clone, Copy)]
+struct LocalCounts {
+    packets_in: u64,
+    packets_out: u64,
+    publishes_in: u64,
+    publishes_out: u64,
 }
 
 impl Broker {
@@ -165,7 +216,25 @@ impl Broker {
             keepalive: KeepAliveWheel::new(keepalive_tick(now)),
             events: VecDeque::new(),
             matches: HashMap::new(),
+            counts: LocalCounts::default(),
         }
+    }
+
+    /// Adds this shard's packet tallies to the process-wide counters (the
+    /// shell calls it every tick).
+    pub fn flush_counts(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = std::mem::take(&mut self.counts);
+        self.counters
+            .packets_received
+            .fetch_add(c.packets_in, Relaxed);
+        self.counters.packets_sent.fetch_add(c.packets_out, Relaxed);
+        self.counters
+            .publishes_received
+            .fetch_add(c.publishes_in, Relaxed);
+        self.counters
+            .publishes_sent
+            .fetch_add(c.publishes_out, Relaxed);
     }
 
     /// This shard's configuration.
@@ -183,7 +252,7 @@ impl Broker {
         self.by_client_id.len()
     }
 
-    /// Retained topics in this shard's replica.
+    /// Retained topics this shard owns.
     pub fn retained_count(&self) -> usize {
         self.retained.len()
     }
@@ -242,6 +311,7 @@ impl Broker {
             keep_alive,
             client_id,
             will,
+            username,
             ..
         } = connect;
         let id = self.allocate_conn(Conn {
@@ -277,11 +347,16 @@ impl Broker {
             }
             None => (self.create_session(client_id, clean_start), false),
         };
+        let acl_in_use = self.config.acl.is_some();
         let session = self
             .session_mut(key)
             .expect("session created or found above");
         session.conn = Some(id);
         session.clean = clean_start;
+        if acl_in_use {
+            // Whoever connects now is who the session's rules are for.
+            session.username = username.map(|u| Box::from(&*u));
+        }
         let conn = self.conn_mut(id).expect("allocated above");
         conn.session = Some(key);
         if keep_alive > 0 {
@@ -320,6 +395,7 @@ impl Broker {
             match codec::decode(buf, version, self.config.max_packet_size) {
                 Ok(None) => return,
                 Ok(Some(packet)) => {
+                    self.counts.packets_in += 1;
                     if let Some(c) = self.conn_mut(conn) {
                         c.last_seen = now;
                     }
@@ -368,6 +444,52 @@ impl Broker {
                 }
                 self.deliver_local(&publish);
             }
+            ShardMsg::RetainedQuery(query) => {
+                let mut messages = Vec::new();
+                self.retained
+                    .for_each_match(&query.filter, |m| messages.push(m.clone()));
+                // Nothing to say when nothing matches: the asker keeps no
+                // state waiting for an answer.
+                if !messages.is_empty() {
+                    let to = query.from;
+                    self.events.push_back(Event::SendTo(
+                        to,
+                        ShardMsg::RetainedReply(RetainedReply { query, messages }),
+                    ));
+                }
+            }
+            ShardMsg::RetainedReply(reply) => self.retained_reply(reply),
+        }
+    }
+
+    /// Retained messages from another shard for one of our new
+    /// subscriptions: delivered if the session is still the one that asked
+    /// and still has the subscription, at the QoS it has now.
+    fn retained_reply(&mut self, reply: RetainedReply) {
+        let RetainedReply { query, messages } = reply;
+        let Some(session) = self.session(query.session) else {
+            return;
+        };
+        if session.client_id != query.client_id {
+            return;
+        }
+        let Some(granted) = session
+            .subscriptions()
+            .find(|(f, _)| f.as_str() == query.filter.as_str())
+            .map(|(_, q)| q)
+        else {
+            return;
+        };
+        for msg in messages {
+            self.deliver_to_session(
+                query.session,
+                QueuedMessage {
+                    qos: msg.qos.min(granted),
+                    topic: msg.topic,
+                    payload: msg.payload,
+                    retain: true,
+                },
+            );
         }
     }
 
@@ -413,12 +535,15 @@ impl Broker {
             if let Slot::Used(c) = slot {
                 if !c.closing {
                     if let Some(will) = c.will.take() {
-                        wills.push(will);
+                        wills.push((c.session, will));
                     }
                 }
             }
         }
-        for will in wills {
+        for (session, will) in wills {
+            if !self.will_allowed(session, &will) {
+                continue;
+            }
             bump(&self.counters.wills_published);
             self.route(RoutedPublish {
                 topic: will.topic,
@@ -505,8 +630,8 @@ impl Broker {
                 };
                 for filter in &unsub.filters {
                     self.trie.unsubscribe(filter, key);
-                    if let Some(s) = self.session_mut(key) {
-                        s.unsubscribe(filter);
+                    if self.session_mut(key).is_some_and(|s| s.unsubscribe(filter)) {
+                        drop_one(&self.counters.subscriptions_current);
                     }
                 }
                 self.queue_packet(
@@ -538,17 +663,32 @@ impl Broker {
     }
 
     fn handle_publish(&mut self, conn: ConnId, publish: Publish, now: Millis) {
-        bump(&self.counters.publishes_received);
-        let routed = RoutedPublish {
+        self.counts.publishes_in += 1;
+        // A PUBLISH the ACL refuses is acknowledged as usual and then dropped
+        // (counted): 3.1.1 has no way to tell the client.
+        let allowed = self.config.acl.is_none() || {
+            let key = self.conn(conn).and_then(|c| c.session);
+            key.is_some_and(|k| self.may(k, Access::Write, publish.topic.as_str()))
+        };
+        let routed = allowed.then(|| RoutedPublish {
             topic: publish.topic,
             payload: publish.payload,
             qos: publish.qos,
             retain: publish.retain,
-        };
+        });
+        if routed.is_none() {
+            bump(&self.counters.acl_denied);
+        }
         match (publish.qos, publish.packet_id) {
-            (QoS::AtMostOnce, _) => self.route(routed),
+            (QoS::AtMostOnce, _) => {
+                if let Some(routed) = routed {
+                    self.route(routed);
+                }
+            }
             (QoS::AtLeastOnce, Some(id)) => {
-                self.route(routed);
+                if let Some(routed) = routed {
+                    self.route(routed);
+                }
                 self.queue_packet(conn, &Packet::PubAck(pub_resp(id)));
             }
             (QoS::ExactlyOnce, Some(id)) => {
@@ -557,7 +697,7 @@ impl Broker {
                 let first = self
                     .with_session(conn, |s| s.flows_mut().awaiting_rel.insert(id.get()))
                     .unwrap_or(false);
-                if first {
+                if let (true, Some(routed)) = (first, routed) {
                     self.route(routed);
                 }
                 self.queue_packet(conn, &Packet::PubRec(pub_resp(id)));
@@ -575,12 +715,22 @@ impl Broker {
             return;
         };
         let mut codes = Vec::with_capacity(sub.filters.len());
+        let mut accepted = Vec::with_capacity(sub.filters.len());
         for (filter, options) in &sub.filters {
+            if !self.may(key, Access::Subscribe, filter.as_str()) {
+                // MQTT-3.9.3: 0x80, failure, for this filter alone.
+                bump(&self.counters.acl_denied);
+                codes.push(SUBACK_FAILURE);
+                continue;
+            }
+            accepted.push((filter, options));
             let granted = options.qos;
             // MQTT-3.8.4-3: a repeated filter replaces the old subscription.
             self.trie.subscribe(filter, key, granted);
             if let Some(s) = self.session_mut(key) {
-                s.subscribe(filter, granted);
+                if s.subscribe(filter, granted) {
+                    bump(&self.counters.subscriptions_current);
+                }
             }
             codes.push(granted as u8);
         }
@@ -593,11 +743,15 @@ impl Broker {
             }),
         );
         // MQTT-3.3.1-6 / -8: retained messages go to the new subscription with
-        // RETAIN=1, after the SUBACK.
+        // RETAIN=1, after the SUBACK: this shard's own at once, the other
+        // shards' when they answer (see `retained` for who owns what).
         let mut retained = Vec::new();
-        for (filter, options) in &sub.filters {
+        for (filter, options) in accepted {
             self.retained
                 .for_each_match(filter, |m| retained.push((m.clone(), options.qos)));
+            if self.config.shards > 1 {
+                self.ask_for_retained(key, filter);
+            }
         }
         for (msg, granted) in retained {
             self.deliver_to_session(
@@ -610,6 +764,17 @@ impl Broker {
                 },
             );
         }
+    }
+
+    /// A message the broker publishes itself (`$SYS`): routed like a
+    /// client's PUBLISH.
+    pub fn publish(&mut self, topic: TopicName, payload: Bytes, qos: QoS, retain: bool) {
+        self.route(RoutedPublish {
+            topic,
+            payload,
+            qos,
+            retain,
+        });
     }
 
     /// Publishes on this shard and on every other: the path of client
@@ -625,12 +790,46 @@ impl Broker {
         }
     }
 
+    /// Asks the shards that may own retained messages `filter` matches.
+    fn ask_for_retained(&mut self, key: SessionKey, filter: &TopicFilter) {
+        let Some(client_id) = self.session(key).map(|s| s.client_id.clone()) else {
+            return;
+        };
+        let query = RetainedQuery {
+            from: self.config.shard,
+            session: key,
+            client_id,
+            filter: filter.clone(),
+        };
+        if filter.has_wildcards() {
+            self.events
+                .push_back(Event::Broadcast(ShardMsg::RetainedQuery(query)));
+        } else {
+            // An exact filter is one topic, owned by one shard.
+            let owner = retained_owner(filter.as_str(), self.config.shards);
+            if owner != self.config.shard {
+                self.events
+                    .push_back(Event::SendTo(owner, ShardMsg::RetainedQuery(query)));
+            }
+        }
+    }
+
+    /// Stores (or clears) a retained message if this shard owns its topic.
     fn store_retained(&mut self, publish: &RoutedPublish) {
+        if retained_owner(publish.topic.as_str(), self.config.shards) != self.config.shard {
+            return;
+        }
+        let before = self.retained.len();
         self.retained.set(RetainedMessage {
             topic: publish.topic.clone(),
             payload: publish.payload.clone(),
             qos: publish.qos,
         });
+        match self.retained.len().cmp(&before) {
+            std::cmp::Ordering::Greater => bump(&self.counters.retained_current),
+            std::cmp::Ordering::Less => drop_one(&self.counters.retained_current),
+            std::cmp::Ordering::Equal => {}
+        }
     }
 
     fn deliver_local(&mut self, publish: &RoutedPublish) {
@@ -658,9 +857,36 @@ impl Broker {
         self.matches = matches;
     }
 
+    /// A will is a PUBLISH on the client's behalf: the ACL must let the
+    /// client write its topic (counted when it does not).
+    fn will_allowed(&self, session: Option<SessionKey>, will: &LastWill) -> bool {
+        if self.config.acl.is_none() {
+            return true;
+        }
+        let allowed = session.is_some_and(|k| self.may(k, Access::Write, will.topic.as_str()));
+        if !allowed {
+            bump(&self.counters.acl_denied);
+        }
+        allowed
+    }
+
+    /// Whether session `key`'s client may do `access` with `target` under
+    /// the ACL (always, without one).
+    fn may(&self, key: SessionKey, access: Access, target: &str) -> bool {
+        let Some(acl) = &self.config.acl else {
+            return true;
+        };
+        self.session(key)
+            .is_some_and(|s| acl.allows(s.username.as_deref(), &s.client_id, access, target))
+    }
+
     /// Delivers one message to a session: at once when it is connected and
-    /// its inflight window has room, else (QoS 1/2) into its queue.
+    /// its inflight window has room, else (QoS 1/2) into its queue. The ACL
+    /// may hold it back (a `deny` inside a broader grant).
     fn deliver_to_session(&mut self, key: SessionKey, msg: QueuedMessage) {
+        if self.config.acl.is_some() && !self.may(key, Access::Read, msg.topic.as_str()) {
+            return;
+        }
         let max_inflight = self.config.max_inflight;
         let max_queued = self.config.max_queued;
         let Some(session) = self.session_mut(key) else {
@@ -764,7 +990,7 @@ impl Broker {
                     .start(id.get(), Inflight::Published(publish.clone()));
             }
         }
-        bump(&self.counters.publishes_sent);
+        self.counts.publishes_out += 1;
         self.queue_packet(conn, &Packet::Publish(publish));
     }
 
@@ -802,6 +1028,11 @@ impl Broker {
         let session = c.session.take();
         drop_one(&self.counters.connections_current);
         tracing::debug!(?conn, ?reason, "closing connection");
+        // Judged while the session (and so who the client is) still exists.
+        let will = match reason {
+            CloseReason::Disconnect => None,
+            _ => will.filter(|w| self.will_allowed(session, w)),
+        };
 
         if let Some(key) = session {
             let clean = match self.session_mut(key) {
@@ -815,16 +1046,14 @@ impl Broker {
                 self.remove_session(key);
             }
         }
-        if reason != CloseReason::Disconnect {
-            if let Some(will) = will {
-                bump(&self.counters.wills_published);
-                self.route(RoutedPublish {
-                    topic: will.topic,
-                    payload: will.payload,
-                    qos: will.qos,
-                    retain: will.retain,
-                });
-            }
+        if let Some(will) = will {
+            bump(&self.counters.wills_published);
+            self.route(RoutedPublish {
+                topic: will.topic,
+                payload: will.payload,
+                qos: will.qos,
+                retain: will.retain,
+            });
         }
         self.events.push_back(Event::Close(conn));
     }
@@ -835,8 +1064,10 @@ impl Broker {
             return;
         }
         packet.encode(c.version, &mut c.outgoing);
-        if !c.transmit_queued {
-            c.transmit_queued = true;
+        let first = !c.transmit_queued;
+        c.transmit_queued = true;
+        self.counts.packets_out += 1;
+        if first {
             self.events.push_back(Event::Transmit(conn));
         }
     }
@@ -925,6 +1156,7 @@ impl Broker {
         drop_one(&self.counters.sessions_current);
         for (filter, _) in session.subscriptions() {
             self.trie.unsubscribe(filter, key);
+            drop_one(&self.counters.subscriptions_current);
         }
         let hash = self.hasher.hash_one(&*session.client_id);
         if let Ok(entry) = self.by_client_id.find_entry(hash, |k| *k == key) {

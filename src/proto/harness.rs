@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use hashbrown::HashSet;
 
-use super::broker::{Broker, BrokerConfig, Event};
+use super::broker::{Broker, BrokerConfig, Event, ShardMsg};
 use super::codec::{
     self, Connect, Disconnect, LastWill, Packet, PacketId, ProtocolVersion, PubResp, Publish, QoS,
     Subscribe, SubscriptionOptions, Unsubscribe,
@@ -34,10 +34,21 @@ struct Harness {
     closed: HashSet<(usize, ConnId)>,
     /// Bytes each connection was sent, kept until read by `recv`.
     inbox: hashbrown::HashMap<(usize, ConnId), BytesMut>,
+    /// Messages between shards, per receiving shard, in the order sent (the
+    /// shell's mesh is FIFO per sender; one queue per receiver is stricter).
+    mesh: Vec<std::collections::VecDeque<ShardMsg>>,
+    /// While set, `pump` leaves `mesh` alone, so a test can interleave what
+    /// shards do before they hear from each other.
+    hold_mesh: bool,
 }
 
 impl Harness {
     fn new(shards: u16) -> Self {
+        Harness::with_acl(shards, None)
+    }
+
+    fn with_acl(shards: u16, acl: Option<&str>) -> Self {
+        let acl = acl.map(|text| Arc::new(super::acl::Acl::parse(text).expect("valid ACL")));
         let counters = Arc::new(Counters::default());
         let brokers = (0..shards)
             .map(|i| {
@@ -47,6 +58,7 @@ impl Harness {
                         shards,
                         max_packet_size: 1 << 20,
                         max_inflight: 20,
+                        acl: acl.clone(),
                         max_queued: 100,
                     },
                     counters.clone(),
@@ -60,7 +72,21 @@ impl Harness {
             now: Millis(0),
             closed: HashSet::new(),
             inbox: hashbrown::HashMap::new(),
+            mesh: (0..shards).map(|_| Default::default()).collect(),
+            hold_mesh: false,
         }
+    }
+
+    /// Delivers what shards sent each other, in the order `order` gives the
+    /// receiving shards (each one's queue whole), then pumps as usual.
+    fn release_mesh(&mut self, order: &[usize]) {
+        self.hold_mesh = false;
+        for &shard in order {
+            while let Some(msg) = self.mesh[shard].pop_front() {
+                self.brokers[shard].handle_remote(msg);
+            }
+        }
+        self.pump();
     }
 
     fn connect(&mut self, connect: Connect) -> (Client, codec::ConnAck) {
@@ -142,10 +168,21 @@ impl Harness {
                         Event::Broadcast(msg) => {
                             for other in 0..self.brokers.len() {
                                 if other != shard {
-                                    self.brokers[other].handle_remote(msg.clone());
+                                    self.mesh[other].push_back(msg.clone());
                                 }
                             }
                         }
+                        Event::SendTo(peer, msg) => {
+                            self.mesh[usize::from(peer.0)].push_back(msg);
+                        }
+                    }
+                }
+            }
+            if !self.hold_mesh {
+                for shard in 0..self.brokers.len() {
+                    while let Some(msg) = self.mesh[shard].pop_front() {
+                        progressed = true;
+                        self.brokers[shard].handle_remote(msg);
                     }
                 }
             }
@@ -800,4 +837,237 @@ fn session_queue_is_bounded_and_drops_are_counted() {
     assert_eq!(get(&h.counters.messages_dropped), 50, "max_queued is 100");
     let (s, _) = h.connect(connect("s", false, 0));
     assert_eq!(h.recv(s).len(), 20, "the window's worth first");
+}
+
+/// The clientIds of the first `n` clients (by a numbered prefix) that
+/// `owner_of` puts on each shard: tests that need a client on a given shard.
+fn ids_on_shards(prefix: &str, shards: u16) -> Vec<String> {
+    let mut found: Vec<Option<String>> = vec![None; usize::from(shards)];
+    for i in 0.. {
+        let id = format!("{prefix}{i}");
+        let s = owner_of(&id, shards).0 as usize;
+        if found[s].is_none() {
+            found[s] = Some(id);
+        }
+        if found.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    found.into_iter().map(Option::unwrap).collect()
+}
+
+/// Two clients on two shards set the same retained topic at the same time:
+/// whatever order the shards hear of each other, every later subscriber, on
+/// every shard, reads the same message (MQTT-3.3.1-5: the new one replaces
+/// the one there). With a replica per shard, each shard kept the other's.
+#[test]
+fn concurrent_retained_sets_on_two_shards_agree_everywhere_mqtt_3_3_1_5() {
+    for order in [[0usize, 1, 2, 3], [3, 2, 1, 0]] {
+        let mut h = Harness::new(4);
+        let ids = ids_on_shards("setter-", 4);
+        let (a, _) = h.connect(connect(&ids[0], true, 0));
+        let (b, _) = h.connect(connect(&ids[1], true, 0));
+        h.hold_mesh = true;
+        h.send(
+            a,
+            publish("cfg/mode", b"from-a", QoS::AtMostOnce, true, None),
+        );
+        h.send(
+            b,
+            publish("cfg/mode", b"from-b", QoS::AtMostOnce, true, None),
+        );
+        h.release_mesh(&order);
+        let mut seen = HashSet::new();
+        for id in ids_on_shards(&format!("reader-{}-", order[0]), 4) {
+            let r = subscriber(&mut h, &id, "cfg/#");
+            let got = h.publishes(r);
+            assert_eq!(got.len(), 1, "{id}: {got:?}");
+            seen.insert(got[0].1.clone());
+        }
+        assert_eq!(seen.len(), 1, "order {order:?}: shards disagree: {seen:?}");
+    }
+}
+
+/// A subscription on one shard gets the retained messages that other shards
+/// own, for a wildcard filter (asking every shard) and an exact one (asking
+/// the topic's owner), each once, with RETAIN=1 and at min(QoS).
+#[test]
+fn retained_messages_owned_elsewhere_reach_new_subscriptions_mqtt_3_3_1_6() {
+    let mut h = Harness::new(4);
+    let (p, _) = h.connect(connect("pub", true, 0));
+    let topics: Vec<String> = (0..40).map(|i| format!("fleet/{i}/status")).collect();
+    for t in &topics {
+        h.send(p, publish(t, t.as_bytes(), QoS::AtLeastOnce, true, Some(9)));
+        let _ = h.recv(p);
+    }
+    // The topics are spread over the shards' stores.
+    let owners: HashSet<usize> = (0..4)
+        .filter(|&s| h.brokers[s].retained_count() > 0)
+        .collect();
+    assert!(owners.len() > 1, "all on one shard: {owners:?}");
+    for id in ids_on_shards("wild-", 4) {
+        let c = subscriber(&mut h, &id, "fleet/+/status");
+        // Acknowledged as they come: 40 is past the inflight window of 20.
+        let mut got = Vec::new();
+        loop {
+            let packets = h.recv(c);
+            if packets.is_empty() {
+                break;
+            }
+            ack(&mut h, c, &packets);
+            for p in packets {
+                let Packet::Publish(p) = p else { continue };
+                assert!(p.retain, "MQTT-3.3.1-8: RETAIN=1 for a new subscription");
+                assert_eq!(p.qos, QoS::AtLeastOnce);
+                assert_eq!(p.topic.as_str().as_bytes(), &p.payload[..]);
+                got.push(p.topic.to_string());
+            }
+        }
+        got.sort();
+        let mut want = topics.clone();
+        want.sort();
+        assert_eq!(got, want, "{id}");
+    }
+    for id in ids_on_shards("exact-", 4) {
+        let (c, _) = h.connect(connect(&id, true, 0));
+        h.send(c, subscribe("fleet/17/status", QoS::AtMostOnce));
+        let got = h.publishes(c);
+        assert_eq!(
+            got,
+            [(
+                "fleet/17/status".to_string(),
+                Bytes::from_static(b"fleet/17/status"),
+                QoS::AtMostOnce,
+                true
+            )],
+            "{id}"
+        );
+    }
+}
+
+/// An answer that arrives after the subscription is gone delivers nothing.
+#[test]
+fn retained_answer_for_a_dropped_subscription_is_ignored() {
+    let mut h = Harness::new(4);
+    let (p, _) = h.connect(connect("pub", true, 0));
+    for i in 0..20 {
+        h.send(
+            p,
+            publish(&format!("x/{i}"), b"r", QoS::AtMostOnce, true, None),
+        );
+    }
+    let (c, _) = h.connect(connect("quick", true, 0));
+    h.hold_mesh = true;
+    h.send(c, subscribe("x/#", QoS::AtMostOnce));
+    h.send(
+        c,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: pid(2),
+            filters: vec![TopicFilter::new("x/#").unwrap()],
+            properties: None,
+        }),
+    );
+    let local = h.publishes(c).len();
+    h.release_mesh(&[0, 1, 2, 3]);
+    assert_eq!(
+        h.publishes(c),
+        [],
+        "only the {local} local ones, before the UNSUBSCRIBE"
+    );
+}
+
+const ACL: &str = "\
+topic read public/#
+user alice
+topic readwrite fleet/#
+topic deny fleet/secret/#
+pattern write dev/%c/status
+";
+
+fn connect_as(client_id: &str, user: &str) -> Connect {
+    let mut c = connect(client_id, true, 0);
+    c.username = Some(ByteString::from(user));
+    c
+}
+
+/// With an ACL, each SUBSCRIBE filter gets its own SUBACK code: the granted
+/// QoS where a read rule covers it, 0x80 where none does (MQTT-3.9.3).
+#[test]
+fn acl_refuses_filters_one_by_one_with_suback_0x80_mqtt_3_9_3() {
+    let mut h = Harness::with_acl(2, Some(ACL));
+    let (alice, _) = h.connect(connect_as("alice-1", "alice"));
+    h.send(
+        alice,
+        subscribe_many(&[
+            ("fleet/+/temp", QoS::AtLeastOnce),
+            ("#", QoS::AtMostOnce),
+            ("fleet/secret/#", QoS::AtMostOnce),
+            ("public/news", QoS::ExactlyOnce),
+        ]),
+    );
+    match h.recv(alice).as_slice() {
+        [Packet::SubAck(a)] => assert_eq!(a.codes, [1, 0x80, 0x80, 0x80]),
+        other => panic!("{other:?}"),
+    }
+    let (anon, _) = h.connect(connect("anon-1", true, 0));
+    h.send(
+        anon,
+        subscribe_many(&[
+            ("public/news", QoS::ExactlyOnce),
+            ("fleet/#", QoS::AtMostOnce),
+        ]),
+    );
+    match h.recv(anon).as_slice() {
+        [Packet::SubAck(a)] => assert_eq!(a.codes, [2, 0x80]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(get(&h.counters.acl_denied), 4);
+}
+
+/// Publishes (and wills) the ACL does not allow are acknowledged and
+/// dropped; a deny inside a broader grant holds messages back on delivery.
+#[test]
+fn acl_drops_unwritable_publishes_and_holds_back_denied_deliveries() {
+    let mut h = Harness::with_acl(2, Some(ACL));
+    let (alice, _) = h.connect(connect_as("alice-1", "alice"));
+    h.send(alice, subscribe("fleet/#", QoS::AtMostOnce));
+    let _ = h.recv(alice);
+    let (dev, _) = h.connect(with_will(
+        connect_as("d9", "alice"),
+        "fleet/d9/will",
+        b"gone",
+        false,
+    ));
+    // alice may write fleet/#, so device d9 (logged in as alice) reaches her.
+    h.send(
+        dev,
+        publish("fleet/1/temp", b"20", QoS::AtLeastOnce, false, Some(3)),
+    );
+    assert!(matches!(h.recv(dev).as_slice(), [Packet::PubAck(_)]));
+    assert_eq!(h.publishes(alice).len(), 1);
+    // A secret one is written (alice may write fleet/#... but deny wins).
+    h.send(
+        dev,
+        publish("fleet/secret/k", b"s", QoS::AtLeastOnce, false, Some(4)),
+    );
+    assert!(
+        matches!(h.recv(dev).as_slice(), [Packet::PubAck(_)]),
+        "acknowledged anyway"
+    );
+    assert_eq!(h.publishes(alice), [], "denied: never delivered");
+    // An anonymous client may write nothing but its pattern topic.
+    let (anon, _) = h.connect(connect("anon-1", true, 0));
+    h.send(
+        anon,
+        publish("fleet/1/temp", b"x", QoS::AtMostOnce, false, None),
+    );
+    h.send(
+        anon,
+        publish("dev/anon-1/status", b"ok", QoS::AtMostOnce, false, None),
+    );
+    assert_eq!(h.publishes(alice), []);
+    // The will is alice's to write: it arrives.
+    h.drop_socket(dev);
+    assert_eq!(h.publishes(alice).len(), 1);
+    assert!(get(&h.counters.acl_denied) >= 2);
 }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+pub mod acl;
 pub mod broker;
 pub mod codec;
 pub mod handshake;

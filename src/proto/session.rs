@@ -31,6 +31,9 @@ pub struct Session {
     pub clean: bool,
     /// The connection attached now, if any.
     pub conn: Option<ConnId>,
+    /// The username its client last connected with, kept only when an ACL
+    /// is in use (the rules are per user).
+    pub username: Option<Box<str>>,
     /// Subscriptions and their granted QoS, sorted by filter, restored on a
     /// resumed session (MQTT-3.2.2-2 and §3.1.2.4).
     subscriptions: Vec<(TopicFilter, QoS)>,
@@ -113,6 +116,7 @@ impl Session {
             client_id,
             clean,
             conn: None,
+            username: None,
             subscriptions: Vec::new(),
             flows: None,
             next_packet_id: 1,
@@ -125,14 +129,20 @@ impl Session {
     }
 
     /// Adds a subscription or, for a filter it has, replaces its QoS
-    /// (MQTT-3.8.4-3).
-    pub fn subscribe(&mut self, filter: &TopicFilter, qos: QoS) {
+    /// (MQTT-3.8.4-3). True if the filter is new to the session.
+    pub fn subscribe(&mut self, filter: &TopicFilter, qos: QoS) -> bool {
         match self
             .subscriptions
             .binary_search_by(|(f, _)| f.as_str().cmp(filter.as_str()))
         {
-            Ok(i) => self.subscriptions[i].1 = qos,
-            Err(i) => self.subscriptions.insert(i, (filter.clone(), qos)),
+            Ok(i) => {
+                self.subscriptions[i].1 = qos;
+                false
+            }
+            Err(i) => {
+                self.subscriptions.insert(i, (filter.clone(), qos));
+                true
+            }
         }
     }
 
@@ -244,9 +254,12 @@ mod tests {
     fn subscriptions_replace_by_filter_and_idle_flows_are_freed() {
         let f = |s: &str| TopicFilter::new(s).unwrap();
         let mut s = Session::new(ByteString::from("c"), false);
-        s.subscribe(&f("b/#"), QoS::AtMostOnce);
-        s.subscribe(&f("a/+"), QoS::AtLeastOnce);
-        s.subscribe(&f("b/#"), QoS::ExactlyOnce);
+        assert!(s.subscribe(&f("b/#"), QoS::AtMostOnce));
+        assert!(s.subscribe(&f("a/+"), QoS::AtLeastOnce));
+        assert!(
+            !s.subscribe(&f("b/#"), QoS::ExactlyOnce),
+            "replaced, not added"
+        );
         let subs: Vec<(&str, QoS)> = s.subscriptions().map(|(f, q)| (f.as_str(), q)).collect();
         assert_eq!(subs, [("a/+", QoS::AtLeastOnce), ("b/#", QoS::ExactlyOnce)]);
         assert!(s.unsubscribe(&f("a/+")));

@@ -90,8 +90,10 @@ pub enum MeshMsg {
     /// this shard owns. The fd travels as `OwnedFd`: if the message is
     /// dropped on the way, the socket is closed, not leaked.
     Handoff(Handoff),
-    /// A broker-level message (publishes, wills).
+    /// A broker-level message (publishes, wills, retained queries).
     Broker(ShardMsg),
+    /// Several, in order: what one turn of the sender's loop produced.
+    Batch(Vec<ShardMsg>),
 }
 
 /// A connection moving to its owner shard.

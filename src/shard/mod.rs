@@ -23,8 +23,13 @@ use glommio::{LocalExecutorBuilder, Placement};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::Counters;
-use crate::proto::broker::{Broker, BrokerConfig, Event};
+use bytes::Bytes;
+
+use crate::proto::acl::Acl;
+use crate::proto::broker::{Broker, BrokerConfig, Event, ShardMsg};
+use crate::proto::codec::QoS;
 use crate::proto::handshake::Authenticate;
+use crate::proto::topic::TopicName;
 use crate::proto::{Millis, ShardId};
 
 pub mod listener;
@@ -66,6 +71,9 @@ pub struct Shard {
     pub broker: RefCell<Broker>,
     /// Every socket of this shard: listeners, handshakes, connections.
     epoll: Epoll,
+    /// Broker messages for each other shard, sent at the end of the loop's
+    /// turn ([`Shard::flush_outbox`]).
+    outbox: RefCell<Vec<Vec<ShardMsg>>>,
     net: RefCell<Net>,
     /// The one buffer every socket of the shard is read into.
     scratch: RefCell<Box<[u8]>>,
@@ -73,6 +81,13 @@ pub struct Shard {
     serial: Cell<u64>,
     started: Instant,
     last_stats: Cell<Instant>,
+    /// When the `$SYS` topics were last published (shard 0 only), and what.
+    last_sys: Cell<Option<Instant>>,
+    sys_values: RefCell<hashbrown::HashMap<&'static str, String>>,
+    /// Bytes read and written since the last tick, added to the shared
+    /// counters then (one atomic add per tick, not per syscall).
+    bytes_in: Cell<u64>,
+    bytes_out: Cell<u64>,
     shutdown: Arc<AtomicBool>,
 }
 
@@ -114,10 +129,16 @@ impl Shard {
                 Some(Event::Transmit(id)) => self.transmit(id),
                 Some(Event::Close(id)) => self.close_conn(id),
                 Some(Event::Broadcast(msg)) => {
-                    for peer in 0..self.shards {
-                        if peer != self.id.0 {
-                            self.send_to(ShardId(peer), MeshMsg::Broker(msg.clone()));
+                    let mut outbox = self.outbox.borrow_mut();
+                    for (peer, batch) in outbox.iter_mut().enumerate() {
+                        if peer != usize::from(self.id.0) {
+                            batch.push(msg.clone());
                         }
+                    }
+                }
+                Some(Event::SendTo(peer, msg)) => {
+                    if let Some(batch) = self.outbox.borrow_mut().get_mut(usize::from(peer.0)) {
+                        batch.push(msg);
                     }
                 }
             }
@@ -129,11 +150,35 @@ impl Shard {
         self.mesh.as_ref().is_some_and(|m| m.backlogged_to(peer))
     }
 
+    /// Sends what this turn of the loop produced for other shards, one
+    /// batch per peer: a burst of publishes costs each peer one channel
+    /// message and at most one doorbell, not one per publish.
+    fn flush_outbox(&self) {
+        let Some(mesh) = &self.mesh else { return };
+        let mut outbox = self.outbox.borrow_mut();
+        for (peer, batch) in outbox.iter_mut().enumerate() {
+            match batch.len() {
+                0 => {}
+                1 => mesh.send(
+                    ShardId(peer as u16),
+                    MeshMsg::Broker(batch.pop().expect("one")),
+                ),
+                _ => mesh.send(ShardId(peer as u16), MeshMsg::Batch(std::mem::take(batch))),
+            }
+        }
+    }
+
     fn handle_mesh_msg(&self, msg: MeshMsg) {
         match msg {
             MeshMsg::Handoff(handoff) => net::accept_handoff(self, handoff),
             MeshMsg::Broker(msg) => {
                 self.broker.borrow_mut().handle_remote(msg);
+                self.dispatch();
+            }
+            MeshMsg::Batch(msgs) => {
+                for msg in msgs {
+                    self.broker.borrow_mut().handle_remote(msg);
+                }
                 self.dispatch();
             }
         }
@@ -147,6 +192,19 @@ impl Shard {
         self.expire_sockets(now);
         self.resume_listeners();
         self.dispatch();
+        self.broker.borrow_mut().flush_counts();
+        let c = &self.counters;
+        c.bytes_received
+            .fetch_add(self.bytes_in.replace(0), Ordering::Relaxed);
+        c.bytes_sent
+            .fetch_add(self.bytes_out.replace(0), Ordering::Relaxed);
+        c.connections_maximum.fetch_max(
+            crate::metrics::get(&c.connections_current),
+            Ordering::Relaxed,
+        );
+        if self.id.0 == 0 {
+            self.publish_sys();
+        }
         let stats_every = self.config.stats_interval;
         if self.id.0 == 0
             && !stats_every.is_zero()
@@ -155,6 +213,35 @@ impl Shard {
             self.last_stats.set(Instant::now());
             tracing::info!("stats {}", self.counters);
         }
+    }
+
+    /// Every `--sys-interval`, publishes the `$SYS/broker/...` topics whose
+    /// value changed, retained (as mosquitto does), through the same path as
+    /// any PUBLISH: every shard's subscribers get them, and a new subscriber
+    /// gets the latest at once.
+    fn publish_sys(&self) {
+        let every = self.config.sys_interval;
+        if every.is_zero() || self.last_sys.get().is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last_sys.set(Some(Instant::now()));
+        let uptime = self.started.elapsed().as_secs();
+        let mut last = self.sys_values.borrow_mut();
+        for (topic, value) in self.counters.sys_topics(uptime) {
+            if last.get(topic) == Some(&value) {
+                continue;
+            }
+            let name = TopicName::new(topic).expect("$SYS topic names are valid");
+            self.broker.borrow_mut().publish(
+                name,
+                Bytes::from(value.clone().into_bytes()),
+                QoS::AtMostOnce,
+                true,
+            );
+            last.insert(topic, value);
+        }
+        drop(last);
+        self.dispatch();
     }
 
     /// Sends `msg` to shard `peer` over the mesh (never blocks, never drops).
@@ -166,7 +253,8 @@ impl Shard {
 }
 
 /// Runs the broker until SIGINT or SIGTERM.
-pub fn run(config: Config, auth: Authenticator) -> io::Result<()> {
+pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<()> {
+    let acl = acl.map(Arc::new);
     let shards = config.shards;
     let shutdown = Arc::new(AtomicBool::new(false));
     // The first SIGINT or SIGTERM starts a clean shutdown (wills out,
@@ -206,6 +294,7 @@ pub fn run(config: Config, auth: Authenticator) -> io::Result<()> {
         let config = config.clone();
         let counters = counters.clone();
         let auth = auth.clone();
+        let acl = acl.clone();
         let ends: Option<MeshEnds> = mesh_ends.next();
         let shutdown = shutdown.clone();
         let handle = LocalExecutorBuilder::new(placement)
@@ -232,6 +321,7 @@ pub fn run(config: Config, auth: Authenticator) -> io::Result<()> {
                             max_packet_size: config.max_packet_size,
                             max_inflight: usize::from(config.max_inflight),
                             max_queued: config.max_queued,
+                            acl: acl.clone(),
                         },
                         counters.clone(),
                         Millis(0),
@@ -243,12 +333,17 @@ pub fn run(config: Config, auth: Authenticator) -> io::Result<()> {
                     socket_ceiling,
                     connection_ceiling,
                     epoll: Epoll::new()?,
+                    outbox: RefCell::new(vec![Vec::new(); shards]),
                     net: RefCell::new(Net::new(listeners)),
                     scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
                     mesh,
                     serial: Cell::new(0),
                     started: Instant::now(),
                     last_stats: Cell::new(Instant::now()),
+                    last_sys: Cell::new(None),
+                    sys_values: RefCell::new(hashbrown::HashMap::new()),
+                    bytes_in: Cell::new(0),
+                    bytes_out: Cell::new(0),
                     shutdown,
                 });
                 shard_main(shard).await

@@ -317,6 +317,9 @@ pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
     let mut next_tick = Instant::now() + TICK;
     let mut stopping: Option<Stopping> = None;
     loop {
+        // Whatever the last turn produced for other shards leaves before this
+        // shard may block.
+        shard.flush_outbox();
         let mut timeout_ms = next_tick
             .saturating_duration_since(Instant::now())
             .as_micros()
@@ -406,11 +409,18 @@ fn recv_into(shard: &Shard, fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> 
     }
     let n = n as usize;
     buf.extend_from_slice(&scratch[..n]);
+    shard.bytes_in.set(shard.bytes_in.get() + n as u64);
     Ok(n)
 }
 
 /// Writes as much of `data` as the socket takes now; returns how much.
-fn send_some(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+fn send_some(shard: &Shard, fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    let sent = send_fd(fd, data)?;
+    shard.bytes_out.set(shard.bytes_out.get() + sent as u64);
+    Ok(sent)
+}
+
+fn send_fd(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     let mut sent = 0;
     while sent < data.len() {
         // SAFETY: send from a valid slice; MSG_NOSIGNAL so a peer that has
@@ -569,7 +579,7 @@ fn close_socket(shard: &Shard, fd: OwnedFd) {
 /// send buffer) and closes.
 fn refuse(shard: &Shard, fd: OwnedFd, version: ProtocolVersion, code: u8) {
     bump(&shard.counters.connacks[usize::from(code)]);
-    let _ = send_some(fd.as_raw_fd(), &connack_bytes(version, false, code));
+    let _ = send_some(shard, fd.as_raw_fd(), &connack_bytes(version, false, code));
     // Closing a socket with unread input sends RST instead of FIN, and a
     // client that pipelined packets after its CONNECT could then lose the
     // CONNACK that says why: read away what it sent first (a few reads at
@@ -759,7 +769,7 @@ impl Shard {
             }
             let raw = sock.fd.as_raw_fd();
             let bufs = sock.bufs();
-            match send_some(raw, &bufs.unsent) {
+            match send_some(self, raw, &bufs.unsent) {
                 Ok(n) => {
                     bufs.unsent.advance(n);
                     if bufs.unsent.is_empty() {
@@ -801,7 +811,7 @@ impl Shard {
         let out = self.broker.borrow_mut().take_outgoing(id);
         let closing = self.broker.borrow().is_closing(id);
         if !out.is_empty() {
-            match send_some(raw, &out) {
+            match send_some(self, raw, &out) {
                 Ok(n) if n == out.len() => {}
                 Ok(n) => {
                     let mut net = self.net.borrow_mut();
