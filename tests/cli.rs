@@ -33,6 +33,8 @@ fn help_exits_0_and_explains_every_flag_with_its_default() {
         ("--stats-interval", "[default: 60]"),
         ("--max-inflight", "[default: 20]"),
         ("--max-queued", "[default: 1000]"),
+        ("--acl-file", "[default: none]"),
+        ("--sys-interval", "[default: 10]"),
         ("--log-level", "[default: info]"),
     ] {
         let line = out
@@ -83,6 +85,18 @@ fn config_file_unknown_key_exits_2_naming_it() {
     // Not TOML at all: the line is named.
     std::fs::write(&file, "shards = 2\nlisten = \n").unwrap();
     assert_one_line_error(&["--config", file.to_str().unwrap()], "line 2");
+}
+
+#[test]
+fn bad_acl_file_exits_2_with_one_line_naming_file_and_line() {
+    let dir = TempDir::new("cli-acl");
+    let file = dir.path("acl");
+    std::fs::write(&file, "user alice\ntopic read a/#/b\n").unwrap();
+    let path = file.to_str().unwrap();
+    assert_one_line_error(&["--acl-file", path], "line 2");
+    assert_one_line_error(&["--acl-file", path], path);
+    assert_one_line_error(&["--acl-file", "/nonexistent/acl"], "/nonexistent/acl");
+    assert_one_line_error(&["--sys-interval", "ten"], "--sys-interval");
 }
 
 #[test]

@@ -162,3 +162,8 @@ fn pubsub_across_clients_qos0() {
 fn pubsub_across_clients_qos1() {
     pubsub_across_clients("1");
 }
+
+#[test]
+fn pubsub_across_clients_qos2() {
+    pubsub_across_clients("2");
+}
