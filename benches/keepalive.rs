@@ -29,30 +29,14 @@
 
 use coremq::proto::keepalive::{KeepAlive, KeepAliveWheel, Secs, Verdict};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// Counts live heap bytes, to report memory per entry.
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(p, l) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting::Counting = counting::Counting;
 
 const M: u32 = 1_000_000;
 
@@ -79,14 +63,14 @@ fn shuffled(n: u32) -> Vec<u32> {
 }
 
 fn memory() {
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::live();
     let mut wheel: KeepAliveWheel<u32> = KeepAliveWheel::new(Secs(0));
-    let fixed = LIVE.load(Ordering::Relaxed) - before;
+    let fixed = counting::live() - before;
     // A realistic spread: timeouts of 90 s registered over 90 seconds.
     for i in 0..M {
         wheel.register(i, 0, Secs(1 + i % 90));
     }
-    let total = LIVE.load(Ordering::Relaxed) - before;
+    let total = counting::live() - before;
     println!(
         "wheel: fixed {fixed} B; {M} entries: {} B = {:.1} B/entry in the wheel (+ {} B KeepAlive per connection)",
         total - fixed,

@@ -17,30 +17,14 @@ use coremq::proto::codec::QoS;
 use coremq::proto::retained::{RetainedMessage, RetainedStore};
 use coremq::proto::topic::{TopicFilter, TopicName};
 use criterion::{criterion_group, Criterion};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// Counts live heap bytes.
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(p, l) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting::Counting = counting::Counting;
 
 const REGIONS: u32 = 10;
 const PAYLOAD: &[u8; 64] =
@@ -57,14 +41,14 @@ fn status(region: u32, device: u32) -> RetainedMessage {
 
 /// Builds a store of `n` topics; prints its memory and build rate.
 fn build(n: u32) -> RetainedStore {
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::live();
     let start = Instant::now();
     let mut store = RetainedStore::default();
     for d in 0..n {
         store.set(status(d % REGIONS, d / REGIONS));
     }
     let took = start.elapsed();
-    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    let bytes = counting::live() - before;
     println!(
         "retained: {n} topics, {} heap bytes ({:.0} B per topic, {} of it payload), \
          stored at {:.0} ns per set",

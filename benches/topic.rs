@@ -31,30 +31,14 @@
 use coremq::proto::topic::trie::SubscriptionTrie;
 use coremq::proto::topic::{TopicFilter, TopicName};
 use criterion::{criterion_group, criterion_main, Criterion};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// Counts live heap bytes, to report memory per filter.
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(p, l) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting::Counting = counting::Counting;
 
 const REGIONS: u32 = 10;
 const DEVICES_PER_REGION: u32 = 10_000;
@@ -122,12 +106,12 @@ fn fleet() -> Vec<(TopicFilter, u32, u8)> {
 
 fn bench(c: &mut Criterion) {
     let subs = fleet();
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::live();
     let mut trie = SubscriptionTrie::new();
     for (f, k, q) in &subs {
         trie.subscribe(f, *k, *q);
     }
-    let bytes = LIVE.load(Ordering::Relaxed) - before;
+    let bytes = counting::live() - before;
     println!(
         "trie: {} subscriptions, {} filters, {} nodes, {} heap bytes = {:.0} B/filter, {:.0} B/subscription",
         trie.len(),

@@ -541,17 +541,21 @@ impl Broker {
             }
         }
         for (session, will) in wills {
-            if !self.will_allowed(session, &will) {
-                continue;
+            if self.will_allowed(session, &will) {
+                self.publish_will(*will);
             }
-            bump(&self.counters.wills_published);
-            self.route(RoutedPublish {
-                topic: will.topic,
-                payload: will.payload,
-                qos: will.qos,
-                retain: will.retain,
-            });
         }
+    }
+
+    /// A will goes out like any PUBLISH: to every shard, retained if asked.
+    fn publish_will(&mut self, will: LastWill) {
+        bump(&self.counters.wills_published);
+        self.route(RoutedPublish {
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+        });
     }
 
     /// Closes every connection (the last step of a shutdown). A will not
@@ -1047,13 +1051,7 @@ impl Broker {
             }
         }
         if let Some(will) = will {
-            bump(&self.counters.wills_published);
-            self.route(RoutedPublish {
-                topic: will.topic,
-                payload: will.payload,
-                qos: will.qos,
-                retain: will.retain,
-            });
+            self.publish_will(*will);
         }
         self.events.push_back(Event::Close(conn));
     }

@@ -71,17 +71,6 @@ pub fn open_spare() -> Option<OwnedFd> {
 /// the kernel keeps the connection queued, the listener stays readable, and
 /// the shard would spin on EMFILE.
 pub fn refuse_one(listener: RawFd) {
-    // SAFETY: plain accept4 on our listening fd; the result is closed at once.
-    let fd = unsafe {
-        libc::accept4(
-            listener,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: accept4 returned a fresh descriptor we own.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
-    }
+    // Accepted, and closed as the descriptor drops.
+    let _ = accept_now(listener);
 }

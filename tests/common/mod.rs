@@ -226,26 +226,18 @@ impl Broker {
 
     /// Sends `sig` to the broker (by its PID).
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-        assert_eq!(rc, 0, "kill({}, {sig})", self.child.id());
+        signal_child(&self.child, sig);
     }
 
     /// Waits up to `timeout` for the broker to exit; its exit code (`None`
     /// if a signal ended it).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return st.code();
-            }
-            assert!(
-                Instant::now() < deadline,
+        wait_child(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
                 "the broker did not exit within {timeout:?}; stderr:\n{}",
                 self.log_text()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+            )
+        })
     }
 
     /// True while the process has not exited.
@@ -1002,23 +994,13 @@ impl LineProc {
 
     /// Sends `sig` to this process (by its PID).
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-        assert_eq!(rc, 0, "kill({}, {sig})", self.child.id());
+        signal_child(&self.child, sig);
     }
 
     /// Waits up to `timeout` for the process to exit; its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return st.code();
-            }
-            if Instant::now() >= deadline {
-                panic!("{} did not exit within {timeout:?}", self.name);
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_child(&mut self.child, timeout)
+            .unwrap_or_else(|| panic!("{} did not exit within {timeout:?}", self.name))
     }
 
     /// SIGKILL and reap.
@@ -1065,5 +1047,27 @@ pub fn next_message_line(p: &mut LineProc, timeout: Duration) -> Option<String> 
         if !l.starts_with("Client ") && !l.starts_with("Subscribed (mid") {
             return Some(l);
         }
+    }
+}
+
+/// Sends `sig` to a child we spawned (by its PID).
+fn signal_child(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({}, {sig})", child.id());
+}
+
+/// Waits up to `timeout` for `child` to exit: `Some(exit code)` (the code is
+/// `None` if a signal ended it), or `None` if it is still running.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<Option<i32>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return Some(st.code());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
     }
 }
