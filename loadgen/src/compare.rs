@@ -78,6 +78,8 @@ pub enum Scenario {
     Keepalive,
     /// Reconnecting existing clientIds.
     Takeover,
+    /// Message throughput and end-to-end latency, publisher → subscriber pairs.
+    Pubsub,
 }
 
 impl Scenario {
@@ -87,6 +89,7 @@ impl Scenario {
             Scenario::Conn => "conn",
             Scenario::Keepalive => "keepalive",
             Scenario::Takeover => "takeover",
+            Scenario::Pubsub => "pubsub",
         }
     }
 }
@@ -112,7 +115,7 @@ pub struct CompareArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "churn,conn,keepalive,takeover",
+        default_value = "churn,conn,keepalive,takeover,pubsub",
         value_name = "LIST"
     )]
     pub scenarios: Vec<Scenario>,
@@ -137,6 +140,21 @@ pub struct CompareArgs {
     /// churn: seconds.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
+    /// pubsub: publisher → subscriber pairs.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub pubsub_pairs: u32,
+    /// pubsub: QoS of every PUBLISH and subscription.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub pubsub_qos: u8,
+    /// pubsub: payload bytes (at least 16).
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    pub pubsub_payload: usize,
+    /// pubsub: seconds of publishing.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub pubsub_duration: f64,
+    /// pubsub: PUBLISHes per second over all publishers (default: as fast as they go).
+    #[arg(long, value_name = "MSGS_PER_SEC")]
+    pub pubsub_rate: Option<f64>,
     /// Write the raw per-run results (every loadgen report) and the medians as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -323,12 +341,32 @@ const TAKEOVER: &[Metric] = &[
     PEAK_RSS,
 ];
 
+const PUBSUB: &[Metric] = &[
+    rate(m(
+        "rate",
+        "deliveries/s",
+        "/pubsub/deliveries_per_s",
+        Fmt::Int,
+    )),
+    m("p50", "e2e p50", "/latency/e2e/p50_us", Fmt::Us),
+    m("p99", "e2e p99", "/latency/e2e/p99_us", Fmt::Us),
+    cost(m(
+        "cpu_per_msg",
+        "CPU µs/msg",
+        "/broker_cost/cpu_us_per_delivery",
+        Fmt::F1,
+    )),
+    m("lost_pct", "lost", "/pubsub/lost_pct", Fmt::Pct),
+    PEAK_RSS,
+];
+
 fn metrics(s: Scenario) -> &'static [Metric] {
     match s {
         Scenario::Churn => CHURN,
         Scenario::Conn => CONN,
         Scenario::Keepalive => KEEPALIVE,
         Scenario::Takeover => TAKEOVER,
+        Scenario::Pubsub => PUBSUB,
     }
 }
 
@@ -380,7 +418,7 @@ fn validate(mut a: CompareArgs) -> CompareArgs {
         usage_error("--brokers: name at least one of coremq, mosquitto, null");
     }
     if a.scenarios.is_empty() {
-        usage_error("--scenarios: name at least one of churn, conn, keepalive, takeover");
+        usage_error("--scenarios: name at least one of churn, conn, keepalive, takeover, pubsub");
     }
     if a.runs == 0 {
         usage_error("--runs must be at least 1");
@@ -396,6 +434,21 @@ fn validate(mut a: CompareArgs) -> CompareArgs {
     }
     if !(a.duration > 0.0 && a.duration.is_finite()) {
         usage_error("--duration must be a positive number of seconds");
+    }
+    if a.pubsub_pairs == 0 {
+        usage_error("--pubsub-pairs must be at least 1");
+    }
+    if a.pubsub_payload < crate::pubsub::HEADER {
+        usage_error(format!(
+            "--pubsub-payload must be at least {} bytes",
+            crate::pubsub::HEADER
+        ));
+    }
+    if !(a.pubsub_duration > 0.0 && a.pubsub_duration.is_finite()) {
+        usage_error("--pubsub-duration must be a positive number of seconds");
+    }
+    if a.pubsub_rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        usage_error("--pubsub-rate must be a positive number per second");
     }
     for (flag, cpu) in [
         ("--broker-cpu", a.broker_cpu),
@@ -727,6 +780,15 @@ fn scenario_args(s: Scenario, b: Broker, a: &CompareArgs) -> (Result<Vec<String>
         Scenario::Takeover if b == Broker::Null => {
             (Err("n/a: the null broker has no takeover".into()), 0.0)
         }
+        Scenario::Pubsub if b == Broker::Null => {
+            (Err("n/a: the null broker routes no messages".into()), 0.0)
+        }
+        // Publishing, then up to loadgen's 5 s drain and its timeouts, plus
+        // connecting 2 × pairs sockets.
+        Scenario::Pubsub => (
+            Ok(pubsub_args(a)),
+            a.pubsub_duration + 60.0 + f64::from(a.pubsub_pairs) / 250.0,
+        ),
         Scenario::Takeover => (
             v(&[
                 "takeover",
@@ -740,6 +802,28 @@ fn scenario_args(s: Scenario, b: Broker, a: &CompareArgs) -> (Result<Vec<String>
             TO_DURATION + 60.0,
         ),
     }
+}
+
+/// pubsub's command line (without -b, pid, json, quiet, source-skip).
+fn pubsub_args(a: &CompareArgs) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "pubsub",
+        "--pairs",
+        &a.pubsub_pairs.to_string(),
+        "--qos",
+        &a.pubsub_qos.to_string(),
+        "--payload",
+        &a.pubsub_payload.to_string(),
+        "--duration",
+        &a.pubsub_duration.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(r) = a.pubsub_rate {
+        v.extend(["--rate".to_string(), r.to_string()]);
+    }
+    v
 }
 
 /// loadgen keepalive's default hold: ⌈1.5 K⌉ + 3 s.
@@ -764,6 +848,10 @@ fn scenario_caption(s: Scenario, a: &CompareArgs) -> String {
         ),
         Scenario::Takeover => format!(
             "takeover: `loadgen takeover -n {TO_N} --rate {TO_RATE} --duration {TO_DURATION}` (null: n/a, it has no takeover)"
+        ),
+        Scenario::Pubsub => format!(
+            "pubsub: `loadgen {}` (deliveries/s in the publishing window; e2e = PUBLISH written → received by the subscriber; CPU per delivered message; null: n/a, it routes nothing)",
+            pubsub_args(a).join(" ")
         ),
     }
 }
@@ -928,6 +1016,9 @@ fn run_all(a: &CompareArgs, bins: &Bins, dir: &Path) -> Result<i32> {
                 "runs": a.runs, "shards": a.shards, "broker_cpu": a.broker_cpu,
                 "loadgen_cpu": a.loadgen_cpu, "conn_n": a.conn_n,
                 "churn_concurrency": a.churn_concurrency, "duration": a.duration,
+                "pubsub_pairs": a.pubsub_pairs, "pubsub_qos": a.pubsub_qos,
+                "pubsub_payload": a.pubsub_payload, "pubsub_duration": a.pubsub_duration,
+                "pubsub_rate": a.pubsub_rate,
             },
             "medians": med_json(&med),
             "runs": results,

@@ -40,7 +40,7 @@ struct Plan {
     params: serde_json::Value,
 }
 
-fn check_common(c: &Common) {
+pub(crate) fn check_common(c: &Common) {
     if !(c.timeout > 0.0 && c.timeout.is_finite()) {
         usage_error("--timeout must be a positive number of seconds");
     }
@@ -73,7 +73,7 @@ fn check_secs(name: &str, v: f64) {
     }
 }
 
-fn check_rate(name: &str, v: Option<f64>) {
+pub(crate) fn check_rate(name: &str, v: Option<f64>) {
     if let Some(r) = v {
         if !(r > 0.0 && r.is_finite()) {
             usage_error(format!("{name} must be a positive number per second"));
@@ -472,6 +472,7 @@ fn run(plan: Plan) -> Result<i32> {
             main_secs: plan.main_secs,
             parent_cpu_s: crate::sys::rusage_cpu_s(libc::RUSAGE_SELF),
             children_cpu_s: crate::sys::rusage_cpu_s(libc::RUSAGE_CHILDREN),
+            pubsub: None,
         },
         &results,
         samples,

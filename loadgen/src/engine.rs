@@ -106,7 +106,7 @@ pub fn cause_of(e: &io::Error) -> String {
     }
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+pub(crate) fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),
@@ -118,7 +118,7 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
 }
 
 /// socket() + IP_BIND_ADDRESS_NO_PORT + bind(src:0) + non-blocking connect().
-fn open_socket(src: Option<Ipv4Addr>, dst: &libc::sockaddr_in) -> io::Result<TcpStream> {
+pub(crate) fn open_socket(src: Option<Ipv4Addr>, dst: &libc::sockaddr_in) -> io::Result<TcpStream> {
     let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: plain socket syscalls on an fd we own; closed on every error path.
     unsafe {

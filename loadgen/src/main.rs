@@ -5,6 +5,7 @@ mod coord;
 mod engine;
 mod null_broker;
 mod plot;
+mod pubsub;
 mod report;
 mod spec;
 mod sys;
@@ -15,8 +16,9 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Result};
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-/// MQTT load generator: connection rate, churn, keep-alive and takeover at
-/// fleet scale, over many source addresses and worker processes.
+/// MQTT load generator: connection rate, churn, keep-alive, takeover and
+/// publish/subscribe throughput at fleet scale, over many source addresses
+/// and worker processes.
 #[derive(Parser, Debug)]
 #[command(name = "loadgen", version, about)]
 struct Cli {
@@ -34,6 +36,8 @@ enum Cmd {
     Keepalive(KeepaliveArgs),
     /// Connect N clientIds, then reconnect them at R per second.
     Takeover(TakeoverArgs),
+    /// Publishers and subscribers: message throughput and end-to-end latency.
+    Pubsub(pubsub::PubsubArgs),
     /// A server that only answers CONNECT and PINGREQ: the machine's ceiling.
     NullBroker(NullArgs),
     /// Run the same scenarios against coremq, mosquitto and the null broker; print ratios.
@@ -234,12 +238,23 @@ fn main() {
                 | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
                 _ => {
                     let text = e.to_string();
-                    let line = text
-                        .lines()
-                        .find(|l| !l.trim().is_empty())
-                        .unwrap_or("bad arguments");
-                    let line = line.strip_prefix("error: ").unwrap_or(line);
-                    usage_error(line);
+                    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+                    let first = lines.next().unwrap_or("bad arguments");
+                    let first = first.strip_prefix("error: ").unwrap_or(first);
+                    // "the following required arguments were not provided:"
+                    // lists them on the indented lines below: keep them.
+                    let listed: Vec<&str> = if first.ends_with(':') {
+                        lines
+                            .take_while(|l| l.starts_with(' '))
+                            .map(str::trim)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    if listed.is_empty() {
+                        usage_error(first);
+                    }
+                    usage_error(format!("{first} {}", listed.join(" ")));
                 }
             }
         }
@@ -257,6 +272,7 @@ fn main() {
         Cmd::Churn(a) => coord::churn(a),
         Cmd::Keepalive(a) => coord::keepalive(a),
         Cmd::Takeover(a) => coord::takeover(a),
+        Cmd::Pubsub(a) => pubsub::pubsub(a),
         Cmd::Compare(a) => compare::compare(a),
     };
     match res {

@@ -180,10 +180,10 @@ pub fn svg(r: &Report) -> String {
             r.mode, r.broker, r.workers, r.kernel
         ))
     );
-    let (what, lname) = if r.mode == "churn" {
-        ("cycles", "cycle")
-    } else {
-        ("connects", "connack")
+    let (what, lname) = match r.mode.as_str() {
+        "churn" => ("cycles", "cycle"),
+        "pubsub" => ("deliveries", "e2e"),
+        _ => ("connects", "connack"),
     };
     rate_panel(&mut o, 50.0, &r.series, what);
     if let Some(l) = r.latency.get(lname) {

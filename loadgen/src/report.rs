@@ -40,6 +40,73 @@ pub struct RunInfo {
     pub main_secs: f64,
     pub parent_cpu_s: f64,
     pub children_cpu_s: f64,
+    /// The message figures of a pubsub run.
+    pub pubsub: Option<PubsubReport>,
+}
+
+/// What a pubsub run sent and what arrived.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PubsubReport {
+    /// "pairs", "fan-in" or "fan-out".
+    pub shape: String,
+    /// The N of --pairs / --fan-in / --fan-out.
+    pub n: u32,
+    pub publishers: u32,
+    pub subscribers: u32,
+    pub qos: u8,
+    pub payload_bytes: usize,
+    /// QoS 1/2 flows each publisher may have open.
+    pub window: u32,
+    /// --rate, when given.
+    pub rate: Option<f64>,
+    /// Subscribers whose SUBACK granted the QoS asked.
+    pub subscribed: u64,
+    /// Publishers that got CONNACK 0.
+    pub publishers_connected: u64,
+    /// PUBLISHes written by the publishers.
+    pub published: u64,
+    /// QoS 1/2 flows the publishers completed (PUBACK, or PUBREC → PUBREL → PUBCOMP).
+    pub acked: u64,
+    /// QoS 1/2 flows still open when the drain ended (or on a connection that closed).
+    pub unacked: u64,
+    /// PUBLISHes the subscribers received, duplicates included.
+    pub delivered: u64,
+    /// Distinct (publisher, sequence number) arrivals per subscriber.
+    pub unique: u64,
+    /// published × subscribers per message (those subscribed when publishing began).
+    pub expected: u64,
+    /// expected − unique.
+    pub lost: u64,
+    pub lost_pct: f64,
+    /// The same publisher + sequence number seen again by one subscriber.
+    pub duplicates: u64,
+    /// Arrivals after a higher sequence number of the same (publisher, subscriber) stream.
+    pub out_of_order: u64,
+    /// (publisher, subscriber) streams.
+    pub streams: u64,
+    /// Streams with at least one arrival out of order.
+    pub streams_out_of_order: u64,
+    /// Messages that reached a subscriber whose subscription does not match them.
+    pub misrouted: u64,
+    /// Arrivals below a gap a stream gave up on (QoS 0 losses): duplicate or very late.
+    pub untracked: u64,
+    /// QoS 2 and a duplicate: MQTT-4.3.3 broken.
+    pub exactly_once_violated: bool,
+    /// Connecting and subscribing everyone, seconds.
+    pub setup_s: f64,
+    /// The publishing window, seconds.
+    pub publish_s: f64,
+    /// From the end of publishing until everything arrived (or --timeout), seconds.
+    pub drain_s: f64,
+    pub drain_timed_out: bool,
+    /// published ÷ publish_s.
+    pub publishes_per_s: f64,
+    /// Deliveries that arrived during the publishing window.
+    pub deliveries_in_window: u64,
+    /// deliveries_in_window ÷ publish_s.
+    pub deliveries_per_s: f64,
+    /// --rate: messages due that no publisher could take (window full, socket full).
+    pub rate_behind: u64,
 }
 
 /// Percentiles of one histogram, µs.
@@ -94,6 +161,11 @@ pub struct BrokerCost {
     pub cpu_us_per_cycle: Option<f64>,
     pub cpu_us_per_takeover: Option<f64>,
     pub cpu_us_per_disconnect: Option<f64>,
+    /// pubsub: CPU from the start of publishing to the end of the drain ÷ messages delivered.
+    pub cpu_us_per_delivery: Option<f64>,
+    /// pubsub: the same CPU ÷ messages published (the broker also pays for
+    /// what it drops).
+    pub cpu_us_per_publish: Option<f64>,
     /// (RSS at end of hold − RSS before) ÷ connections held.
     pub bytes_per_held_connection: Option<f64>,
     /// (RSS when the ramp ended − RSS before) ÷ connections held.
@@ -179,6 +251,7 @@ pub struct Report {
     pub latency: BTreeMap<String, Latency>,
     pub broker_cost: Option<BrokerCost>,
     pub keepalive: Option<KeepaliveReport>,
+    pub pubsub: Option<PubsubReport>,
     pub loadgen: LoadgenCost,
 }
 
@@ -324,15 +397,23 @@ impl Report {
                     Mode::Churn => None,
                     _ => per_op_us(cpu_disc, disconnected),
                 },
+                cpu_us_per_delivery: match (&info.pubsub, info.mode) {
+                    (Some(p), Mode::Pubsub) => per_op_us(cpu_main, p.delivered),
+                    _ => None,
+                },
+                cpu_us_per_publish: match (&info.pubsub, info.mode) {
+                    (Some(p), Mode::Pubsub) => per_op_us(cpu_main, p.published),
+                    _ => None,
+                },
                 bytes_per_held_connection: match (info.mode, s.before, s.end_main) {
-                    (Mode::Churn, _, _) => None,
+                    (Mode::Churn | Mode::Pubsub, _, _) => None,
                     (_, Some(a), Some(b)) if held > 0 => {
                         Some(((b.rss_bytes as f64 - a.rss_bytes as f64) / held as f64).round())
                     }
                     _ => None,
                 },
                 bytes_per_connection_after_ramp: match (info.mode, s.before, s.after_ramp) {
-                    (Mode::Churn, _, _) => None,
+                    (Mode::Churn | Mode::Pubsub, _, _) => None,
                     (_, Some(a), Some(b)) if held > 0 => {
                         Some(((b.rss_bytes as f64 - a.rss_bytes as f64) / held as f64).round())
                     }
@@ -343,7 +424,7 @@ impl Report {
 
         // loadgen's own cost and whether it was the bottleneck.
         let busy = |r: &WorkerResult| match info.mode {
-            Mode::Churn | Mode::Takeover => (r.main_cpu_s, r.main_wall_s),
+            Mode::Churn | Mode::Takeover | Mode::Pubsub => (r.main_cpu_s, r.main_wall_s),
             _ => (r.ramp_cpu_s, r.ramp_wall_s),
         };
         let workers: Vec<WorkerCost> = rs
@@ -421,6 +502,7 @@ impl Report {
             latency,
             broker_cost,
             keepalive,
+            pubsub: info.pubsub,
             loadgen: LoadgenCost {
                 cpu_s: ((info.parent_cpu_s + info.children_cpu_s) * 1000.0).round() / 1000.0,
                 workers,
@@ -433,18 +515,25 @@ impl Report {
     /// The summary for people.
     pub fn table(&self) -> String {
         let mut o = String::new();
-        let _ =
-            writeln!(
+        let procs = if self.mode == "pubsub" {
+            "one process".to_string()
+        } else {
+            format!("{} worker(s)", self.workers)
+        };
+        let _ = writeln!(
             o,
-            "loadgen {} {} → {}  ({} worker(s), {} source IP(s), kernel {}, {} cpu(s), loadavg {})",
+            "loadgen {} {} → {}  ({procs}, {} source IP(s), kernel {}, {} cpu(s), loadavg {})",
             self.loadgen_version,
             self.mode,
             self.broker,
-            self.workers,
             self.source_ips,
             self.kernel,
             self.cpus,
-            self.loadavg.split(' ').take(3).collect::<Vec<_>>().join(" ")
+            self.loadavg
+                .split(' ')
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let _ = writeln!(
             o,
@@ -458,6 +547,11 @@ impl Report {
                     "  cycles {} in {:.2} s  →  {} cycles/s",
                     self.cycles, self.main_s, self.cycles_per_s
                 );
+            }
+            "pubsub" => {
+                if let Some(p) = &self.pubsub {
+                    pubsub_lines(&mut o, p);
+                }
             }
             "takeover" => {
                 let _ = writeln!(
@@ -495,6 +589,8 @@ impl Report {
         );
         let mut rows: Vec<(&str, &Latency)> =
             self.latency.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        // pubsub: the end-to-end latency first.
+        rows.sort_by_key(|(k, _)| *k != "e2e");
         if let Some(k) = &self.keepalive {
             if let Some(l) = &k.close_after_last_packet {
                 rows.push(("silent→broker close", l));
@@ -536,9 +632,15 @@ impl Report {
                 s.map(|s| format!("{:.1} MiB", s.rss_bytes as f64 / 1048576.0))
                     .unwrap_or_else(|| "-".into())
             };
+            let pubsub = self.mode == "pubsub";
+            let (l_ramp, l_main, l_after_ramp, l_end_main) = if pubsub {
+                ("setup", "publish+drain", "after-setup", "end-drain")
+            } else {
+                ("ramp", "main", "after-ramp", "end-main")
+            };
             let _ = writeln!(
                 o,
-                "  broker pid {}: CPU s ramp {} main {} disconnect {}",
+                "  broker pid {}: CPU s {l_ramp} {} {l_main} {} disconnect {}",
                 b.pid,
                 f(b.cpu_s_ramp.map(|x| (x * 100.0).round() / 100.0)),
                 f(b.cpu_s_main.map(|x| (x * 100.0).round() / 100.0)),
@@ -546,7 +648,7 @@ impl Report {
             );
             let _ = writeln!(
                 o,
-                "  broker RSS before {} after-ramp {} end-main {} after {} peak {:.1} MiB",
+                "  broker RSS before {} {l_after_ramp} {} {l_end_main} {} after {} peak {:.1} MiB",
                 mb(b.samples.before),
                 mb(b.samples.after_ramp),
                 mb(b.samples.end_main),
@@ -555,7 +657,16 @@ impl Report {
             );
             let mut per = Vec::new();
             for (name, v) in [
-                ("connect", b.cpu_us_per_connect),
+                ("delivered message", b.cpu_us_per_delivery),
+                ("published message", b.cpu_us_per_publish),
+                (
+                    if pubsub {
+                        "connect+subscribe"
+                    } else {
+                        "connect"
+                    },
+                    b.cpu_us_per_connect,
+                ),
                 ("ping", b.cpu_us_per_ping),
                 ("cycle", b.cpu_us_per_cycle),
                 ("takeover", b.cpu_us_per_takeover),
@@ -586,6 +697,89 @@ impl Report {
             }
         );
         o
+    }
+}
+
+/// The message figures of a pubsub run, for the table.
+fn pubsub_lines(o: &mut String, p: &PubsubReport) {
+    let rate = p
+        .rate
+        .map(|r| format!("rate {r}/s"))
+        .unwrap_or_else(|| "no rate limit".into());
+    let window = if p.qos > 0 {
+        format!(", window {}", p.window)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        o,
+        "  {} {}: {} publisher(s) → {} subscriber(s) ({} subscribed), QoS {}, payload {} B{window}, {rate}",
+        p.shape, p.n, p.publishers, p.subscribers, p.subscribed, p.qos, p.payload_bytes
+    );
+    let _ = writeln!(
+        o,
+        "  setup {:.2} s   published {} in {:.2} s → {} msgs/s   delivered in window {} → {} deliveries/s   drain {:.2} s{}",
+        p.setup_s,
+        p.published,
+        p.publish_s,
+        p.publishes_per_s,
+        p.deliveries_in_window,
+        p.deliveries_per_s,
+        p.drain_s,
+        if p.drain_timed_out { " (timed out)" } else { "" }
+    );
+    let lost_note = if p.qos == 0 && p.lost > 0 {
+        " (QoS 0: allowed)"
+    } else {
+        ""
+    };
+    let _ = writeln!(
+        o,
+        "  delivered {} of {} expected: lost {} ({}%){lost_note}  duplicates {}  out of order {} ({} of {} streams)  misrouted {}{}",
+        p.delivered,
+        p.expected,
+        p.lost,
+        p.lost_pct,
+        p.duplicates,
+        p.out_of_order,
+        p.streams_out_of_order,
+        p.streams,
+        p.misrouted,
+        if p.untracked > 0 {
+            format!("  untracked {}", p.untracked)
+        } else {
+            String::new()
+        }
+    );
+    if p.qos > 0 {
+        let _ = writeln!(
+            o,
+            "  publisher flows completed {} of {} (unacked {}){}",
+            p.acked,
+            p.published,
+            p.unacked,
+            if p.rate_behind > 0 {
+                format!("   rate behind by {} message(s)", p.rate_behind)
+            } else {
+                String::new()
+            }
+        );
+    } else if p.rate_behind > 0 {
+        let _ = writeln!(o, "  rate behind by {} message(s)", p.rate_behind);
+    }
+    if p.exactly_once_violated {
+        let _ = writeln!(
+            o,
+            "  ** EXACTLY-ONCE VIOLATED: {} duplicate(s) at QoS 2 (MQTT-4.3.3) **",
+            p.duplicates
+        );
+    }
+    if p.out_of_order > 0 {
+        let _ = writeln!(
+            o,
+            "  ** ORDER VIOLATED: {} message(s) out of order within a publisher's topic (MQTT-4.6.0-6) **",
+            p.out_of_order
+        );
     }
 }
 

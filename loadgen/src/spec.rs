@@ -20,6 +20,9 @@ pub enum Mode {
     Keepalive,
     /// Reconnect existing clientIds.
     Takeover,
+    /// Publishers and subscribers: message throughput and latency (one
+    /// process, no workers: see `pubsub.rs`).
+    Pubsub,
 }
 
 impl Mode {
@@ -30,6 +33,7 @@ impl Mode {
             Mode::Churn => "churn",
             Mode::Keepalive => "keepalive",
             Mode::Takeover => "takeover",
+            Mode::Pubsub => "pubsub",
         }
     }
 }

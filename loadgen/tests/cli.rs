@@ -2,44 +2,12 @@
 //! Every run is bounded (small counts, short holds, a wall-clock limit), and
 //! every server a test starts is killed by its PID when the test ends.
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-use serde_json::Value;
 
 mod common;
 
-use common::{coremq_bin, LOADGEN};
-
-/// Kills the server when the test ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_listening(port: u16) {
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "nothing listening on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{coremq, explain, free_port, loadgen, u, wait_listening, Server, LOADGEN};
 
 fn null_broker() -> (Server, String) {
     let port = free_port();
@@ -51,67 +19,6 @@ fn null_broker() -> (Server, String) {
     let s = Server(child);
     wait_listening(port);
     (s, format!("127.0.0.1:{port}"))
-}
-
-fn coremq() -> (Server, String) {
-    let port = free_port();
-    let child = Command::new(coremq_bin())
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let s = Server(child);
-    wait_listening(port);
-    (s, format!("127.0.0.1:{port}"))
-}
-
-/// Runs loadgen with a JSON report; returns the process output and the report.
-fn loadgen(args: &[&str], limit: Duration) -> (Output, Option<Value>) {
-    let dir = std::env::temp_dir().join(format!(
-        "loadgen-test-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("r.json");
-    let mut cmd = Command::new(LOADGEN);
-    cmd.args(args)
-        .arg("--quiet")
-        .arg("--json")
-        .arg(&json)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("loadgen {args:?} ran past {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let report = std::fs::read_to_string(&json)
-        .ok()
-        .map(|s| serde_json::from_str(&s).unwrap());
-    let _ = std::fs::remove_dir_all(&dir);
-    (out, report)
-}
-
-fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
-}
-
-fn explain(out: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

@@ -165,3 +165,89 @@ fn compare_without_mosquitto_or_with_bad_arguments_says_one_line_and_exits_2() {
         assert!(out.stdout.is_empty(), "{args:?}");
     }
 }
+
+#[test]
+fn compare_pubsub_gives_coremq_a_row_and_the_null_broker_n_a() {
+    let coremq = coremq_bin();
+    let cpus = allowed_cpus();
+    let broker_cpu = cpus.get(1).copied().unwrap_or(cpus[0]).to_string();
+    let loadgen_cpu = cpus[0].to_string();
+    let dir = std::env::temp_dir().join(format!("loadgen-compare-ps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("c.json");
+    let start = Instant::now();
+    let out = run(
+        &[
+            "compare",
+            "--coremq",
+            coremq.to_str().unwrap(),
+            "--brokers",
+            "null,coremq",
+            "--scenarios",
+            "pubsub",
+            "--runs",
+            "1",
+            "--pubsub-pairs",
+            "10",
+            "--pubsub-duration",
+            "1",
+            "--pubsub-rate",
+            "2000",
+            "--broker-cpu",
+            &broker_cpu,
+            "--loadgen-cpu",
+            &loadgen_cpu,
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    let took = start.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("loadgen pubsub --pairs 10 --qos 1 --payload 64 --duration 1 --rate 2000"),
+        "{stdout}"
+    );
+    for head in ["deliveries/s", "e2e p50", "e2e p99", "CPU µs/msg", "lost"] {
+        assert!(stdout.contains(head), "no {head} column:\n{stdout}");
+    }
+    // The table starts at its header row, after the context block.
+    let row = |name: &str| {
+        stdout
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("broker "))
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} row in:\n{stdout}"))
+            .to_string()
+    };
+    let core = row("coremq");
+    assert!(
+        core.contains("0/1") && !core.contains("no report"),
+        "{core}"
+    );
+    assert!(row("null").contains("n/a"), "{stdout}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let med = &doc["medians"]["pubsub"]["coremq"];
+    assert!(med["rate"].as_f64().unwrap() > 0.0, "{med}");
+    assert!(med["p99"].as_f64().unwrap() > 0.0, "{med}");
+    assert_eq!(med["lost_pct"].as_f64(), Some(0.0), "{med}");
+    assert_eq!(med["failures_all_runs"].as_u64(), Some(0), "{med}");
+    assert!(doc["medians"]["pubsub"]["null"]["skipped"].is_string());
+    // Every run connects from its own source addresses.
+    let runs = doc["runs"].as_array().unwrap();
+    let cmd = runs
+        .iter()
+        .find(|r| r["broker"] == "coremq")
+        .map(|r| r["command"].to_string())
+        .unwrap();
+    assert!(cmd.contains("--source-skip"), "{cmd}");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}

@@ -1,7 +1,15 @@
-//! Shared by loadgen's integration tests: where the binaries are.
+//! Shared by loadgen's integration tests: where the binaries are, a server
+//! killed by its PID when the test ends, and a bounded loadgen run.
 
+// Each test crate uses its own part of this module.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 /// The loadgen binary under test.
 pub const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
@@ -29,4 +37,114 @@ pub fn coremq_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest.join("../target"));
     target.join("release/coremq")
+}
+
+/// Kills the server when the test ends, however it ends.
+pub struct Server(pub Child);
+
+impl Server {
+    /// The server's PID, as `--broker-pid` takes it.
+    pub fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits (at most 20 s) until something accepts on `port`.
+pub fn wait_listening(port: u16) {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nothing listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// coremq on a free loopback port with `extra` flags; its address.
+pub fn coremq_with(extra: &[&str]) -> (Server, String) {
+    let port = free_port();
+    let child = Command::new(coremq_bin())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = Server(child);
+    wait_listening(port);
+    (s, format!("127.0.0.1:{port}"))
+}
+
+/// coremq with one shard.
+pub fn coremq() -> (Server, String) {
+    coremq_with(&["--shards", "1"])
+}
+
+/// Runs loadgen with `--quiet --json`; returns the process output and the
+/// report. Panics (after killing it) when it runs past `limit`.
+pub fn loadgen(args: &[&str], limit: Duration) -> (Output, Option<Value>) {
+    let dir = std::env::temp_dir().join(format!(
+        "loadgen-test-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("r.json");
+    let mut cmd = Command::new(LOADGEN);
+    cmd.args(args)
+        .arg("--quiet")
+        .arg("--json")
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("loadgen {args:?} ran past {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let report = std::fs::read_to_string(&json)
+        .ok()
+        .map(|s| serde_json::from_str(&s).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+    (out, report)
+}
+
+/// `v[k]` as a u64, or a panic naming it.
+pub fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
+}
+
+/// stdout and stderr, for assertion messages.
+pub fn explain(out: &Output) -> String {
+    format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
