@@ -102,6 +102,20 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// Hands memory the calling thread freed back to the OS now, rather than
+/// whenever the allocator next gets busy on this thread.
+///
+/// mimalloc purges freed pages lazily, on its own allocation activity; a
+/// shard that went quiet after a connection storm (all its handshake buffers
+/// freed) would keep them resident until traffic resumed. Measured: 484 B of
+/// RSS per held connection 10 s after a 19,000-connection ramp, 319 B after
+/// 60 s. Every shard calls this once a second; it walks only that thread's
+/// heap. Harmless where mimalloc is not the global allocator (tests).
+pub fn release_freed_memory() {
+    // SAFETY: mi_collect takes no pointers; `false` asks for the cheap pass.
+    unsafe { libmimalloc_sys::mi_collect(false) };
+}
+
 /// True if standard input is a terminal.
 pub fn stdin_is_tty() -> bool {
     // SAFETY: isatty only inspects the descriptor.

@@ -88,6 +88,8 @@ pub struct Shard {
     /// counters then (one atomic add per tick, not per syscall).
     bytes_in: Cell<u64>,
     bytes_out: Cell<u64>,
+    /// Ticks since start.
+    ticks: Cell<u64>,
     shutdown: Arc<AtomicBool>,
 }
 
@@ -204,6 +206,11 @@ impl Shard {
         );
         if self.id.0 == 0 {
             self.publish_sys();
+        }
+        let ticks = self.ticks.get() + 1;
+        self.ticks.set(ticks);
+        if ticks % 10 == 0 {
+            crate::sys::release_freed_memory();
         }
         let stats_every = self.config.stats_interval;
         if self.id.0 == 0
@@ -344,6 +351,7 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                     sys_values: RefCell::new(hashbrown::HashMap::new()),
                     bytes_in: Cell::new(0),
                     bytes_out: Cell::new(0),
+                    ticks: Cell::new(0),
                     shutdown,
                 });
                 shard_main(shard).await
