@@ -37,6 +37,16 @@ use crate::metrics::{bump, drop_one, Counters};
 /// Unspecified error has the same value).
 const SUBACK_FAILURE: u8 = 0x80;
 
+/// Whether `topic` is one of the broker's own `$SYS` topics, which no client
+/// may publish to (or leave a will on): a client's retained
+/// `$SYS/broker/uptime` would otherwise stand in for the broker's. Topics
+/// starting with `$` are reserved for the server (MQTT-4.7.2, non-normative);
+/// other `$` topics stay open to clients, as in mosquitto.
+fn is_broker_topic(topic: &TopicName) -> bool {
+    let t = topic.as_str();
+    t == "$SYS" || t.starts_with("$SYS/")
+}
+
 /// Bytes queued for one connection's socket beyond which QoS 0 messages to it
 /// are dropped: a stuck subscriber costs at most this much.
 pub const MAX_PENDING_OUTGOING: usize = 1 << 20;
@@ -668,12 +678,14 @@ impl Broker {
 
     fn handle_publish(&mut self, conn: ConnId, publish: Publish, now: Millis) {
         self.counts.publishes_in += 1;
-        // A PUBLISH the ACL refuses is acknowledged as usual and then dropped
-        // (counted): 3.1.1 has no way to tell the client.
-        let allowed = self.config.acl.is_none() || {
-            let key = self.conn(conn).and_then(|c| c.session);
-            key.is_some_and(|k| self.may(k, Access::Write, publish.topic.as_str()))
-        };
+        // A PUBLISH the ACL refuses, or one to the broker's own `$SYS`
+        // topics, is acknowledged as usual and then dropped (counted): 3.1.1
+        // has no way to tell the client.
+        let allowed = !is_broker_topic(&publish.topic)
+            && (self.config.acl.is_none() || {
+                let key = self.conn(conn).and_then(|c| c.session);
+                key.is_some_and(|k| self.may(k, Access::Write, publish.topic.as_str()))
+            });
         let routed = allowed.then(|| RoutedPublish {
             topic: publish.topic,
             payload: publish.payload,
@@ -864,10 +876,9 @@ impl Broker {
     /// A will is a PUBLISH on the client's behalf: the ACL must let the
     /// client write its topic (counted when it does not).
     fn will_allowed(&self, session: Option<SessionKey>, will: &LastWill) -> bool {
-        if self.config.acl.is_none() {
-            return true;
-        }
-        let allowed = session.is_some_and(|k| self.may(k, Access::Write, will.topic.as_str()));
+        let allowed = !is_broker_topic(&will.topic)
+            && (self.config.acl.is_none()
+                || session.is_some_and(|k| self.may(k, Access::Write, will.topic.as_str())));
         if !allowed {
             bump(&self.counters.acl_denied);
         }

@@ -1071,3 +1071,38 @@ fn acl_drops_unwritable_publishes_and_holds_back_denied_deliveries() {
     assert_eq!(h.publishes(alice).len(), 1);
     assert!(get(&h.counters.acl_denied) >= 2);
 }
+
+#[test]
+fn clients_may_not_publish_or_leave_wills_on_sys_topics() {
+    let mut h = Harness::new(4);
+    let watcher = subscriber(&mut h, "watcher", "$SYS/#");
+    let dollar = subscriber(&mut h, "dollar", "$app/#");
+    let (dev, _) = h.connect(with_will(
+        connect("dev-sys", true, 0),
+        "$SYS/broker/uptime",
+        b"0 seconds",
+        true,
+    ));
+    h.send(
+        dev,
+        publish(
+            "$SYS/broker/uptime",
+            b"forged",
+            QoS::AtLeastOnce,
+            true,
+            Some(1),
+        ),
+    );
+    assert!(
+        matches!(h.recv(dev).as_slice(), [Packet::PubAck(_)]),
+        "acknowledged as usual"
+    );
+    // Other `$` topics are the clients' to use.
+    h.send(dev, publish("$app/x", b"ok", QoS::AtMostOnce, false, None));
+    assert_eq!(h.publishes(dollar).len(), 1);
+    h.drop_socket(dev);
+    assert_eq!(h.publishes(watcher), [], "neither the PUBLISH nor the will");
+    let late = subscriber(&mut h, "late", "$SYS/broker/uptime");
+    assert_eq!(h.publishes(late), [], "nothing retained");
+    assert_eq!(get(&h.counters.acl_denied), 2);
+}
