@@ -551,7 +551,7 @@ impl Broker {
             }
         }
         for (session, will) in wills {
-            if self.will_allowed(session, &will) {
+            if self.may_write(session, &will.topic) {
                 self.publish_will(*will);
             }
         }
@@ -678,23 +678,17 @@ impl Broker {
 
     fn handle_publish(&mut self, conn: ConnId, publish: Publish, now: Millis) {
         self.counts.publishes_in += 1;
-        // A PUBLISH the ACL refuses, or one to the broker's own `$SYS`
-        // topics, is acknowledged as usual and then dropped (counted): 3.1.1
-        // has no way to tell the client.
-        let allowed = !is_broker_topic(&publish.topic)
-            && (self.config.acl.is_none() || {
-                let key = self.conn(conn).and_then(|c| c.session);
-                key.is_some_and(|k| self.may(k, Access::Write, publish.topic.as_str()))
+        // A PUBLISH the client may not write is acknowledged as usual and
+        // then dropped (counted): 3.1.1 has no way to tell the client.
+        let session = self.conn(conn).and_then(|c| c.session);
+        let routed = self
+            .may_write(session, &publish.topic)
+            .then(|| RoutedPublish {
+                topic: publish.topic,
+                payload: publish.payload,
+                qos: publish.qos,
+                retain: publish.retain,
             });
-        let routed = allowed.then(|| RoutedPublish {
-            topic: publish.topic,
-            payload: publish.payload,
-            qos: publish.qos,
-            retain: publish.retain,
-        });
-        if routed.is_none() {
-            bump(&self.counters.acl_denied);
-        }
         match (publish.qos, publish.packet_id) {
             (QoS::AtMostOnce, _) => {
                 if let Some(routed) = routed {
@@ -873,12 +867,14 @@ impl Broker {
         self.matches = matches;
     }
 
-    /// A will is a PUBLISH on the client's behalf: the ACL must let the
-    /// client write its topic (counted when it does not).
-    fn will_allowed(&self, session: Option<SessionKey>, will: &LastWill) -> bool {
-        let allowed = !is_broker_topic(&will.topic)
+    /// Whether the client of `session` may publish to `topic` — a PUBLISH,
+    /// or a will, which is a PUBLISH on its behalf: never to the broker's
+    /// `$SYS` topics, and only what the ACL grants when there is one.
+    /// A refusal is counted.
+    fn may_write(&self, session: Option<SessionKey>, topic: &TopicName) -> bool {
+        let allowed = !is_broker_topic(topic)
             && (self.config.acl.is_none()
-                || session.is_some_and(|k| self.may(k, Access::Write, will.topic.as_str())));
+                || session.is_some_and(|k| self.may(k, Access::Write, topic.as_str())));
         if !allowed {
             bump(&self.counters.acl_denied);
         }
@@ -1046,7 +1042,7 @@ impl Broker {
         // Judged while the session (and so who the client is) still exists.
         let will = match reason {
             CloseReason::Disconnect => None,
-            _ => will.filter(|w| self.will_allowed(session, w)),
+            _ => will.filter(|w| self.may_write(session, &w.topic)),
         };
 
         if let Some(key) = session {
