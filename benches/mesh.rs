@@ -302,6 +302,8 @@ fn publish() -> ShardMsg {
         payload: Bytes::from_static(&PAYLOAD),
         qos: QoS::AtMostOnce,
         retain: false,
+        props: None,
+        expires_at: None,
     })
 }
 

@@ -36,6 +36,8 @@ fn status(region: u32, device: u32) -> RetainedMessage {
         // A fresh buffer, as a decoded packet's payload would be.
         payload: Bytes::copy_from_slice(PAYLOAD),
         qos: QoS::AtLeastOnce,
+        props: None,
+        expires_at: None,
     }
 }
 

@@ -72,6 +72,22 @@ pub struct Config {
     /// Period of the `$SYS/broker/...` statistics topics; zero disables
     /// them. Default: 10 s.
     pub sys_interval: Duration,
+    /// MQTT 5 Server Keep Alive, seconds, 0..=65535: a 5.0 client asking
+    /// for more, or for 0, is told this and held to it; 0 caps nothing.
+    /// Default: 0.
+    pub max_keepalive: u16,
+    /// Longest MQTT 5 Session Expiry Interval granted, seconds;
+    /// 4294967295 ("never expires") caps nothing. Default: 4294967295.
+    pub max_session_expiry: u32,
+    /// MQTT 5 Topic Alias Maximum offered to clients, 0..=65535 (0: none).
+    /// Default: 65535.
+    pub max_topic_alias: u16,
+    /// MQTT 5 Receive Maximum offered to clients: QoS 2 PUBLISHes of one
+    /// client that may await PUBREL at once, 1..=65535. Default: 1024.
+    pub receive_maximum: u16,
+    /// MQTT 5 Response Information sent to clients that ask for it.
+    /// Default: none.
+    pub response_information: Option<String>,
     /// tracing filter: error|warn|info|debug|trace|off, or an env-filter
     /// directive such as `coremq=debug,info`. Default: `info`.
     pub log_level: String,
@@ -96,6 +112,11 @@ impl Default for Config {
             max_inflight: 20,
             max_queued: 1000,
             sys_interval: Duration::from_secs(10),
+            max_keepalive: 0,
+            max_session_expiry: u32::MAX,
+            max_topic_alias: u16::MAX,
+            receive_maximum: 1024,
+            response_information: None,
             log_level: "info".to_owned(),
         }
     }
@@ -108,7 +129,7 @@ impl Config {
         let fail =
             |key: Key, problem: String| ConfigError::Invalid(format!("{}: {problem}", key.flag()));
         check_listen(&self.listen).map_err(|p| fail(Key::Listen, p))?;
-        let numbers: [(Key, u64); 7] = [
+        let numbers: [(Key, u64); 11] = [
             (Key::Shards, self.shards as u64),
             (Key::MaxConnections, self.max_connections as u64),
             // Rounded up: 0.5 s is a valid (if odd) timeout set in code.
@@ -120,6 +141,10 @@ impl Config {
             (Key::StatsInterval, self.stats_interval.as_secs()),
             (Key::MaxInflight, u64::from(self.max_inflight)),
             (Key::MaxQueued, self.max_queued as u64),
+            (Key::MaxKeepalive, u64::from(self.max_keepalive)),
+            (Key::MaxSessionExpiry, u64::from(self.max_session_expiry)),
+            (Key::MaxTopicAlias, u64::from(self.max_topic_alias)),
+            (Key::ReceiveMaximum, u64::from(self.receive_maximum)),
         ];
         for (key, value) in numbers {
             let value = i64::try_from(value).unwrap_or(i64::MAX);
@@ -258,13 +283,23 @@ pub enum Key {
     MaxQueued,
     /// `sys_interval`
     SysInterval,
+    /// `max_keepalive`
+    MaxKeepalive,
+    /// `max_session_expiry`
+    MaxSessionExpiry,
+    /// `max_topic_alias`
+    MaxTopicAlias,
+    /// `receive_maximum`
+    ReceiveMaximum,
+    /// `response_information`
+    ResponseInformation,
     /// `log_level`
     LogLevel,
 }
 
 impl Key {
     /// Every setting, in `--help` order.
-    pub const ALL: [Key; 13] = [
+    pub const ALL: [Key; 18] = [
         Key::Listen,
         Key::Shards,
         Key::PasswordFile,
@@ -277,6 +312,11 @@ impl Key {
         Key::MaxInflight,
         Key::MaxQueued,
         Key::SysInterval,
+        Key::MaxKeepalive,
+        Key::MaxSessionExpiry,
+        Key::MaxTopicAlias,
+        Key::ReceiveMaximum,
+        Key::ResponseInformation,
         Key::LogLevel,
     ];
 
@@ -295,6 +335,11 @@ impl Key {
             Key::MaxInflight => "max_inflight",
             Key::MaxQueued => "max_queued",
             Key::SysInterval => "sys_interval",
+            Key::MaxKeepalive => "max_keepalive",
+            Key::MaxSessionExpiry => "max_session_expiry",
+            Key::MaxTopicAlias => "max_topic_alias",
+            Key::ReceiveMaximum => "receive_maximum",
+            Key::ResponseInformation => "response_information",
             Key::LogLevel => "log_level",
         }
     }
@@ -324,11 +369,14 @@ impl Key {
             // 2 bytes is the smallest packet (PINGREQ); 268_435_455 is the
             // largest Remaining Length plus a 5-byte fixed header (MQTT 2.2.3).
             Key::MaxPacketSize => Some((2, Some(268_435_460))),
-            Key::MaxInflight => Some((1, Some(i64::from(u16::MAX)))),
+            Key::MaxInflight | Key::ReceiveMaximum => Some((1, Some(i64::from(u16::MAX)))),
+            Key::MaxKeepalive | Key::MaxTopicAlias => Some((0, Some(i64::from(u16::MAX)))),
+            Key::MaxSessionExpiry => Some((0, Some(i64::from(u32::MAX)))),
             Key::Listen
             | Key::PasswordFile
             | Key::AclFile
             | Key::AllowAnonymous
+            | Key::ResponseInformation
             | Key::LogLevel => None,
         }
     }
@@ -411,6 +459,24 @@ struct RunArgs {
     /// Seconds between updates of the $SYS/broker/... topics; 0 disables [default: 10]
     #[arg(long, value_name = "SECS")]
     sys_interval: Option<String>,
+    /// MQTT 5 Server Keep Alive: a v5 client asking for more, or for 0, is
+    /// held to this many seconds; 0 caps nothing [default: 0]
+    #[arg(long, value_name = "SECS")]
+    max_keepalive: Option<String>,
+    /// Longest MQTT 5 Session Expiry Interval granted, in seconds;
+    /// 4294967295 means sessions may never expire [default: 4294967295]
+    #[arg(long, value_name = "SECS")]
+    max_session_expiry: Option<String>,
+    /// MQTT 5 Topic Alias Maximum offered to clients; 0 allows none [default: 65535]
+    #[arg(long, value_name = "N")]
+    max_topic_alias: Option<String>,
+    /// MQTT 5 Receive Maximum: QoS 2 publishes of one client awaiting PUBREL
+    /// at once, 1..=65535; more get DISCONNECT 0x93 [default: 1024]
+    #[arg(long, value_name = "N")]
+    receive_maximum: Option<String>,
+    /// MQTT 5 Response Information sent to clients that request it [default: none]
+    #[arg(long, value_name = "STR")]
+    response_information: Option<String>,
     /// error|warn|info|debug|trace|off, or a tracing env-filter directive
     /// such as coremq=debug,info [default: info]
     #[arg(long, value_name = "LEVEL")]
@@ -533,7 +599,7 @@ fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
             })?;
         }
     }
-    let flags: [(Key, Option<Raw<'_>>); 13] = [
+    let flags: [(Key, Option<Raw<'_>>); 18] = [
         (
             Key::Listen,
             (!args.listen.is_empty()).then(|| Raw::List(args.listen.clone())),
@@ -549,6 +615,14 @@ fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
         (Key::MaxInflight, args.max_inflight.map(Raw::Str)),
         (Key::MaxQueued, args.max_queued.map(Raw::Str)),
         (Key::SysInterval, args.sys_interval.map(Raw::Str)),
+        (Key::MaxKeepalive, args.max_keepalive.map(Raw::Str)),
+        (Key::MaxSessionExpiry, args.max_session_expiry.map(Raw::Str)),
+        (Key::MaxTopicAlias, args.max_topic_alias.map(Raw::Str)),
+        (Key::ReceiveMaximum, args.receive_maximum.map(Raw::Str)),
+        (
+            Key::ResponseInformation,
+            args.response_information.map(Raw::Str),
+        ),
         (Key::LogLevel, args.log_level.map(Raw::Str)),
     ];
     for (key, raw) in flags {
@@ -745,6 +819,17 @@ impl Builder {
             Key::MaxInflight => c.max_inflight = int(&raw)? as u16,
             Key::MaxQueued => c.max_queued = to_usize(int(&raw)?),
             Key::SysInterval => c.sys_interval = Duration::from_secs(int(&raw)? as u64),
+            Key::MaxKeepalive => c.max_keepalive = int(&raw)? as u16,
+            Key::MaxSessionExpiry => c.max_session_expiry = int(&raw)? as u32,
+            Key::MaxTopicAlias => c.max_topic_alias = int(&raw)? as u16,
+            Key::ReceiveMaximum => c.receive_maximum = int(&raw)? as u16,
+            Key::ResponseInformation => {
+                let s = raw.string()?;
+                if s.is_empty() || s.len() > usize::from(u16::MAX) || s.contains('\0') {
+                    return Err("must be 1..=65535 bytes without NUL".into());
+                }
+                c.response_information = Some(s);
+            }
             Key::LogLevel => {
                 let s = raw.string()?;
                 check_log_level(&s)?;

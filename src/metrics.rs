@@ -58,6 +58,14 @@ pub struct Counters {
     /// SUBSCRIBE filters refused (SUBACK 0x80), PUBLISHes and wills dropped,
     /// because the ACL does not allow them.
     pub acl_denied: AtomicU64,
+    /// Messages not delivered because their Message Expiry Interval passed
+    /// while they waited (MQTT 5, MQTT-3.3.2-5).
+    pub messages_expired: AtomicU64,
+    /// Messages and other packets not sent to a client because they exceed
+    /// the Maximum Packet Size it set (MQTT 5, MQTT-3.1.2-25).
+    pub oversize_dropped: AtomicU64,
+    /// Sessions discarded when their Session Expiry Interval ran out.
+    pub sessions_expired: AtomicU64,
     /// Times a client's socket stopped being read because the replies owed to
     /// it (over 1 MiB) were not being read by it.
     pub reads_paused: AtomicU64,
@@ -154,7 +162,7 @@ impl fmt::Display for Counters {
              connack_2={} connack_3={} connack_4={} connack_5={} takeovers={} wills={} \
              keepalive_expiries={} connect_timeouts={} malformed={} accept_refused={} \
              publishes_in={} publishes_out={} dropped={} acl_denied={} reads_paused={} \
-             retained={}",
+             retained={} expired={} oversize_dropped={} sessions_expired={}",
             get(&self.connections_current),
             get(&self.sockets_current),
             get(&self.sessions_current),
@@ -177,6 +185,9 @@ impl fmt::Display for Counters {
             get(&self.acl_denied),
             get(&self.reads_paused),
             get(&self.retained_current),
+            get(&self.messages_expired),
+            get(&self.oversize_dropped),
+            get(&self.sessions_expired),
         )
     }
 }

@@ -145,26 +145,6 @@ fn unsupported_protocol_level_gets_connack_1_mqtt_3_1_2_2() {
     broker.wait_for_stat("connack_1", |n| n == 6, 5 * SEC);
 }
 
-/// MQTT 5 is refused "until MQTT 5 semantics land" (README): CONNACK return
-/// code 1 written in 3.1.1 form, `20 02 00 01`, then a close.
-#[test]
-fn protocol_level_5_gets_connack_1_mqtt_3_1_2_2() {
-    let broker = Broker::start(&[]);
-    let mut c = RawClient::tcp(broker.port());
-    // A level-5 CONNECT has a properties length (0) before the client id.
-    let mut payload = vec![0u8];
-    payload.extend(id("v5"));
-    c.send(&raw_connect(b"MQTT", 5, 0x02, 0, &payload));
-    let got = c.expect_closed(2 * SEC);
-    assert_eq!(
-        got,
-        [0x20, 0x02, 0x00, 0x01],
-        "level 5 must get the 3.1.1 CONNACK 1 (`20 03 00 01 00` is a 5.0-format CONNACK \
-         carrying the 3.x code 1, which is no valid 5.0 CONNACK reason code)"
-    );
-    broker.wait_for_stat("connack_1", |n| n == 1, 5 * SEC);
-}
-
 #[test]
 fn first_packet_not_connect_closes_mqtt_3_1_0_1() {
     let broker = Broker::start(&[]);

@@ -22,12 +22,15 @@ use std::hash::BuildHasher;
 
 use super::acl::{Access, Acl};
 use super::codec::{
-    self, return_code, ConnAck, Connect, LastWill, Packet, PacketId, ProtocolVersion, PubResp,
-    Publish, QoS, SubAck, UnsubAck,
+    self, reason, return_code, ConnAck, Connect, Disconnect, LastWill, Packet, PacketId,
+    Properties, ProtocolVersion, PubResp, Publish, QoS, SubAck, UnsubAck,
 };
 use super::keepalive::{KeepAliveWheel, Secs, Verdict};
 use super::retained::{retained_owner, RetainedMessage, RetainedStore};
-use super::session::{Inflight, QueuedMessage, Session, SessionKey};
+use super::session::{
+    Inflight, PendingWill, QueuedMessage, Session, SessionKey, SubOpts, NEVER_EXPIRES,
+};
+use super::shared::{self, share_owner, Member, Shared, SharedGroups};
 use super::topic::trie::SubscriptionTrie;
 use super::topic::{TopicFilter, TopicName};
 use super::{ConnId, Millis, ShardId};
@@ -36,6 +39,9 @@ use crate::metrics::{bump, drop_one, Counters};
 /// The SUBACK code for a refused filter (MQTT-3.9.3-2 of 3.1.1; 5.0's
 /// Unspecified error has the same value).
 const SUBACK_FAILURE: u8 = 0x80;
+
+/// The Receive Maximum a 5.0 client that sets none has (§3.1.2.11.3).
+const DEFAULT_RECEIVE_MAXIMUM: u16 = u16::MAX;
 
 /// Whether `topic` is one of the broker's own `$SYS` topics, which no client
 /// may publish to (or leave a will on): a client's retained
@@ -68,6 +74,39 @@ pub struct BrokerConfig {
     pub max_queued: usize,
     /// Topic access rules (`--acl-file`); `None` lets everyone do anything.
     pub acl: Option<Arc<Acl>>,
+    /// MQTT 5 Server Keep Alive (`--max-keepalive`): a 5.0 client asking for
+    /// more, or for 0, is told this and held to it. 0: no cap.
+    pub max_keepalive: u16,
+    /// The longest Session Expiry Interval granted, seconds
+    /// (`--max-session-expiry`); [`NEVER_EXPIRES`] caps nothing.
+    pub max_session_expiry: u32,
+    /// Topic Alias Maximum offered to 5.0 clients (`--max-topic-alias`).
+    pub max_topic_alias: u16,
+    /// Receive Maximum offered to 5.0 clients (`--receive-maximum`): QoS 2
+    /// PUBLISHes of theirs that may await PUBREL at once.
+    pub receive_maximum: u16,
+    /// Response Information for 5.0 clients that ask for it
+    /// (`--response-information`).
+    pub response_information: Option<ByteString>,
+}
+
+impl BrokerConfig {
+    /// Shard `shard` of `shards` with the defaults of the command line.
+    pub fn new(shard: ShardId, shards: u16) -> BrokerConfig {
+        BrokerConfig {
+            shard,
+            shards,
+            max_packet_size: 1 << 20,
+            max_inflight: 20,
+            max_queued: 1000,
+            acl: None,
+            max_keepalive: 0,
+            max_session_expiry: NEVER_EXPIRES,
+            max_topic_alias: u16::MAX,
+            receive_maximum: 1024,
+            response_information: None,
+        }
+    }
 }
 
 /// A publish travelling between shards. `Send`: payload and topic are
@@ -81,8 +120,13 @@ pub struct RoutedPublish {
     /// QoS it was published with; each delivery gets the minimum of this and
     /// the subscription's (MQTT-3.8.4-6).
     pub qos: QoS,
-    /// RETAIN as published: the receiving shard updates its retained replica.
+    /// RETAIN as published: the topic's retained owner stores it.
     pub retain: bool,
+    /// MQTT 5 properties forwarded to subscribers (not the Topic Alias, not
+    /// Subscription Identifiers, not Message Expiry: see `expires_at`).
+    pub props: Option<Arc<Properties>>,
+    /// When it expires (Message Expiry Interval), on the process-wide clock.
+    pub expires_at: Option<Millis>,
 }
 
 /// A message from one shard's broker to another.
@@ -96,6 +140,46 @@ pub enum ShardMsg {
     RetainedQuery(RetainedQuery),
     /// The answer to a [`ShardMsg::RetainedQuery`].
     RetainedReply(RetainedReply),
+    /// To a group's owner shard: a session joined a shared subscription
+    /// (or changed its options).
+    ShareJoin {
+        /// `$share/GROUP/FILTER`.
+        share: TopicFilter,
+        /// FILTER.
+        filter: TopicFilter,
+        /// The new member.
+        member: Member,
+    },
+    /// To a group's owner shard: a session left a shared subscription.
+    ShareLeave {
+        /// `$share/GROUP/FILTER`.
+        share: TopicFilter,
+        /// The member that left.
+        member: Member,
+    },
+    /// To a group's owner shard: a member's client connected or went away.
+    ShareOnline {
+        /// `$share/GROUP/FILTER`.
+        share: TopicFilter,
+        /// The member, with its new `online`.
+        member: Member,
+    },
+    /// From a group's owner shard: deliver this to the member it picked.
+    ShareDeliver(ShareDelivery),
+}
+
+/// A message for the member of a shared subscription group the group's
+/// owner picked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareDelivery {
+    /// `$share/GROUP/FILTER`: the member's subscription.
+    pub share: TopicFilter,
+    /// The member's session.
+    pub session: SessionKey,
+    /// Its clientId (the key alone could name a later session).
+    pub client_id: ByteString,
+    /// The message.
+    pub publish: RoutedPublish,
 }
 
 /// Who asked for retained messages, and for which subscription.
@@ -138,16 +222,55 @@ pub enum Event {
 pub enum CloseReason {
     /// The client sent DISCONNECT: the will is discarded (MQTT-3.14.4-3).
     Disconnect,
+    /// A 5.0 DISCONNECT with reason 0x04: the will is published, at once.
+    DisconnectWithWill,
     /// No packet within 1.5 × keep-alive (MQTT-3.1.2-24).
     KeepAliveTimeout,
-    /// A malformed packet or a protocol violation (MQTT-4.8.0-1).
-    ProtocolError,
+    /// A malformed packet or a protocol violation (MQTT-4.8.0-1), with the
+    /// 5.0 reason code the client is told (0x81, 0x82, 0x93, 0x94, 0x95 …).
+    ProtocolError(u8),
     /// The socket failed or the client closed it without DISCONNECT.
     NetworkError,
     /// A new CONNECT with the same clientId (MQTT-3.1.4-2).
     TakenOver,
     /// The broker is shutting down.
     Shutdown,
+}
+
+impl CloseReason {
+    /// The reason code of the DISCONNECT a 5.0 client gets before the
+    /// close, for the closes the server decides (§4.13).
+    fn disconnect_code(self) -> Option<u8> {
+        match self {
+            CloseReason::KeepAliveTimeout => Some(reason::KEEP_ALIVE_TIMEOUT),
+            CloseReason::ProtocolError(code) => Some(code),
+            CloseReason::TakenOver => Some(reason::SESSION_TAKEN_OVER),
+            CloseReason::Shutdown => Some(reason::SERVER_SHUTTING_DOWN),
+            CloseReason::Disconnect
+            | CloseReason::DisconnectWithWill
+            | CloseReason::NetworkError => None,
+        }
+    }
+}
+
+/// Topic aliases of one 5.0 connection (§3.3.2.3.4), made on first use.
+#[derive(Debug, Default)]
+struct Aliases {
+    /// Set by the client: alias → topic (copies, not read-buffer slices).
+    incoming: HashMap<u16, TopicName>,
+    /// Given by us: topic → alias, first come first served up to the
+    /// client's Topic Alias Maximum.
+    outgoing: HashMap<ByteString, u16>,
+}
+
+/// Several matching subscriptions of one session folded into one delivery
+/// (MQTT-3.3.4-2, -3): the highest QoS, RETAIN if any asks for it as
+/// published, and every Subscription Identifier.
+#[derive(Debug, Default)]
+struct Fold {
+    qos: Option<QoS>,
+    retain: bool,
+    ids: Vec<u32>,
 }
 
 /// One connection's protocol state.
@@ -167,6 +290,18 @@ struct Conn {
     outgoing: BytesMut,
     transmit_queued: bool,
     closing: bool,
+    /// QoS 1/2 messages that may be in flight to it: its Receive Maximum
+    /// (5.0) or `--max-inflight` (3.x).
+    window: u16,
+    /// Topic aliases it lets us use (5.0 Topic Alias Maximum; 0 for 3.x).
+    alias_out_max: u16,
+    /// False when a 5.0 client set Request Problem Information to 0: no
+    /// Reason String on acknowledgements then (MQTT-3.1.2-29).
+    problem_info: bool,
+    /// Largest packet it accepts (5.0 Maximum Packet Size; `u32::MAX`: no
+    /// limit but the protocol's).
+    max_packet: u32,
+    aliases: Option<Box<Aliases>>,
 }
 
 enum Slot {
@@ -186,13 +321,21 @@ pub struct Broker {
     /// session itself, so the id is held once.
     by_client_id: HashTable<SessionKey>,
     hasher: DefaultHashBuilder,
-    trie: SubscriptionTrie<SessionKey, QoS>,
+    trie: SubscriptionTrie<SessionKey, SubOpts>,
     retained: RetainedStore,
     /// Runs in 100 ms ticks, not seconds (see [`keepalive_tick`]).
     keepalive: KeepAliveWheel<u32>,
+    /// Sessions whose client is away and that end, or have a will due,
+    /// at a known time: the same lazy wheel, keyed by session, in the same
+    /// 100 ms ticks (no timer per session).
+    expiry: KeepAliveWheel<u32>,
+    /// The shared subscription groups this shard owns.
+    shared: SharedGroups,
+    /// The latest time the shell told us about.
+    now: Millis,
     events: VecDeque<Event>,
-    /// Reused by every routing call: subscriber → highest granted QoS.
-    matches: HashMap<SessionKey, QoS>,
+    /// Reused by every routing call: subscriber → its folded matches.
+    matches: HashMap<SessionKey, Fold>,
     /// Per-packet tallies, kept here and added to the shared counters by
     /// [`Broker::flush_counts`]: an atomic add per packet from every shard
     /// would make the counters' cache lines the busiest memory in the
@@ -224,6 +367,9 @@ impl Broker {
             trie: SubscriptionTrie::new(),
             retained: RetainedStore::default(),
             keepalive: KeepAliveWheel::new(keepalive_tick(now)),
+            expiry: KeepAliveWheel::new(keepalive_tick(now)),
+            shared: SharedGroups::default(),
+            now,
             events: VecDeque::new(),
             matches: HashMap::new(),
             counts: LocalCounts::default(),
@@ -311,10 +457,18 @@ impl Broker {
     }
 
     /// Accepts a CONNECT that passed [`check_connect`](super::handshake::check_connect)
-    /// and whose clientId is set (assigned if it was empty). Takes over any
-    /// connection with the same clientId, attaches the session cleanSession
-    /// asks for, and queues the CONNACK.
+    /// and whose clientId is set. Takes over any connection with the same
+    /// clientId, attaches the session Clean Start asks for, and queues the
+    /// CONNACK.
     pub fn connect(&mut self, connect: Connect, now: Millis) -> ConnId {
+        self.connect_assigned(connect, false, now)
+    }
+
+    /// [`Broker::connect`] for a client whose empty clientId the shell
+    /// replaced (`assigned`): a 5.0 client is then told the id in the
+    /// CONNACK (MQTT-3.2.2-16).
+    pub fn connect_assigned(&mut self, connect: Connect, assigned: bool, now: Millis) -> ConnId {
+        self.now = now;
         let Connect {
             protocol,
             clean_start,
@@ -322,8 +476,35 @@ impl Broker {
             client_id,
             will,
             username,
+            properties,
             ..
         } = connect;
+        let v5 = protocol.is_v5();
+        let props = properties.as_deref();
+        // 3.1.1's cleanSession is Clean Start plus a Session Expiry of 0 or
+        // "never"; 5.0 says both apart (§3.1.2.4, §3.1.2.11.2).
+        let asked_expiry = match (v5, clean_start) {
+            (true, _) => props.and_then(|p| p.session_expiry_interval).unwrap_or(0),
+            (false, true) => 0,
+            (false, false) => NEVER_EXPIRES,
+        };
+        let expiry = if v5 {
+            asked_expiry.min(self.config.max_session_expiry)
+        } else {
+            asked_expiry
+        };
+        // MQTT-3.2.2-21: a Server Keep Alive replaces the client's value.
+        let max_ka = self.config.max_keepalive;
+        let server_keep_alive =
+            (v5 && max_ka > 0 && (keep_alive == 0 || keep_alive > max_ka)).then_some(max_ka);
+        let keep_alive = server_keep_alive.unwrap_or(keep_alive);
+        let window = if v5 {
+            props
+                .and_then(|p| p.receive_maximum)
+                .unwrap_or(DEFAULT_RECEIVE_MAXIMUM)
+        } else {
+            u16::try_from(self.config.max_inflight).unwrap_or(u16::MAX)
+        };
         let id = self.allocate_conn(Conn {
             generation: 0,
             version: protocol,
@@ -334,11 +515,18 @@ impl Broker {
             outgoing: BytesMut::new(),
             transmit_queued: false,
             closing: false,
+            window: window.max(1),
+            alias_out_max: props.and_then(|p| p.topic_alias_maximum).unwrap_or(0),
+            problem_info: props.and_then(|p| p.request_problem_information) != Some(0),
+            max_packet: props
+                .and_then(|p| p.maximum_packet_size)
+                .unwrap_or(u32::MAX),
+            aliases: None,
         });
 
         // MQTT-3.1.4-2: a client already connected with this id is disconnected.
-        // Its will goes out (see "Takeover" in the README), and a clean session
-        // ends with it.
+        // Its will goes out (see "Takeover" in the README), and a session that
+        // expires with its connection ends with it.
         if let Some(key) = self.find_session(&client_id) {
             if let Some(old) = self.session(key).and_then(|s| s.conn) {
                 bump(&self.counters.takeovers);
@@ -350,19 +538,24 @@ impl Broker {
         let (key, session_present) = match existing {
             // MQTT-3.2.2-2: a stored session is resumed, with sessionPresent=1.
             Some(key) if !clean_start => (key, true),
-            // MQTT-3.1.2-6: cleanSession=1 discards any previous session.
+            // MQTT-3.1.2-6 (5.0: -4): Clean Start discards any previous session.
             Some(key) => {
-                self.remove_session(key);
-                (self.create_session(client_id, true), false)
+                self.end_session(key);
+                (self.create_session(client_id.clone(), expiry), false)
             }
-            None => (self.create_session(client_id, clean_start), false),
+            None => (self.create_session(client_id.clone(), expiry), false),
         };
         let acl_in_use = self.config.acl.is_some();
         let session = self
             .session_mut(key)
             .expect("session created or found above");
         session.conn = Some(id);
-        session.clean = clean_start;
+        session.expiry_secs = expiry;
+        session.expires_at = u64::MAX;
+        session.generation = session.generation.wrapping_add(1);
+        // MQTT-3.1.3-9: a will still waiting for its delay is not sent once
+        // the client is back.
+        session.pending_will = None;
         if acl_in_use {
             // Whoever connects now is who the session's rules are for.
             session.username = username.map(|u| Box::from(&*u));
@@ -377,23 +570,48 @@ impl Broker {
         bump(&self.counters.connacks[0]);
         bump(&self.counters.connections_total);
         bump(&self.counters.connections_current);
+        let properties = v5.then(|| {
+            let c = &self.config;
+            let mut p = Properties {
+                receive_maximum: Some(c.receive_maximum),
+                maximum_packet_size: u32::try_from(c.max_packet_size).ok(),
+                topic_alias_maximum: (c.max_topic_alias > 0).then_some(c.max_topic_alias),
+                retain_available: Some(1),
+                wildcard_subscription_available: Some(1),
+                subscription_identifier_available: Some(1),
+                shared_subscription_available: Some(1),
+                server_keep_alive,
+                // §3.2.2.3.2: the client uses the server's value.
+                session_expiry_interval: (expiry != asked_expiry).then_some(expiry),
+                ..Properties::default()
+            };
+            if assigned {
+                p.assigned_client_identifier = Some(client_id.clone());
+            }
+            if props.and_then(|p| p.request_response_information) == Some(1) {
+                p.response_information = c.response_information.clone();
+            }
+            Box::new(p)
+        });
         self.queue_packet(
             id,
             &Packet::ConnAck(ConnAck {
                 session_present,
                 code: return_code::ACCEPTED,
-                properties: None,
+                properties,
             }),
         );
         if session_present {
             self.resend_inflight(id, key);
             self.pump_queue(key);
         }
+        self.share_status(key, true);
         id
     }
 
     /// Decodes and handles every whole packet in `buf`, leaving a partial one.
     pub fn handle_read(&mut self, conn: ConnId, buf: &mut BytesMut, now: Millis) {
+        self.now = now;
         loop {
             let Some(c) = self.conn_mut(conn) else { return };
             if c.closing {
@@ -414,7 +632,8 @@ impl Broker {
                 Err(error) => {
                     tracing::debug!(?conn, %error, "malformed packet");
                     bump(&self.counters.malformed_packets);
-                    self.close(conn, CloseReason::ProtocolError, now);
+                    // 5.0 clients are told which: 0x81, 0x82, 0x95 ... (§4.13).
+                    self.close(conn, CloseReason::ProtocolError(error.reason_code()), now);
                     buf.clear();
                     return;
                 }
@@ -425,6 +644,7 @@ impl Broker {
     /// The socket of `conn` failed or reached EOF without DISCONNECT: the will
     /// is published and the connection released.
     pub fn connection_lost(&mut self, conn: ConnId, now: Millis) {
+        self.now = now;
         self.close(conn, CloseReason::NetworkError, now);
         self.release(conn);
     }
@@ -433,7 +653,7 @@ impl Broker {
     /// its will) if the broker had not.
     pub fn release(&mut self, conn: ConnId) {
         if !self.is_closing(conn) {
-            self.close(conn, CloseReason::NetworkError, Millis(0));
+            self.close(conn, CloseReason::NetworkError, self.now);
         }
         if let Some(Slot::Used(c)) = self.slots.get(conn.index as usize) {
             if c.generation == conn.generation {
@@ -445,19 +665,28 @@ impl Broker {
         }
     }
 
-    /// A message from another shard.
-    pub fn handle_remote(&mut self, msg: ShardMsg) {
+    /// A message from another shard, arriving at `now`.
+    pub fn handle_remote(&mut self, msg: ShardMsg, now: Millis) {
+        self.now = now;
+        self.handle_shard_msg(msg);
+    }
+
+    fn handle_shard_msg(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Publish(publish) => {
                 if publish.retain {
                     self.store_retained(&publish);
                 }
-                self.deliver_local(&publish);
+                self.deliver_local(&publish, None);
             }
             ShardMsg::RetainedQuery(query) => {
                 let mut messages = Vec::new();
-                self.retained
-                    .for_each_match(&query.filter, |m| messages.push(m.clone()));
+                let now = self.now;
+                self.retained.for_each_match(&query.filter, |m| {
+                    if !is_expired(m.expires_at, now) {
+                        messages.push(m.clone());
+                    }
+                });
                 // Nothing to say when nothing matches: the asker keeps no
                 // state waiting for an answer.
                 if !messages.is_empty() {
@@ -469,12 +698,22 @@ impl Broker {
                 }
             }
             ShardMsg::RetainedReply(reply) => self.retained_reply(reply),
+            ShardMsg::ShareJoin {
+                share,
+                filter,
+                member,
+            } => self.shared.join(&share, &filter, member),
+            ShardMsg::ShareLeave { share, member } => self.shared.leave(&share, &member),
+            ShardMsg::ShareOnline { share, member } => self.shared.set_online(&share, &member),
+            ShardMsg::ShareDeliver(d) => {
+                self.deliver_shared(&d.share, d.session, &d.client_id, &d.publish)
+            }
         }
     }
 
     /// Retained messages from another shard for one of our new
     /// subscriptions: delivered if the session is still the one that asked
-    /// and still has the subscription, at the QoS it has now.
+    /// and still has the subscription, with the options it has now.
     fn retained_reply(&mut self, reply: RetainedReply) {
         let RetainedReply { query, messages } = reply;
         let Some(session) = self.session(query.session) else {
@@ -483,29 +722,39 @@ impl Broker {
         if session.client_id != query.client_id {
             return;
         }
-        let Some(granted) = session
-            .subscriptions()
-            .find(|(f, _)| f.as_str() == query.filter.as_str())
-            .map(|(_, q)| q)
-        else {
+        let Some(opts) = session.subscription(query.filter.as_str()) else {
             return;
         };
         for msg in messages {
-            self.deliver_to_session(
-                query.session,
-                QueuedMessage {
-                    qos: msg.qos.min(granted),
-                    topic: msg.topic,
-                    payload: msg.payload,
-                    retain: true,
-                },
-            );
+            self.deliver_retained(query.session, msg, opts);
         }
     }
 
+    /// A retained message for a new subscription: RETAIN=1 (MQTT-3.3.1-8),
+    /// at most the subscription's QoS, with its identifier.
+    fn deliver_retained(&mut self, key: SessionKey, msg: RetainedMessage, opts: SubOpts) {
+        if is_expired(msg.expires_at, self.now) {
+            return;
+        }
+        self.deliver_to_session(
+            key,
+            QueuedMessage {
+                qos: msg.qos.min(opts.qos),
+                topic: msg.topic,
+                payload: msg.payload,
+                retain: true,
+                props: msg.props,
+                expires_at: msg.expires_at,
+                sub_ids: sub_ids(opts),
+            },
+        );
+    }
+
     /// Advances time: closes every connection silent for 1.5 × its keep-alive
-    /// (MQTT-3.1.2-24), publishing its will.
+    /// (MQTT-3.1.2-24), publishing its will; publishes delayed wills that
+    /// are due and ends sessions whose expiry interval has run out.
     pub fn tick(&mut self, now: Millis) {
+        self.now = now;
         let mut expired = Vec::new();
         let slots = &self.slots;
         self.keepalive
@@ -532,6 +781,41 @@ impl Broker {
             bump(&self.counters.keepalive_expiries);
             self.close(id, CloseReason::KeepAliveTimeout, now);
         }
+
+        let mut wills_due = Vec::new();
+        let mut ended = Vec::new();
+        let sessions = &self.sessions;
+        self.expiry
+            .advance(keepalive_tick(now), |index, generation| {
+                let Some(Some(s)) = sessions.get(index as usize) else {
+                    return Verdict::Gone;
+                };
+                if s.generation != generation || s.conn.is_some() {
+                    return Verdict::Gone;
+                }
+                if s.expires_at <= now.0 {
+                    ended.push(SessionKey(index));
+                    return Verdict::Expired;
+                }
+                if s.pending_will.as_ref().is_some_and(|w| w.due <= now) {
+                    wills_due.push(SessionKey(index));
+                }
+                match s.expires_at {
+                    u64::MAX => Verdict::Expired,
+                    at => Verdict::Alive {
+                        deadline: keepalive_tick(Millis(at)),
+                    },
+                }
+            });
+        for key in wills_due {
+            if let Some(pending) = self.session_mut(key).and_then(|s| s.pending_will.take()) {
+                self.publish_will(pending.will);
+            }
+        }
+        for key in ended {
+            bump(&self.counters.sessions_expired);
+            self.end_session(key);
+        }
     }
 
     /// First step of a shutdown: publishes the will of every open
@@ -557,20 +841,28 @@ impl Broker {
         }
     }
 
-    /// A will goes out like any PUBLISH: to every shard, retained if asked.
+    /// A will goes out like any PUBLISH: to every shard, retained if asked,
+    /// with its 5.0 properties (the Will Delay Interval is ours alone).
     fn publish_will(&mut self, will: LastWill) {
         bump(&self.counters.wills_published);
-        self.route(RoutedPublish {
-            topic: will.topic,
-            payload: will.payload,
-            qos: will.qos,
-            retain: will.retain,
-        });
+        let (props, expires_at) = forwarded_properties(will.properties, self.now);
+        self.route(
+            RoutedPublish {
+                topic: will.topic,
+                payload: will.payload,
+                qos: will.qos,
+                retain: will.retain,
+                props,
+                expires_at,
+            },
+            None,
+        );
     }
 
     /// Closes every connection (the last step of a shutdown). A will not
     /// yet published by [`Broker::publish_all_wills`] is published.
     pub fn close_all(&mut self, now: Millis) {
+        self.now = now;
         let ids: Vec<ConnId> = self
             .slots
             .iter()
@@ -589,6 +881,7 @@ impl Broker {
     }
 
     fn handle_packet(&mut self, conn: ConnId, packet: Packet, now: Millis) {
+        let v5 = self.conn(conn).is_some_and(|c| c.version.is_v5());
         match packet {
             Packet::Publish(publish) => self.handle_publish(conn, publish, now),
             Packet::PubAck(ack) => {
@@ -603,26 +896,59 @@ impl Broker {
                 self.pump_conn_queue(conn);
             }
             Packet::PubRec(ack) => {
-                self.with_session(conn, |s| {
-                    // Only a QoS 2 PUBLISH moves on to its release: a PUBREC
-                    // for a QoS 1 id is the client's mistake, and must not
-                    // turn a flow that awaits PUBACK into one that never ends.
-                    if let Some((_, entry)) = s.flows_mut().inflight.get_mut(&ack.packet_id.get()) {
-                        if matches!(entry, Inflight::Published(p) if p.qos == QoS::ExactlyOnce) {
-                            *entry = Inflight::Released;
+                let known = self
+                    .with_session(conn, |s| {
+                        // Only a QoS 2 PUBLISH moves on to its release: a PUBREC
+                        // for a QoS 1 id is the client's mistake, and must not
+                        // turn a flow that awaits PUBACK into one that never ends.
+                        let mut known = false;
+                        if let Some((_, entry)) =
+                            s.flows_mut().inflight.get_mut(&ack.packet_id.get())
+                        {
+                            known = true;
+                            if matches!(entry, Inflight::Published(p) if p.qos == QoS::ExactlyOnce)
+                            {
+                                if ack.reason >= 0x80 {
+                                    // 5.0: a PUBREC with an error code ends the
+                                    // flow (MQTT-4.3.3 / §4.9).
+                                    s.flows_mut().inflight.remove(&ack.packet_id.get());
+                                    known = false;
+                                } else {
+                                    *entry = Inflight::Released;
+                                }
+                            }
                         }
-                    }
-                    s.release_idle_flows();
-                });
-                // MQTT-4.3.3-1: answer PUBREC with PUBREL, whatever we knew of it.
-                self.queue_packet(conn, &Packet::PubRel(pub_resp(ack.packet_id)));
+                        s.release_idle_flows();
+                        known
+                    })
+                    .unwrap_or(false);
+                if ack.reason >= 0x80 && v5 {
+                    self.pump_conn_queue(conn);
+                    return;
+                }
+                // MQTT-4.3.3-1: answer PUBREC with PUBREL, whatever we knew of
+                // it; 5.0 says when we knew nothing (0x92).
+                let code = if known || !v5 {
+                    reason::SUCCESS
+                } else {
+                    reason::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.queue_packet(conn, &Packet::PubRel(pub_resp(ack.packet_id, code)));
             }
             Packet::PubRel(rel) => {
-                self.with_session(conn, |s| {
-                    s.flows_mut().awaiting_rel.remove(&rel.packet_id.get());
-                    s.release_idle_flows();
-                });
-                self.queue_packet(conn, &Packet::PubComp(pub_resp(rel.packet_id)));
+                let known = self
+                    .with_session(conn, |s| {
+                        let known = s.flows_mut().awaiting_rel.remove(&rel.packet_id.get());
+                        s.release_idle_flows();
+                        known
+                    })
+                    .unwrap_or(false);
+                let code = if known || !v5 {
+                    reason::SUCCESS
+                } else {
+                    reason::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.queue_packet(conn, &Packet::PubComp(pub_resp(rel.packet_id, code)));
             }
             Packet::PubComp(comp) => {
                 self.with_session(conn, |s| {
@@ -637,33 +963,36 @@ impl Broker {
                 });
                 self.pump_conn_queue(conn);
             }
-            Packet::Subscribe(sub) => self.handle_subscribe(conn, sub),
+            Packet::Subscribe(sub) => self.handle_subscribe(conn, sub, now),
             Packet::Unsubscribe(unsub) => {
                 let Some(key) = self.conn(conn).and_then(|c| c.session) else {
                     return;
                 };
+                let mut codes = Vec::new();
                 for filter in &unsub.filters {
-                    self.trie.unsubscribe(filter, key);
-                    if self.session_mut(key).is_some_and(|s| s.unsubscribe(filter)) {
-                        drop_one(&self.counters.subscriptions_current);
+                    let existed = self.unsubscribe(key, filter);
+                    if v5 {
+                        codes.push(if existed {
+                            reason::SUCCESS
+                        } else {
+                            reason::NO_SUBSCRIPTION_EXISTED
+                        });
                     }
                 }
                 self.queue_packet(
                     conn,
                     &Packet::UnsubAck(UnsubAck {
                         packet_id: unsub.packet_id,
-                        codes: Vec::new(),
+                        codes,
                         properties: None,
                     }),
                 );
             }
             Packet::PingReq => self.queue_packet(conn, &Packet::PingResp),
-            Packet::Disconnect(_) => {
-                // MQTT-3.14.4-3: DISCONNECT discards the will; nothing is sent back.
-                self.close(conn, CloseReason::Disconnect, now);
-            }
+            Packet::Disconnect(d) => self.handle_disconnect(conn, d, now),
             // MQTT-3.1.0-2: a second CONNECT is a protocol violation. So is any
-            // packet only a server sends.
+            // packet only a server sends, and AUTH when CONNECT started no
+            // authentication exchange (§4.12).
             Packet::Connect(_)
             | Packet::ConnAck(_)
             | Packet::SubAck(_)
@@ -671,78 +1000,255 @@ impl Broker {
             | Packet::PingResp
             | Packet::Auth(_) => {
                 bump(&self.counters.malformed_packets);
-                self.close(conn, CloseReason::ProtocolError, now);
+                self.close(
+                    conn,
+                    CloseReason::ProtocolError(reason::PROTOCOL_ERROR),
+                    now,
+                );
             }
         }
     }
 
-    fn handle_publish(&mut self, conn: ConnId, publish: Publish, now: Millis) {
+    /// DISCONNECT: 0x00 discards the will (MQTT-3.14.4-3), 0x04 publishes
+    /// it at once, any other code is an abnormal end (the will follows its
+    /// delay). A 5.0 DISCONNECT may set a new Session Expiry Interval, but
+    /// not from 0 to more (MQTT-3.14.2-2).
+    fn handle_disconnect(&mut self, conn: ConnId, d: Disconnect, now: Millis) {
+        let new_expiry = d
+            .properties
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval);
+        if let Some(expiry) = new_expiry {
+            let key = self.conn(conn).and_then(|c| c.session);
+            let max = self.config.max_session_expiry;
+            if let Some(s) = key.and_then(|k| self.session_mut(k)) {
+                if s.expiry_secs == 0 && expiry != 0 {
+                    bump(&self.counters.malformed_packets);
+                    self.close(
+                        conn,
+                        CloseReason::ProtocolError(reason::PROTOCOL_ERROR),
+                        now,
+                    );
+                    return;
+                }
+                s.expiry_secs = expiry.min(max);
+            }
+        }
+        let why = match d.reason {
+            reason::SUCCESS => CloseReason::Disconnect,
+            reason::DISCONNECT_WITH_WILL => CloseReason::DisconnectWithWill,
+            // The client reports an error of its own: not a normal end, so
+            // the will is owed (MQTT-3.1.2-8); nothing is sent back.
+            _ => CloseReason::NetworkError,
+        };
+        self.close(conn, why, now);
+    }
+
+    fn handle_publish(&mut self, conn: ConnId, mut publish: Publish, now: Millis) {
         self.counts.publishes_in += 1;
-        // A PUBLISH the client may not write is acknowledged as usual and
-        // then dropped (counted): 3.1.1 has no way to tell the client.
-        let session = self.conn(conn).and_then(|c| c.session);
-        let routed = self
-            .may_write(session, &publish.topic)
-            .then(|| RoutedPublish {
-                topic: publish.topic,
-                payload: publish.payload,
-                qos: publish.qos,
-                retain: publish.retain,
-            });
+        let max_alias = self.config.max_topic_alias;
+        let Some(c) = self.conn_mut(conn) else { return };
+        let v5 = c.version.is_v5();
+        let session = c.session;
+        if v5 {
+            if let Err(code) = resolve_topic_alias(c, &mut publish, max_alias) {
+                bump(&self.counters.malformed_packets);
+                self.close(conn, CloseReason::ProtocolError(code), now);
+                return;
+            }
+        }
+        // A PUBLISH the client may not write is dropped (counted); a 5.0
+        // client is told so in its acknowledgement (0x87), a 3.1.1 one has
+        // no way to be.
+        let allowed = self.may_write(session, &publish.topic);
+        let (props, expires_at) = forwarded_properties(publish.properties.take(), now);
+        let routed = allowed.then(|| RoutedPublish {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            props,
+            expires_at,
+        });
         match (publish.qos, publish.packet_id) {
             (QoS::AtMostOnce, _) => {
                 if let Some(routed) = routed {
-                    self.route(routed);
+                    self.route(routed, session);
                 }
             }
             (QoS::AtLeastOnce, Some(id)) => {
-                if let Some(routed) = routed {
-                    self.route(routed);
-                }
-                self.queue_packet(conn, &Packet::PubAck(pub_resp(id)));
+                let code = self.route_and_judge(routed, session, v5);
+                self.queue_packet(conn, &Packet::PubAck(self.ack(conn, id, code)));
             }
             (QoS::ExactlyOnce, Some(id)) => {
+                if routed.is_none() && v5 {
+                    // The flow ends with this PUBREC (§4.3.3): no PUBREL follows.
+                    let ack = self.ack(conn, id, reason::NOT_AUTHORIZED);
+                    self.queue_packet(conn, &Packet::PubRec(ack));
+                    return;
+                }
                 // MQTT-4.3.3: a PUBLISH resent before PUBREL is acknowledged
                 // again but not delivered again.
-                let first = self
-                    .with_session(conn, |s| s.flows_mut().awaiting_rel.insert(id.get()))
-                    .unwrap_or(false);
-                if let (true, Some(routed)) = (first, routed) {
-                    self.route(routed);
+                let receive_maximum = usize::from(self.config.receive_maximum);
+                let (first, over) = self
+                    .with_session(conn, |s| {
+                        let waiting = &mut s.flows_mut().awaiting_rel;
+                        let first = !waiting.contains(&id.get());
+                        // MQTT-3.3.4-9 (5.0): no more QoS 2 PUBLISHes
+                        // awaiting PUBREL than our Receive Maximum.
+                        let over = v5 && first && waiting.len() >= receive_maximum;
+                        if first && !over {
+                            waiting.insert(id.get());
+                        }
+                        s.release_idle_flows();
+                        (first, over)
+                    })
+                    .unwrap_or((false, false));
+                if over {
+                    bump(&self.counters.malformed_packets);
+                    self.close(
+                        conn,
+                        CloseReason::ProtocolError(reason::RECEIVE_MAXIMUM_EXCEEDED),
+                        now,
+                    );
+                    return;
                 }
-                self.queue_packet(conn, &Packet::PubRec(pub_resp(id)));
+                let code = if first {
+                    self.route_and_judge(routed, session, v5)
+                } else {
+                    reason::SUCCESS
+                };
+                self.queue_packet(conn, &Packet::PubRec(self.ack(conn, id, code)));
             }
             // The codec guarantees an id for QoS > 0 (MQTT-2.3.1-5).
             _ => {
                 bump(&self.counters.malformed_packets);
-                self.close(conn, CloseReason::ProtocolError, now);
+                self.close(
+                    conn,
+                    CloseReason::ProtocolError(reason::PROTOCOL_ERROR),
+                    now,
+                );
             }
         }
     }
 
-    fn handle_subscribe(&mut self, conn: ConnId, sub: codec::Subscribe) {
-        let Some(key) = self.conn(conn).and_then(|c| c.session) else {
-            return;
+    /// Routes an acknowledged PUBLISH and picks the 5.0 reason code of its
+    /// PUBACK / PUBREC: 0x87 when the ACL refused it, 0x10 when the broker
+    /// knows nobody subscribes (one shard: it has seen every subscription),
+    /// else success.
+    fn route_and_judge(
+        &mut self,
+        routed: Option<RoutedPublish>,
+        origin: Option<SessionKey>,
+        v5: bool,
+    ) -> u8 {
+        let Some(routed) = routed else {
+            return if v5 {
+                reason::NOT_AUTHORIZED
+            } else {
+                reason::SUCCESS
+            };
         };
+        let matched = self.route(routed, origin);
+        if v5 && !matched && self.config.shards == 1 {
+            reason::NO_MATCHING_SUBSCRIBERS
+        } else {
+            reason::SUCCESS
+        }
+    }
+
+    /// An acknowledgement with `code`, and a Reason String for an error when
+    /// the client did not ask us to leave them out (MQTT-3.1.2-29).
+    fn ack(&self, conn: ConnId, id: PacketId, code: u8) -> PubResp {
+        let mut resp = pub_resp(id, code);
+        if code == reason::NOT_AUTHORIZED && self.conn(conn).is_some_and(|c| c.problem_info) {
+            resp.properties = Some(Box::new(Properties {
+                reason_string: Some(ByteString::from_static("not authorized by the ACL")),
+                ..Properties::default()
+            }));
+        }
+        resp
+    }
+
+    fn handle_subscribe(&mut self, conn: ConnId, sub: codec::Subscribe, now: Millis) {
+        let Some(c) = self.conn(conn) else { return };
+        let v5 = c.version.is_v5();
+        let Some(key) = c.session else { return };
+        // One identifier for every filter of this SUBSCRIBE (§3.8.2.1.2).
+        let id = sub
+            .properties
+            .as_ref()
+            .and_then(|p| p.subscription_identifiers.first().copied())
+            .unwrap_or(0);
         let mut codes = Vec::with_capacity(sub.filters.len());
-        let mut accepted = Vec::with_capacity(sub.filters.len());
+        let mut retained_for = Vec::new();
         for (filter, options) in &sub.filters {
-            if !self.may(key, Access::Subscribe, filter.as_str()) {
-                // MQTT-3.9.3: 0x80, failure, for this filter alone.
+            let share = shared::parse(filter);
+            let target = match &share {
+                Shared::No => filter.as_str(),
+                Shared::Yes(inner) => inner.as_str(),
+                Shared::Invalid => {
+                    codes.push(if v5 {
+                        reason::TOPIC_FILTER_INVALID
+                    } else {
+                        SUBACK_FAILURE
+                    });
+                    continue;
+                }
+            };
+            if matches!(share, Shared::Yes(_)) && options.no_local {
+                // MQTT-3.8.3-4: No Local on a shared subscription.
+                bump(&self.counters.malformed_packets);
+                self.close(
+                    conn,
+                    CloseReason::ProtocolError(reason::PROTOCOL_ERROR),
+                    now,
+                );
+                return;
+            }
+            if !self.may(key, Access::Subscribe, target) {
+                // MQTT-3.9.3: a failure for this filter alone (5.0: 0x87).
                 bump(&self.counters.acl_denied);
-                codes.push(SUBACK_FAILURE);
+                codes.push(if v5 {
+                    reason::NOT_AUTHORIZED
+                } else {
+                    SUBACK_FAILURE
+                });
                 continue;
             }
-            accepted.push((filter, options));
-            let granted = options.qos;
+            let opts = SubOpts {
+                qos: options.qos,
+                no_local: options.no_local,
+                retain_as_published: options.retain_as_published,
+                id,
+            };
             // MQTT-3.8.4-3: a repeated filter replaces the old subscription.
-            self.trie.subscribe(filter, key, granted);
-            if let Some(s) = self.session_mut(key) {
-                if s.subscribe(filter, granted) {
-                    bump(&self.counters.subscriptions_current);
+            let is_new = self
+                .session_mut(key)
+                .is_some_and(|s| s.subscribe(filter, opts));
+            if is_new {
+                bump(&self.counters.subscriptions_current);
+            }
+            codes.push(options.qos as u8);
+            match share {
+                Shared::Yes(inner) => {
+                    // No retained messages for a shared subscription (§4.8.2).
+                    self.share_join(key, filter, inner);
+                }
+                _ => {
+                    self.trie.subscribe(filter, key, opts);
+                    // MQTT-3.3.1-9 .. -11 (5.0): Retain Handling 0 sends the
+                    // retained messages, 1 only for a new subscription, 2 never.
+                    let send = match options.retain_handling {
+                        0 => true,
+                        1 => is_new,
+                        _ => false,
+                    };
+                    if send {
+                        retained_for.push((filter.clone(), opts));
+                    }
                 }
             }
-            codes.push(granted as u8);
         }
         self.queue_packet(
             conn,
@@ -756,48 +1262,170 @@ impl Broker {
         // RETAIN=1, after the SUBACK: this shard's own at once, the other
         // shards' when they answer (see `retained` for who owns what).
         let mut retained = Vec::new();
-        for (filter, options) in accepted {
+        for (filter, opts) in retained_for {
             self.retained
-                .for_each_match(filter, |m| retained.push((m.clone(), options.qos)));
+                .for_each_match(&filter, |m| retained.push((m.clone(), opts)));
             if self.config.shards > 1 {
-                self.ask_for_retained(key, filter);
+                self.ask_for_retained(key, &filter);
             }
         }
-        for (msg, granted) in retained {
-            self.deliver_to_session(
-                key,
-                QueuedMessage {
-                    qos: msg.qos.min(granted),
-                    topic: msg.topic,
-                    payload: msg.payload,
-                    retain: true,
+        for (msg, opts) in retained {
+            self.deliver_retained(key, msg, opts);
+        }
+    }
+
+    /// Removes one subscription of session `key`; false if it had none.
+    fn unsubscribe(&mut self, key: SessionKey, filter: &TopicFilter) -> bool {
+        let existed = self.session_mut(key).is_some_and(|s| s.unsubscribe(filter));
+        if !existed {
+            return false;
+        }
+        drop_one(&self.counters.subscriptions_current);
+        match shared::parse(filter) {
+            Shared::Yes(_) => {
+                if let Some(member) = self.member(key, false) {
+                    self.send_to_share_owner(
+                        filter,
+                        ShardMsg::ShareLeave {
+                            share: filter.clone(),
+                            member,
+                        },
+                    );
+                }
+            }
+            _ => {
+                self.trie.unsubscribe(filter, key);
+            }
+        }
+        true
+    }
+
+    /// Session `key` as a member of a shared subscription group.
+    fn member(&self, key: SessionKey, online: bool) -> Option<Member> {
+        self.session(key).map(|s| Member {
+            shard: self.config.shard,
+            session: key,
+            client_id: s.client_id.clone(),
+            online,
+        })
+    }
+
+    /// Tells the owner of `share` that session `key` joined it.
+    fn share_join(&mut self, key: SessionKey, share: &TopicFilter, filter: TopicFilter) {
+        let online = self.session(key).is_some_and(|s| s.conn.is_some());
+        if let Some(member) = self.member(key, online) {
+            self.send_to_share_owner(
+                share,
+                ShardMsg::ShareJoin {
+                    share: share.clone(),
+                    filter,
+                    member,
                 },
             );
         }
     }
 
+    /// Tells the owners of session `key`'s shared subscriptions that its
+    /// client connected (`online`) or went away.
+    fn share_status(&mut self, key: SessionKey, online: bool) {
+        let Some(session) = self.session(key) else {
+            return;
+        };
+        let shares: Vec<TopicFilter> = session
+            .subscriptions()
+            .filter(|(f, _)| f.as_str().starts_with(shared::SHARE_PREFIX))
+            .map(|(f, _)| f.clone())
+            .collect();
+        if shares.is_empty() {
+            return;
+        }
+        let Some(member) = self.member(key, online) else {
+            return;
+        };
+        for share in shares {
+            let msg = ShardMsg::ShareOnline {
+                share: share.clone(),
+                member: member.clone(),
+            };
+            self.send_to_share_owner(&share, msg);
+        }
+    }
+
+    /// Sends `msg` to the shard that owns the group of `share` (handled at
+    /// once when that is this shard).
+    fn send_to_share_owner(&mut self, share: &TopicFilter, msg: ShardMsg) {
+        let owner = share_owner(share, self.config.shards);
+        if owner == self.config.shard {
+            self.handle_shard_msg(msg);
+        } else {
+            self.events.push_back(Event::SendTo(owner, msg));
+        }
+    }
+
+    /// A message the group's owner picked session `key` for, through its
+    /// subscription `share`: delivered with that subscription's options, if
+    /// the session and the subscription are still there.
+    fn deliver_shared(
+        &mut self,
+        share: &TopicFilter,
+        key: SessionKey,
+        client_id: &ByteString,
+        publish: &RoutedPublish,
+    ) {
+        let Some(session) = self.session(key) else {
+            bump(&self.counters.messages_dropped);
+            return;
+        };
+        let Some(opts) = (session.client_id == *client_id)
+            .then(|| session.subscription(share.as_str()))
+            .flatten()
+        else {
+            bump(&self.counters.messages_dropped);
+            return;
+        };
+        self.deliver_to_session(
+            key,
+            QueuedMessage {
+                topic: publish.topic.clone(),
+                payload: publish.payload.clone(),
+                qos: publish.qos.min(opts.qos),
+                retain: opts.retain_as_published && publish.retain,
+                props: publish.props.clone(),
+                expires_at: publish.expires_at,
+                sub_ids: sub_ids(opts),
+            },
+        );
+    }
+
     /// A message the broker publishes itself (`$SYS`): routed like a
     /// client's PUBLISH.
     pub fn publish(&mut self, topic: TopicName, payload: Bytes, qos: QoS, retain: bool) {
-        self.route(RoutedPublish {
-            topic,
-            payload,
-            qos,
-            retain,
-        });
+        self.route(
+            RoutedPublish {
+                topic,
+                payload,
+                qos,
+                retain,
+                props: None,
+                expires_at: None,
+            },
+            None,
+        );
     }
 
     /// Publishes on this shard and on every other: the path of client
-    /// PUBLISHes and wills alike.
-    fn route(&mut self, publish: RoutedPublish) {
+    /// PUBLISHes and wills alike. `origin` is the publishing session (for
+    /// No Local). True if a subscription on this shard matched.
+    fn route(&mut self, publish: RoutedPublish, origin: Option<SessionKey>) -> bool {
         if publish.retain {
             self.store_retained(&publish);
         }
-        self.deliver_local(&publish);
+        let matched = self.deliver_local(&publish, origin);
         if self.config.shards > 1 {
             self.events
                 .push_back(Event::Broadcast(ShardMsg::Publish(publish)));
         }
+        matched
     }
 
     /// Asks the shards that may own retained messages `filter` matches.
@@ -834,6 +1462,8 @@ impl Broker {
             topic: publish.topic.clone(),
             payload: publish.payload.clone(),
             qos: publish.qos,
+            props: publish.props.clone(),
+            expires_at: publish.expires_at,
         });
         match self.retained.len().cmp(&before) {
             std::cmp::Ordering::Greater => bump(&self.counters.retained_current),
@@ -842,29 +1472,71 @@ impl Broker {
         }
     }
 
-    fn deliver_local(&mut self, publish: &RoutedPublish) {
+    /// Delivers `publish` to this shard's matching sessions and to one
+    /// member of each shared group this shard owns. True if anything matched.
+    fn deliver_local(&mut self, publish: &RoutedPublish, origin: Option<SessionKey>) -> bool {
+        if is_expired(publish.expires_at, self.now) {
+            bump(&self.counters.messages_expired);
+            return false;
+        }
         let mut matches = std::mem::take(&mut self.matches);
         matches.clear();
-        // MQTT-3.3.5-1: overlapping subscriptions of one client get one copy,
-        // at the highest granted QoS.
-        self.trie
-            .collect_matches(&publish.topic, &mut matches, |have, new| {
-                if *new > *have {
-                    *have = *new;
-                }
-            });
-        for (&key, &granted) in &matches {
+        // MQTT-3.3.5-1 / MQTT-3.3.4-2, -3: overlapping subscriptions of one
+        // client get one copy, at the highest granted QoS, with every
+        // matching Subscription Identifier.
+        self.trie.for_each_match(&publish.topic, |_, key, opts| {
+            // MQTT-3.8.3-3: No Local.
+            if opts.no_local && origin == Some(key) {
+                return;
+            }
+            let fold = matches.entry(key).or_default();
+            fold.qos = Some(fold.qos.map_or(opts.qos, |q| q.max(opts.qos)));
+            // MQTT-3.3.1-12 / -13: RETAIN kept only as published, and only
+            // for a subscription that asked for it.
+            fold.retain |= opts.retain_as_published && publish.retain;
+            if opts.id != 0 {
+                fold.ids.push(opts.id);
+            }
+        });
+        let mut matched = !matches.is_empty();
+        for (key, fold) in matches.drain() {
+            let granted = fold.qos.unwrap_or(QoS::AtMostOnce);
             self.deliver_to_session(
                 key,
                 QueuedMessage {
                     topic: publish.topic.clone(),
                     payload: publish.payload.clone(),
                     qos: publish.qos.min(granted), // MQTT-3.8.4-6
-                    retain: false,                 // MQTT-3.3.1-9
+                    retain: fold.retain,           // MQTT-3.3.1-9 for 3.1.1
+                    props: publish.props.clone(),
+                    expires_at: publish.expires_at,
+                    sub_ids: fold.ids,
                 },
             );
         }
         self.matches = matches;
+
+        if !self.shared.is_empty() {
+            let mut picks = Vec::new();
+            self.shared.pick(&publish.topic, &mut picks);
+            matched |= !picks.is_empty();
+            for (share, member) in picks {
+                if member.shard == self.config.shard {
+                    self.deliver_shared(&share, member.session, &member.client_id, publish);
+                } else {
+                    self.events.push_back(Event::SendTo(
+                        member.shard,
+                        ShardMsg::ShareDeliver(ShareDelivery {
+                            share,
+                            session: member.session,
+                            client_id: member.client_id,
+                            publish: publish.clone(),
+                        }),
+                    ));
+                }
+            }
+        }
+        matched
     }
 
     /// Whether the client of `session` may publish to `topic` — a PUBLISH,
@@ -898,9 +1570,8 @@ impl Broker {
         if self.config.acl.is_some() && !self.may(key, Access::Read, msg.topic.as_str()) {
             return;
         }
-        let max_inflight = self.config.max_inflight;
         let max_queued = self.config.max_queued;
-        let Some(session) = self.session_mut(key) else {
+        let Some(session) = self.session(key) else {
             return;
         };
         let conn = session.conn;
@@ -913,8 +1584,10 @@ impl Broker {
             }
             return;
         }
+        let window = conn.map_or(0, |c| self.window(c));
+        let session = self.session_mut(key).expect("looked up above");
         let must_wait =
-            conn.is_none() || session.queue_len() > 0 || session.inflight_len() >= max_inflight;
+            conn.is_none() || session.queue_len() > 0 || session.inflight_len() >= window;
         if !must_wait {
             if let Some(conn) = conn {
                 self.send_now(conn, key, msg);
@@ -930,6 +1603,12 @@ impl Broker {
         session.flows_mut().queue.push_back(msg);
     }
 
+    /// QoS 1/2 messages that may be in flight to `conn` at once: its 5.0
+    /// Receive Maximum (MQTT-3.3.4-7), or `--max-inflight`.
+    fn window(&self, conn: ConnId) -> usize {
+        self.conn(conn).map_or(0, |c| usize::from(c.window))
+    }
+
     fn pump_conn_queue(&mut self, conn: ConnId) {
         if let Some(key) = self.conn(conn).and_then(|c| c.session) {
             self.pump_queue(key);
@@ -938,13 +1617,13 @@ impl Broker {
 
     /// Moves queued messages into flight while the window has room.
     fn pump_queue(&mut self, key: SessionKey) {
-        let max_inflight = self.config.max_inflight;
         loop {
-            let Some(session) = self.session_mut(key) else {
+            let Some(conn) = self.session(key).and_then(|s| s.conn) else {
                 return;
             };
-            let Some(conn) = session.conn else { return };
-            if session.inflight_len() >= max_inflight {
+            let window = self.window(conn);
+            let session = self.session_mut(key).expect("looked up above");
+            if session.inflight_len() >= window {
                 return;
             }
             let Some(msg) = session.flows_mut().queue.pop_front() else {
@@ -961,47 +1640,101 @@ impl Broker {
             payload,
             qos,
             retain,
+            props,
+            expires_at,
+            sub_ids,
         } = msg;
-        let packet_id = if qos == QoS::AtMostOnce {
-            // A client that does not read must not grow our memory: past the
-            // cap its QoS 0 messages are dropped and counted (QoS 1/2 are
-            // bounded by the inflight window and the queue instead).
-            if self
-                .conn(conn)
-                .is_some_and(|c| c.outgoing.len() >= MAX_PENDING_OUTGOING)
-            {
-                bump(&self.counters.messages_dropped);
+        // MQTT-3.3.2-5: a message whose expiry passed while it waited is not
+        // sent; MQTT-3.3.2-6: one that is carries what is left of it.
+        let remaining = match expires_at {
+            Some(at) if at <= self.now => {
+                bump(&self.counters.messages_expired);
                 return;
             }
-            None
-        } else {
-            let Some(session) = self.session_mut(key) else {
-                return;
-            };
-            match session.allocate_packet_id() {
-                Some(id) => Some(id),
-                None => {
-                    bump(&self.counters.messages_dropped);
-                    return;
-                }
-            }
+            Some(at) => Some((at.0 - self.now.0).div_ceil(1000) as u32),
+            None => None,
         };
-        let publish = Publish {
+        let Some(c) = self.conn(conn) else { return };
+        let (version, max_packet, pending) = (c.version, c.max_packet, c.outgoing.len());
+        let properties =
+            if version.is_v5() && (props.is_some() || !sub_ids.is_empty() || remaining.is_some()) {
+                let mut p = props.map_or_else(Properties::default, |p| (*p).clone());
+                p.message_expiry_interval = remaining;
+                p.subscription_identifiers = sub_ids;
+                Some(Box::new(p))
+            } else {
+                None
+            };
+        let mut publish = Publish {
             dup: false,
             qos,
             retain,
             topic,
-            packet_id,
+            // A placeholder of the right size until an id is allocated.
+            packet_id: (qos != QoS::AtMostOnce).then(|| PacketId::new(1).expect("1 is not 0")),
             payload,
-            properties: None,
+            properties,
         };
-        if let Some(id) = packet_id {
-            if let Some(s) = self.session_mut(key) {
-                s.flows_mut()
-                    .start(id.get(), Inflight::Published(publish.clone()));
+        // MQTT-3.1.2-25 (5.0): a PUBLISH larger than the client's Maximum
+        // Packet Size is not sent, as if it had been (nothing goes in flight).
+        if max_packet != u32::MAX && publish.encoded_len(version) > max_packet as usize {
+            bump(&self.counters.oversize_dropped);
+            return;
+        }
+        if qos == QoS::AtMostOnce {
+            // A client that does not read must not grow our memory: past the
+            // cap its QoS 0 messages are dropped and counted (QoS 1/2 are
+            // bounded by the inflight window and the queue instead).
+            if pending >= MAX_PENDING_OUTGOING {
+                bump(&self.counters.messages_dropped);
+                return;
             }
+        } else {
+            let Some(session) = self.session_mut(key) else {
+                return;
+            };
+            let Some(id) = session.allocate_packet_id() else {
+                bump(&self.counters.messages_dropped);
+                return;
+            };
+            publish.packet_id = Some(id);
+            session
+                .flows_mut()
+                .start(id.get(), Inflight::Published(publish.clone()));
         }
         self.counts.publishes_out += 1;
+        self.queue_publish(conn, publish);
+    }
+
+    /// Queues a PUBLISH for `conn`, naming its topic by a server-to-client
+    /// Topic Alias where the client allows them (§3.3.2.3.4): the first
+    /// topics sent get one, up to its Topic Alias Maximum, and later
+    /// deliveries to them carry the two-byte alias instead of the topic.
+    fn queue_publish(&mut self, conn: ConnId, mut publish: Publish) {
+        let Some(c) = self.conn_mut(conn) else { return };
+        if c.alias_out_max > 0 {
+            let aliases = c.aliases.get_or_insert_with(Default::default);
+            let alias = match aliases.outgoing.get(publish.topic.as_bytestring()) {
+                Some(&a) => {
+                    publish.topic = TopicName::alias_only();
+                    Some(a)
+                }
+                None if aliases.outgoing.len() < usize::from(c.alias_out_max) => {
+                    let a = aliases.outgoing.len() as u16 + 1;
+                    // A copy: the topic may be a slice of a read buffer.
+                    let topic = ByteString::from(String::from(publish.topic.as_str()));
+                    aliases.outgoing.insert(topic, a);
+                    Some(a)
+                }
+                None => None,
+            };
+            if let Some(a) = alias {
+                publish
+                    .properties
+                    .get_or_insert_with(Default::default)
+                    .topic_alias = Some(a);
+            }
+        }
         self.queue_packet(conn, &Packet::Publish(publish));
     }
 
@@ -1012,49 +1745,106 @@ impl Broker {
             return;
         };
         for (id, flight) in flows.inflight_in_order() {
-            let packet = match flight {
+            match flight {
                 Inflight::Published(mut p) => {
                     p.dup = true;
-                    Packet::Publish(p)
+                    self.queue_publish(conn, p);
                 }
-                Inflight::Released => match PacketId::new(id) {
-                    Some(pid) => Packet::PubRel(pub_resp(pid)),
-                    None => continue,
-                },
-            };
-            self.queue_packet(conn, &packet);
+                Inflight::Released => {
+                    if let Some(pid) = PacketId::new(id) {
+                        self.queue_packet(conn, &Packet::PubRel(pub_resp(pid, reason::SUCCESS)));
+                    }
+                }
+            }
         }
     }
 
-    /// Ends a connection: publishes its will unless it sent DISCONNECT,
-    /// detaches its session (ending a clean one), and asks the shell to close
-    /// the socket. Idempotent.
-    fn close(&mut self, conn: ConnId, reason: CloseReason, _now: Millis) {
-        let Some(c) = self.conn_mut(conn) else { return };
+    /// Ends a connection: tells a 5.0 client why when the server decides,
+    /// publishes its will unless it sent DISCONNECT (now, or after its Will
+    /// Delay Interval while the session lives on), detaches its session
+    /// (ending one whose expiry is 0), and asks the shell to close the
+    /// socket. Idempotent.
+    fn close(&mut self, conn: ConnId, reason: CloseReason, now: Millis) {
+        let Some(c) = self.conn(conn) else { return };
         if c.closing {
             return;
         }
+        if c.version.is_v5() {
+            if let Some(code) = reason.disconnect_code() {
+                self.queue_packet(
+                    conn,
+                    &Packet::Disconnect(Disconnect {
+                        reason: code,
+                        properties: None,
+                    }),
+                );
+            }
+        }
+        let c = self.conn_mut(conn).expect("looked up above");
         c.closing = true;
         let will = c.will.take();
         let session = c.session.take();
         drop_one(&self.counters.connections_current);
         tracing::debug!(?conn, ?reason, "closing connection");
         // Judged while the session (and so who the client is) still exists.
-        let will = match reason {
+        let mut will = match reason {
             CloseReason::Disconnect => None,
             _ => will.filter(|w| self.may_write(session, &w.topic)),
         };
 
         if let Some(key) = session {
-            let clean = match self.session_mut(key) {
+            self.share_status(key, false);
+            let delay = will
+                .as_ref()
+                .and_then(|w| w.properties.as_ref())
+                .and_then(|p| p.will_delay_interval)
+                .unwrap_or(0);
+            let expiry = match self.session_mut(key) {
                 Some(s) => {
                     s.conn = None;
-                    s.clean
+                    s.generation = s.generation.wrapping_add(1);
+                    s.expiry_secs
                 }
-                None => false,
+                None => 0,
             };
-            if clean {
-                self.remove_session(key);
+            if expiry == 0 {
+                // MQTT-3.1.2-23 (5.0) / -6 (3.1.1): the session ends with
+                // its connection; a will goes out now (the session ending
+                // comes before any delay).
+                if let Some(w) = will.take() {
+                    self.publish_will(*w);
+                }
+                self.end_session(key);
+            } else {
+                let s = self.session_mut(key).expect("detached above");
+                s.expires_at = match expiry {
+                    NEVER_EXPIRES => u64::MAX,
+                    secs => now.0 + u64::from(secs) * 1000,
+                };
+                // §3.1.3.2.2: the will waits for its delay, unless the
+                // client asked for it now (0x04) or the broker is going.
+                let waits = delay > 0
+                    && !matches!(
+                        reason,
+                        CloseReason::DisconnectWithWill | CloseReason::Shutdown
+                    );
+                if waits {
+                    if let Some(w) = will.take() {
+                        s.pending_will = Some(Box::new(PendingWill {
+                            will: *w,
+                            due: Millis(now.0 + u64::from(delay) * 1000),
+                        }));
+                    }
+                }
+                let due = s
+                    .pending_will
+                    .as_ref()
+                    .map_or(s.expires_at, |w| w.due.0.min(s.expires_at));
+                if due != u64::MAX {
+                    let generation = s.generation;
+                    self.expiry
+                        .register(key.0, generation, keepalive_tick(Millis(due)));
+                }
             }
         }
         if let Some(will) = will {
@@ -1066,6 +1856,11 @@ impl Broker {
     fn queue_packet(&mut self, conn: ConnId, packet: &Packet) {
         let Some(c) = self.conn_mut(conn) else { return };
         if c.closing {
+            return;
+        }
+        // MQTT-3.1.2-24 (5.0): nothing larger than the client accepts.
+        if c.max_packet != u32::MAX && packet.encoded_len(c.version) > c.max_packet as usize {
+            bump(&self.counters.oversize_dropped);
             return;
         }
         packet.encode(c.version, &mut c.outgoing);
@@ -1127,12 +1922,12 @@ impl Broker {
             .copied()
     }
 
-    fn create_session(&mut self, client_id: ByteString, clean: bool) -> SessionKey {
+    fn create_session(&mut self, client_id: ByteString, expiry_secs: u32) -> SessionKey {
         // A copy of its own: the id arrived as a slice of the CONNECT's read
         // buffer, which it would otherwise keep alive for the session's life.
         let client_id = ByteString::from(String::from(&*client_id));
         let hash = self.hasher.hash_one(&*client_id);
-        let session = Session::new(client_id, clean);
+        let session = Session::new(client_id, expiry_secs);
         let key = match self.free_sessions.pop() {
             Some(i) => {
                 self.sessions[i as usize] = Some(session);
@@ -1154,14 +1949,41 @@ impl Broker {
         key
     }
 
+    /// A session ends (its expiry ran out, its connection closed with
+    /// expiry 0, or a Clean Start replaced it): a will still waiting for its
+    /// delay goes out now (§3.1.3.2.2: "or the Session ends, whichever
+    /// happens first"), then everything of it is forgotten.
+    fn end_session(&mut self, key: SessionKey) {
+        if let Some(pending) = self.session_mut(key).and_then(|s| s.pending_will.take()) {
+            self.publish_will(pending.will);
+        }
+        self.remove_session(key);
+    }
+
     fn remove_session(&mut self, key: SessionKey) {
         let Some(session) = self.sessions.get_mut(key.0 as usize).and_then(Option::take) else {
             return;
         };
         drop_one(&self.counters.sessions_current);
         for (filter, _) in session.subscriptions() {
-            self.trie.unsubscribe(filter, key);
             drop_one(&self.counters.subscriptions_current);
+            if filter.as_str().starts_with(shared::SHARE_PREFIX) {
+                let member = Member {
+                    shard: self.config.shard,
+                    session: key,
+                    client_id: session.client_id.clone(),
+                    online: false,
+                };
+                self.send_to_share_owner(
+                    filter,
+                    ShardMsg::ShareLeave {
+                        share: filter.clone(),
+                        member,
+                    },
+                );
+            } else {
+                self.trie.unsubscribe(filter, key);
+            }
         }
         let hash = self.hasher.hash_one(&*session.client_id);
         if let Ok(entry) = self.by_client_id.find_entry(hash, |k| *k == key) {
@@ -1181,12 +2003,82 @@ impl Broker {
     }
 }
 
-fn pub_resp(packet_id: PacketId) -> PubResp {
+fn pub_resp(packet_id: PacketId, reason: u8) -> PubResp {
     PubResp {
         packet_id,
-        reason: 0,
+        reason,
         properties: None,
     }
+}
+
+/// Whether a message that expires at `at` has expired by `now`.
+fn is_expired(at: Option<Millis>, now: Millis) -> bool {
+    at.is_some_and(|at| at <= now)
+}
+
+/// The Subscription Identifier a delivery through `opts` carries.
+fn sub_ids(opts: SubOpts) -> Vec<u32> {
+    if opts.id == 0 {
+        Vec::new()
+    } else {
+        vec![opts.id]
+    }
+}
+
+/// What of a PUBLISH's (or will's) 5.0 properties travels with the message
+/// (MQTT-3.3.2-17, -18: unchanged, user properties in order), and when it
+/// expires. The Topic Alias is the sender's connection's alone, the Will
+/// Delay Interval the broker's, and the Message Expiry Interval is kept as a
+/// time so each delivery can carry what is left of it (MQTT-3.3.2-6).
+fn forwarded_properties(
+    props: Option<Box<Properties>>,
+    now: Millis,
+) -> (Option<Arc<Properties>>, Option<Millis>) {
+    let Some(mut p) = props else {
+        return (None, None);
+    };
+    let expires_at = p
+        .message_expiry_interval
+        .take()
+        .map(|secs| Millis(now.0 + u64::from(secs) * 1000));
+    p.topic_alias = None;
+    p.will_delay_interval = None;
+    p.subscription_identifiers.clear();
+    let empty = *p == Properties::default();
+    ((!empty).then(|| Arc::from(p)), expires_at)
+}
+
+/// Resolves a 5.0 client's Topic Alias on `publish` (§3.3.2.3.4): a topic
+/// with an alias sets it, an empty topic uses it. The error is the reason
+/// code of the DISCONNECT the client is owed: 0x94 for an alias of 0 or
+/// above our maximum (MQTT-3.3.2-9, -10), 0x82 for an alias never set and
+/// for a Subscription Identifier sent by a client (MQTT-3.3.4-6).
+fn resolve_topic_alias(c: &mut Conn, publish: &mut Publish, max: u16) -> Result<(), u8> {
+    let Some(props) = publish.properties.as_ref() else {
+        return Ok(());
+    };
+    if !props.subscription_identifiers.is_empty() {
+        return Err(reason::PROTOCOL_ERROR);
+    }
+    let Some(alias) = props.topic_alias else {
+        return Ok(());
+    };
+    if alias == 0 || alias > max {
+        return Err(reason::TOPIC_ALIAS_INVALID);
+    }
+    let aliases = c.aliases.get_or_insert_with(Default::default);
+    if publish.topic.is_empty() {
+        match aliases.incoming.get(&alias) {
+            Some(topic) => publish.topic = topic.clone(),
+            None => return Err(reason::PROTOCOL_ERROR),
+        }
+    } else {
+        // A copy: the topic is a slice of the read buffer.
+        let topic = TopicName::new(String::from(publish.topic.as_str()))
+            .map_err(|_| reason::TOPIC_NAME_INVALID)?;
+        aliases.incoming.insert(alias, topic);
+    }
+    Ok(())
 }
 
 /// The broker runs the keep-alive wheel in 100 ms ticks rather than the

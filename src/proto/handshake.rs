@@ -8,7 +8,9 @@
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
-use super::codec::{self, return_code, ConnAck, Connect, DecodeError, Packet, ProtocolVersion};
+use super::codec::{
+    self, reason, return_code, ConnAck, Connect, DecodeError, Packet, ProtocolVersion,
+};
 use super::ShardId;
 
 /// What the bytes read so far amount to.
@@ -21,8 +23,11 @@ pub enum FirstPacket {
     /// The connection must be closed, after a CONNACK with `connack` as its
     /// return code when the spec owes one.
     Reject {
-        /// The 3.x return code of the CONNACK to send before closing, if any.
+        /// The code of the CONNACK to send before closing, if any: a 3.x
+        /// return code, or a 5.0 reason code when `version` is 5.0.
         connack: Option<u8>,
+        /// The version the CONNACK is written in.
+        version: ProtocolVersion,
         /// Why, for the log and the counters.
         error: HandshakeError,
     },
@@ -41,8 +46,10 @@ pub enum HandshakeError {
 ///
 /// A first packet that is anything but CONNECT closes the connection
 /// (MQTT-3.1.0-1). An unsupported protocol level is owed CONNACK 0x01 before
-/// the close (MQTT-3.1.2-2); every other malformed CONNECT is closed without
-/// a CONNACK, as 3.1.1 §4.8 allows.
+/// the close (MQTT-3.1.2-2); every other malformed 3.x CONNECT is closed
+/// without a CONNACK, as 3.1.1 §4.8 allows. A malformed 5.0 CONNECT gets a
+/// CONNACK with the reason code that says why (0x81, 0x82, 0x95 …;
+/// MQTT-4.13.1-1 and §3.2.2.2) before the close.
 pub fn read_first_packet(buf: &mut BytesMut, max_packet_size: usize) -> FirstPacket {
     // Judge the packet type from the first byte: waiting for the body of a
     // packet that is not a CONNECT would let a socket that never logs in make
@@ -50,21 +57,43 @@ pub fn read_first_packet(buf: &mut BytesMut, max_packet_size: usize) -> FirstPac
     if buf.first().is_some_and(|b| b >> 4 != 1) {
         return FirstPacket::Reject {
             connack: None,
+            version: ProtocolVersion::V3_1_1,
             error: HandshakeError::NotConnect,
         };
     }
+    // Read before decoding, which consumes a refused body.
+    let v5 = claims_v5(buf);
     match codec::decode(buf, ProtocolVersion::V3_1_1, max_packet_size) {
         Ok(None) => FirstPacket::Incomplete,
         Ok(Some(Packet::Connect(connect))) => FirstPacket::Connect(connect),
         Ok(Some(_)) => FirstPacket::Reject {
             connack: None,
+            version: ProtocolVersion::V3_1_1,
             error: HandshakeError::NotConnect,
+        },
+        Err(error) if v5 => FirstPacket::Reject {
+            connack: Some(error.reason_code()),
+            version: ProtocolVersion::V5,
+            error: HandshakeError::Malformed(error),
         },
         Err(error) => FirstPacket::Reject {
             connack: error.connack_return_code(),
+            version: ProtocolVersion::V3_1_1,
             error: HandshakeError::Malformed(error),
         },
     }
+}
+
+/// Whether the CONNECT starting `buf` names protocol `MQTT` level 5: then
+/// even a malformed one is answered in 5.0's terms. Looks only at the fixed
+/// header and the seven bytes after it.
+fn claims_v5(buf: &[u8]) -> bool {
+    // The Remaining Length is 1 to 4 bytes, each but the last with bit 7 set.
+    let Some(len_bytes) = buf.iter().skip(1).take(4).position(|b| b & 0x80 == 0) else {
+        return false;
+    };
+    let start = 2 + len_bytes;
+    buf.get(start..start + 7) == Some(b"\x00\x04MQTT\x05")
 }
 
 /// The credentials check the handshake delegates to (the password file, in
@@ -74,17 +103,29 @@ pub trait Authenticate {
     fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> Result<(), u8>;
 }
 
-/// Decides the CONNACK return code for a decoded CONNECT.
+/// Decides the CONNACK code for a decoded CONNECT: a 3.x return code, or
+/// for 5.0 the reason code ([`connack_code`] translates the shell's own
+/// refusals).
 ///
-/// - MQTT 5.0 is answered 0x01 until its semantics land: the broker speaks
-///   3.1 and 3.1.1 (MQTT-3.1.2-2).
 /// - MQTT 3.1 allows clientIds of 1 to 23 characters (3.1 §3.1); others get 0x02.
-/// - A zero-length clientId needs cleanSession=1 (MQTT-3.1.3-8); the caller
-///   then assigns one ([`assign_client_id`], MQTT-3.1.3-6).
-/// - Then credentials: 0x04 or 0x05 from `auth`.
+/// - A zero-length 3.1.1 clientId needs cleanSession=1 (MQTT-3.1.3-8); the
+///   caller then assigns one ([`assign_client_id`], MQTT-3.1.3-6). 5.0 lets
+///   any client have one assigned (MQTT-3.1.3-6, -7 of 5.0 leave it to us).
+/// - 5.0: an Authentication Method means enhanced authentication, which no
+///   method of ours supports yet: 0x8C (MQTT-4.12.0-1). This is the one
+///   place a method would be recognised.
+/// - Then credentials: 0x04 / 0x05 from `auth` (5.0: 0x86 / 0x87).
 pub fn check_connect(connect: &Connect, auth: &impl Authenticate) -> Result<(), u8> {
     match connect.protocol {
-        ProtocolVersion::V5 => return Err(return_code::UNACCEPTABLE_PROTOCOL_VERSION),
+        ProtocolVersion::V5 => {
+            let props = connect.properties.as_deref();
+            if props.is_some_and(|p| p.authentication_method.is_some()) {
+                return Err(reason::BAD_AUTHENTICATION_METHOD);
+            }
+            return auth
+                .authenticate(connect.username.as_deref(), connect.password.as_deref())
+                .map_err(|code| connack_code(ProtocolVersion::V5, code));
+        }
         ProtocolVersion::V3_1 => {
             let chars = connect.client_id.chars().count();
             if !(1..=23).contains(&chars) {
@@ -98,6 +139,23 @@ pub fn check_connect(connect: &Connect, auth: &impl Authenticate) -> Result<(), 
         }
     }
     auth.authenticate(connect.username.as_deref(), connect.password.as_deref())
+}
+
+/// The CONNACK code `version` uses for 3.x return code `code` (5.0's
+/// §3.2.2.2 reason codes have a counterpart for each of 3.1.1's).
+pub fn connack_code(version: ProtocolVersion, code: u8) -> u8 {
+    if !version.is_v5() {
+        return code;
+    }
+    match code {
+        return_code::ACCEPTED => reason::SUCCESS,
+        return_code::UNACCEPTABLE_PROTOCOL_VERSION => reason::UNSUPPORTED_PROTOCOL_VERSION,
+        return_code::IDENTIFIER_REJECTED => reason::CLIENT_IDENTIFIER_NOT_VALID,
+        return_code::SERVER_UNAVAILABLE => reason::SERVER_UNAVAILABLE,
+        return_code::BAD_USERNAME_OR_PASSWORD => reason::BAD_USER_NAME_OR_PASSWORD,
+        return_code::NOT_AUTHORIZED => reason::NOT_AUTHORIZED,
+        other => other,
+    }
 }
 
 /// A unique clientId for a client that sent a zero-length one with
@@ -196,12 +254,59 @@ mod tests {
     }
 
     #[test]
-    fn mqtt_5_refused_with_return_code_1_mqtt_3_1_2_2() {
+    fn mqtt_5_accepted_and_refused_with_5_0_reason_codes() {
         let c = connect(ProtocolVersion::V5, "x", true);
+        assert_eq!(check_connect(&c, &AllowAll), Ok(()));
+        // MQTT-3.1.3-7 (5.0): an empty id may be assigned whatever Clean Start.
+        let c = connect(ProtocolVersion::V5, "", false);
+        assert_eq!(check_connect(&c, &AllowAll), Ok(()));
+        assert_eq!(
+            check_connect(&c, &DenyAnonymous),
+            Err(reason::NOT_AUTHORIZED)
+        );
+        let mut bad = connect(ProtocolVersion::V5, "x", true);
+        bad.username = Some(ByteString::from("mallory"));
+        assert_eq!(
+            check_connect(&bad, &DenyAnonymous),
+            Err(reason::BAD_USER_NAME_OR_PASSWORD)
+        );
+    }
+
+    #[test]
+    fn unsupported_authentication_method_gets_0x8c_mqtt_4_12_0_1() {
+        let mut c = connect(ProtocolVersion::V5, "x", true);
+        c.properties = Some(Box::new(codec::Properties {
+            authentication_method: Some(ByteString::from("SCRAM-SHA-1")),
+            ..Default::default()
+        }));
         assert_eq!(
             check_connect(&c, &AllowAll),
-            Err(return_code::UNACCEPTABLE_PROTOCOL_VERSION)
+            Err(reason::BAD_AUTHENTICATION_METHOD)
         );
+    }
+
+    #[test]
+    fn malformed_v5_connect_gets_a_5_0_connack_mqtt_4_13_1_1() {
+        // CONNECT MQTT level 5 with the reserved flag set (0x03).
+        let mut buf = BytesMut::from(&b"\x10\x0e\x00\x04MQTT\x05\x03\x00\x3c\x00\x00\x01a"[..]);
+        match read_first_packet(&mut buf, 1024) {
+            FirstPacket::Reject {
+                connack: Some(code),
+                version: ProtocolVersion::V5,
+                ..
+            } => assert_eq!(code, reason::MALFORMED_PACKET),
+            other => panic!("expected a 5.0 CONNACK 0x81, got {other:?}"),
+        }
+        // Too large for --max-packet-size: 0x95.
+        let mut buf = BytesMut::from(&b"\x10\x0e\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x01a"[..]);
+        match read_first_packet(&mut buf, 8) {
+            FirstPacket::Reject {
+                connack: Some(code),
+                version: ProtocolVersion::V5,
+                ..
+            } => assert_eq!(code, reason::PACKET_TOO_LARGE),
+            other => panic!("expected a 5.0 CONNACK 0x95, got {other:?}"),
+        }
     }
 
     #[test]
@@ -227,7 +332,8 @@ mod tests {
             read_first_packet(&mut buf, 1024),
             FirstPacket::Reject {
                 connack: None,
-                error: HandshakeError::NotConnect
+                error: HandshakeError::NotConnect,
+                ..
             }
         ));
     }
@@ -240,7 +346,8 @@ mod tests {
             read_first_packet(&mut buf, 2 << 20),
             FirstPacket::Reject {
                 connack: None,
-                error: HandshakeError::NotConnect
+                error: HandshakeError::NotConnect,
+                ..
             }
         ));
     }

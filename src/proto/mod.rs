@@ -10,6 +10,7 @@ pub mod handshake;
 pub mod keepalive;
 pub mod retained;
 pub mod session;
+pub mod shared;
 pub mod topic;
 
 #[cfg(test)]

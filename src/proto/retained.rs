@@ -31,13 +31,15 @@
 //! read buffers. The copy is paid once per retained PUBLISH stored, not per
 //! delivery (deliveries share it).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use bytestring::ByteString;
 use hashbrown::HashMap;
 
-use super::codec::QoS;
+use super::codec::{Properties, QoS};
 use super::topic::{TopicFilter, TopicName};
-use super::ShardId;
+use super::{Millis, ShardId};
 
 /// One retained message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +50,30 @@ pub struct RetainedMessage {
     pub payload: Bytes,
     /// The QoS it was published with.
     pub qos: QoS,
+    /// Its MQTT 5 properties, sent with it to new subscribers.
+    pub props: Option<Arc<Properties>>,
+    /// When it expires (Message Expiry Interval): after that the broker no
+    /// longer sends it (MQTT-3.3.2-5); it is replaced or cleared as usual.
+    pub expires_at: Option<Millis>,
+}
+
+/// A copy of `p` whose strings own their bytes: decoded properties are
+/// slices of a connection's read buffer, which a stored message must not pin.
+fn owned_properties(p: &Properties) -> Properties {
+    let s = |v: &ByteString| ByteString::from(String::from(&**v));
+    let mut out = p.clone();
+    out.content_type = p.content_type.as_ref().map(s);
+    out.response_topic = p.response_topic.as_ref().map(s);
+    out.correlation_data = p
+        .correlation_data
+        .as_ref()
+        .map(|b| Bytes::copy_from_slice(b));
+    out.user_properties = p
+        .user_properties
+        .iter()
+        .map(|(k, v)| (s(k), s(v)))
+        .collect();
+    out
 }
 
 /// The shard that stores `topic`'s retained message (FNV-1a of the topic,
@@ -147,6 +173,8 @@ impl RetainedStore {
             topic: TopicName::new(topic).expect("a copy of a valid topic name"),
             payload: Bytes::copy_from_slice(&msg.payload),
             qos: msg.qos,
+            props: msg.props.map(|p| Arc::new(owned_properties(&p))),
+            expires_at: msg.expires_at,
         });
         if self.nodes[node as usize].msg.replace(stored).is_none() {
             self.len += 1;
@@ -339,6 +367,8 @@ mod tests {
             topic: TopicName::new(topic.to_string()).unwrap(),
             payload: Bytes::from_static(payload),
             qos: QoS::AtMostOnce,
+            props: None,
+            expires_at: None,
         }
     }
 
@@ -406,6 +436,8 @@ mod tests {
                 topic: TopicName::new(format!("fleet/{i}/status")).unwrap(),
                 payload: Bytes::from_static(b"x"),
                 qos: QoS::AtLeastOnce,
+                props: None,
+                expires_at: None,
             });
         }
         assert_eq!(matches(&s, "fleet/+/status").len(), 100);
@@ -425,6 +457,8 @@ mod tests {
             topic: TopicName::new(ByteString::try_from(buffer.slice(0..12)).unwrap()).unwrap(),
             payload: buffer.slice(12..),
             qos: QoS::AtMostOnce,
+            props: None,
+            expires_at: None,
         });
         // Only our handle is left on the buffer: the store holds none.
         assert!(buffer.is_unique());

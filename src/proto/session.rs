@@ -3,14 +3,56 @@
 //! it, and the QoS 2 packet ids it has sent us that await PUBREL.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use bytestring::ByteString;
 use hashbrown::{HashMap, HashSet};
 
-use super::codec::{PacketId, Publish, QoS};
+use super::codec::{LastWill, PacketId, Properties, Publish, QoS};
 use super::topic::{TopicFilter, TopicName};
-use super::ConnId;
+use super::{ConnId, Millis};
+
+/// Session Expiry Interval meaning "never" (MQTT 5 §3.1.2.11.2); what a
+/// 3.1.1 cleanSession=0 session gets.
+pub const NEVER_EXPIRES: u32 = u32::MAX;
+
+/// One subscription's options (MQTT 5 §3.8.3.1; 3.x has only the QoS):
+/// the trie's value and the session's record. `Copy`, 8 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubOpts {
+    /// Granted QoS: the most a delivery through it gets (MQTT-3.8.4-6).
+    pub qos: QoS,
+    /// No Local: never send it what its own clientId published (MQTT-3.8.3-3).
+    pub no_local: bool,
+    /// Retain As Published: live deliveries keep the RETAIN flag (MQTT-3.3.1-13).
+    pub retain_as_published: bool,
+    /// Subscription Identifier, 0 when none (§3.8.2.1.2).
+    pub id: u32,
+}
+
+impl SubOpts {
+    /// A 3.x subscription: only a QoS.
+    pub fn qos(qos: QoS) -> SubOpts {
+        SubOpts {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            id: 0,
+        }
+    }
+}
+
+/// A will whose publication waits for its Will Delay Interval after an
+/// abnormal close (MQTT 5 §3.1.3.2.2), unless the client comes back first
+/// (MQTT-3.1.3-9) or the session ends first.
+#[derive(Debug)]
+pub struct PendingWill {
+    /// The will itself.
+    pub will: LastWill,
+    /// When it is due.
+    pub due: Millis,
+}
 
 /// Index of a session in its shard's session table; the trie's subscriber key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,17 +68,27 @@ pub struct SessionKey(pub u32);
 pub struct Session {
     /// The clientId it belongs to.
     pub client_id: ByteString,
-    /// cleanSession of the connection that made it: a clean session ends with
-    /// its connection (MQTT-3.1.2-6); a persistent one outlives it.
-    pub clean: bool,
+    /// Seconds it outlives its connection: 0 ends it with the connection
+    /// (3.1.1 cleanSession=1, MQTT-3.1.2-6; 5.0 MQTT-3.1.2-23),
+    /// [`NEVER_EXPIRES`] keeps it until a clean start (3.1.1 cleanSession=0).
+    pub expiry_secs: u32,
+    /// While no connection is attached: when the session ends, in
+    /// milliseconds of the broker's clock (`u64::MAX`: never).
+    pub expires_at: u64,
+    /// Bumped each time a connection attaches or detaches, so an entry the
+    /// expiry wheel holds for an earlier absence is recognised as stale.
+    pub generation: u32,
     /// The connection attached now, if any.
     pub conn: Option<ConnId>,
+    /// A will waiting for its delay after the last connection was lost.
+    pub pending_will: Option<Box<PendingWill>>,
     /// The username its client last connected with, kept only when an ACL
     /// is in use (the rules are per user).
     pub username: Option<Box<str>>,
-    /// Subscriptions and their granted QoS, sorted by filter, restored on a
-    /// resumed session (MQTT-3.2.2-2 and §3.1.2.4).
-    subscriptions: Vec<(TopicFilter, QoS)>,
+    /// Subscriptions and their options, sorted by filter, restored on a
+    /// resumed session (MQTT-3.2.2-2 and §3.1.2.4). Shared ones keep their
+    /// whole `$share/GROUP/FILTER`.
+    subscriptions: Vec<(TopicFilter, SubOpts)>,
     flows: Option<Box<Flows>>,
     next_packet_id: u16,
 }
@@ -95,9 +147,17 @@ pub struct QueuedMessage {
     pub payload: Bytes,
     /// Delivery QoS: already the minimum of publish and subscription.
     pub qos: QoS,
-    /// RETAIN as it will be sent (1 only for retained messages sent because
-    /// of a new subscription).
+    /// RETAIN as it will be sent (1 for retained messages sent because of a
+    /// new subscription, and with Retain As Published).
     pub retain: bool,
+    /// MQTT 5 properties forwarded with it (shared by every delivery);
+    /// Message Expiry is kept as `expires_at`, never in here.
+    pub props: Option<Arc<Properties>>,
+    /// When it expires (Message Expiry Interval), on the broker's clock.
+    pub expires_at: Option<Millis>,
+    /// Subscription Identifiers of the subscriptions it matched
+    /// (MQTT-3.3.4-3); empty holds no allocation.
+    pub sub_ids: Vec<u32>,
 }
 
 /// An outgoing QoS 1/2 message awaiting its acknowledgement.
@@ -111,11 +171,14 @@ pub enum Inflight {
 
 impl Session {
     /// A fresh session with no subscriptions.
-    pub fn new(client_id: ByteString, clean: bool) -> Self {
+    pub fn new(client_id: ByteString, expiry_secs: u32) -> Self {
         Session {
             client_id,
-            clean,
+            expiry_secs,
+            expires_at: u64::MAX,
+            generation: 0,
             conn: None,
+            pending_will: None,
             username: None,
             subscriptions: Vec::new(),
             flows: None,
@@ -124,13 +187,21 @@ impl Session {
     }
 
     /// The session's subscriptions, sorted by filter.
-    pub fn subscriptions(&self) -> impl Iterator<Item = (&TopicFilter, QoS)> {
+    pub fn subscriptions(&self) -> impl Iterator<Item = (&TopicFilter, SubOpts)> {
         self.subscriptions.iter().map(|(f, q)| (f, *q))
     }
 
-    /// Adds a subscription or, for a filter it has, replaces its QoS
+    /// The options of the subscription to exactly `filter`, if there is one.
+    pub fn subscription(&self, filter: &str) -> Option<SubOpts> {
+        self.subscriptions
+            .binary_search_by(|(f, _)| f.as_str().cmp(filter))
+            .ok()
+            .map(|i| self.subscriptions[i].1)
+    }
+
+    /// Adds a subscription or, for a filter it has, replaces its options
     /// (MQTT-3.8.4-3). True if the filter is new to the session.
-    pub fn subscribe(&mut self, filter: &TopicFilter, qos: QoS) -> bool {
+    pub fn subscribe(&mut self, filter: &TopicFilter, qos: SubOpts) -> bool {
         match self
             .subscriptions
             .binary_search_by(|(f, _)| f.as_str().cmp(filter.as_str()))
@@ -215,7 +286,7 @@ mod tests {
 
     #[test]
     fn packet_ids_skip_those_in_flight_and_wrap_mqtt_2_3_1_2() {
-        let mut s = Session::new(ByteString::from("c"), true);
+        let mut s = Session::new(ByteString::from("c"), 0);
         assert_eq!(s.allocate_packet_id().map(PacketId::get), Some(1));
         s.flows_mut().start(2, Inflight::Released);
         assert_eq!(s.allocate_packet_id().map(PacketId::get), Some(3));
@@ -227,7 +298,7 @@ mod tests {
 
     #[test]
     fn no_id_when_all_are_in_flight() {
-        let mut s = Session::new(ByteString::from("c"), true);
+        let mut s = Session::new(ByteString::from("c"), 0);
         for id in 1..=u16::MAX {
             s.flows_mut().start(id, Inflight::Released);
         }
@@ -236,7 +307,7 @@ mod tests {
 
     #[test]
     fn inflight_order_is_send_order_even_after_ids_wrap_mqtt_4_6_0_1() {
-        let mut s = Session::new(ByteString::from("c"), false);
+        let mut s = Session::new(ByteString::from("c"), NEVER_EXPIRES);
         s.flows_mut().start(65_535, Inflight::Released);
         s.flows_mut().start(1, Inflight::Released);
         s.flows_mut().start(2, Inflight::Released);
@@ -253,14 +324,18 @@ mod tests {
     #[test]
     fn subscriptions_replace_by_filter_and_idle_flows_are_freed() {
         let f = |s: &str| TopicFilter::new(s).unwrap();
-        let mut s = Session::new(ByteString::from("c"), false);
-        assert!(s.subscribe(&f("b/#"), QoS::AtMostOnce));
-        assert!(s.subscribe(&f("a/+"), QoS::AtLeastOnce));
+        let mut s = Session::new(ByteString::from("c"), NEVER_EXPIRES);
+        let q = SubOpts::qos;
+        assert!(s.subscribe(&f("b/#"), q(QoS::AtMostOnce)));
+        assert!(s.subscribe(&f("a/+"), q(QoS::AtLeastOnce)));
         assert!(
-            !s.subscribe(&f("b/#"), QoS::ExactlyOnce),
+            !s.subscribe(&f("b/#"), q(QoS::ExactlyOnce)),
             "replaced, not added"
         );
-        let subs: Vec<(&str, QoS)> = s.subscriptions().map(|(f, q)| (f.as_str(), q)).collect();
+        let subs: Vec<(&str, QoS)> = s
+            .subscriptions()
+            .map(|(f, o)| (f.as_str(), o.qos))
+            .collect();
         assert_eq!(subs, [("a/+", QoS::AtLeastOnce), ("b/#", QoS::ExactlyOnce)]);
         assert!(s.unsubscribe(&f("a/+")));
         assert!(!s.unsubscribe(&f("a/+")));

@@ -103,6 +103,9 @@ pub struct Handoff {
     pub fd: OwnedFd,
     /// Its CONNECT, already checked and with its clientId assigned.
     pub connect: Box<Connect>,
+    /// The clientId was empty and assigned by the accepting shard (a 5.0
+    /// client is told it in the CONNACK).
+    pub assigned: bool,
     /// Bytes read after the CONNECT (a client may pipeline).
     pub rest: BytesMut,
 }

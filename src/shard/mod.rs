@@ -106,7 +106,8 @@ impl Authenticate for Authenticator {
 }
 
 impl Shard {
-    /// Monotonic time since this shard started.
+    /// Monotonic time since the process started its shards (one epoch for
+    /// all of them).
     pub fn now(&self) -> Millis {
         Millis(self.started.elapsed().as_millis() as u64)
     }
@@ -174,12 +175,14 @@ impl Shard {
         match msg {
             MeshMsg::Handoff(handoff) => net::accept_handoff(self, handoff),
             MeshMsg::Broker(msg) => {
-                self.broker.borrow_mut().handle_remote(msg);
+                let now = self.now();
+                self.broker.borrow_mut().handle_remote(msg, now);
                 self.dispatch();
             }
             MeshMsg::Batch(msgs) => {
+                let now = self.now();
                 for msg in msgs {
-                    self.broker.borrow_mut().handle_remote(msg);
+                    self.broker.borrow_mut().handle_remote(msg, now);
                 }
                 self.dispatch();
             }
@@ -287,6 +290,9 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
 
     // The CPUs this process may run on (taskset, cgroup cpusets), not CPUs
     // 0..n: pinning shard i to CPU i would put shards outside the allowed set.
+    // One epoch for every shard: a message's expiry time travels between
+    // shards, so their clocks must agree.
+    let started = Instant::now();
     let cpus = crate::sys::allowed_cpus();
     let mut mesh_ends = mesh::build(if shards > 1 { shards } else { 0 })?.into_iter();
     let mut handles = Vec::with_capacity(shards);
@@ -335,6 +341,14 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                             max_inflight: usize::from(config.max_inflight),
                             max_queued: config.max_queued,
                             acl: acl.clone(),
+                            max_keepalive: config.max_keepalive,
+                            max_session_expiry: config.max_session_expiry,
+                            max_topic_alias: config.max_topic_alias,
+                            receive_maximum: config.receive_maximum,
+                            response_information: config
+                                .response_information
+                                .as_deref()
+                                .map(bytestring::ByteString::from),
                         },
                         counters.clone(),
                         Millis(0),
@@ -351,7 +365,7 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                     scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
                     mesh,
                     serial: Cell::new(0),
-                    started: Instant::now(),
+                    started,
                     last_stats: Cell::new(Instant::now()),
                     last_sys: Cell::new(None),
                     sys_values: RefCell::new(hashbrown::HashMap::new()),

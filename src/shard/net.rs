@@ -32,9 +32,10 @@ use super::poller::{self, Event, READ, READ_WRITE};
 use super::{Shard, TICK};
 use crate::metrics::{bump, drop_one, get};
 use crate::proto::broker::MAX_PENDING_OUTGOING;
-use crate::proto::codec::{return_code, Connect, ProtocolVersion};
+use crate::proto::codec::{reason, return_code, Connect, ProtocolVersion};
 use crate::proto::handshake::{
-    self, assign_client_id, check_connect, connack_bytes, owner_of, FirstPacket, HandshakeError,
+    self, assign_client_id, check_connect, connack_bytes, connack_code, owner_of, FirstPacket,
+    HandshakeError,
 };
 use crate::proto::{ConnId, Millis};
 
@@ -575,10 +576,31 @@ fn close_socket(shard: &Shard, fd: OwnedFd) {
     drop_one(&shard.counters.sockets_current);
 }
 
-/// Sends a refusal's CONNACK (best effort: it is four bytes into an empty
-/// send buffer) and closes.
+/// The 3.x return code whose counter a CONNACK code is tallied under (5.0
+/// reason codes by their 3.1.1 counterpart); `None` for a malformed or
+/// protocol-error CONNECT, which `malformed` already counts.
+fn connack_counter(version: ProtocolVersion, code: u8) -> Option<usize> {
+    if !version.is_v5() {
+        return Some(usize::from(code));
+    }
+    match code {
+        reason::UNSUPPORTED_PROTOCOL_VERSION => Some(1),
+        reason::CLIENT_IDENTIFIER_NOT_VALID => Some(2),
+        reason::SERVER_UNAVAILABLE | reason::SERVER_BUSY | reason::QUOTA_EXCEEDED => Some(3),
+        reason::BAD_USER_NAME_OR_PASSWORD => Some(4),
+        reason::NOT_AUTHORIZED | reason::BAD_AUTHENTICATION_METHOD => Some(5),
+        _ => None,
+    }
+}
+
+/// Sends a refusal's CONNACK (best effort: a few bytes into an empty send
+/// buffer) and closes. `code` is in `version`'s terms.
 fn refuse(shard: &Shard, fd: OwnedFd, version: ProtocolVersion, code: u8) {
-    bump(&shard.counters.connacks[usize::from(code)]);
+    if let Some(i) = connack_counter(version, code) {
+        if let Some(counter) = shard.counters.connacks.get(i) {
+            bump(counter);
+        }
+    }
     let _ = send_some(shard, fd.as_raw_fd(), &connack_bytes(version, false, code));
     // Closing a socket with unread input sends RST instead of FIN, and a
     // client that pipelined packets after its CONNECT could then lose the
@@ -599,13 +621,17 @@ fn refuse(shard: &Shard, fd: OwnedFd, version: ProtocolVersion, code: u8) {
 fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
     let connect = match first {
         FirstPacket::Connect(connect) => connect,
-        FirstPacket::Reject { connack, error } => {
+        FirstPacket::Reject {
+            connack,
+            version,
+            error,
+        } => {
             bump(&shard.counters.malformed_packets);
             if let HandshakeError::Malformed(e) = error {
                 tracing::debug!(error = %e, "malformed first packet");
             }
             match connack {
-                Some(code) => refuse(shard, pending.fd, ProtocolVersion::V3_1_1, code),
+                Some(code) => refuse(shard, pending.fd, version, code),
                 None => close_socket(shard, pending.fd),
             }
             return;
@@ -613,42 +639,53 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
         FirstPacket::Incomplete => unreachable!("callers handle an incomplete packet"),
     };
 
+    let version = connect.protocol;
     let refusal = check_connect(&connect, shard.auth.as_ref())
         .err()
         .or_else(|| {
-            (get(&shard.counters.connections_current) >= shard.connection_ceiling)
-                .then_some(return_code::SERVER_UNAVAILABLE)
+            // At the connection ceiling: 3.x has only "server unavailable";
+            // 5.0 says it is a quota (0x97).
+            (get(&shard.counters.connections_current) >= shard.connection_ceiling).then_some(
+                if version.is_v5() {
+                    reason::QUOTA_EXCEEDED
+                } else {
+                    return_code::SERVER_UNAVAILABLE
+                },
+            )
         });
     if let Some(code) = refusal {
-        // MQTT 5 clients are refused in the 3.1.1 format: this broker does
-        // not speak 5.0 yet, which is what return code 1 tells them.
-        let version = match connect.protocol {
-            ProtocolVersion::V5 => ProtocolVersion::V3_1_1,
-            v => v,
-        };
         return refuse(shard, pending.fd, version, code);
     }
 
     let mut connect = connect;
-    if connect.client_id.is_empty() {
+    let assigned = connect.client_id.is_empty();
+    if assigned {
         // MQTT-3.1.3-6: assign a unique id; it is hashed after assignment.
         connect.client_id = assign_client_id(shard.nonce, shard.id, shard.next_serial());
     }
     let owner = owner_of(&connect.client_id, shard.shards);
     if owner == shard.id {
-        admit(shard, pending.fd, pending.registered, *connect, pending.buf);
+        admit(
+            shard,
+            pending.fd,
+            pending.registered,
+            *connect,
+            assigned,
+            pending.buf,
+        );
         return;
     }
     if shard.mesh_backlogged_to(owner) {
         // The owner is not keeping up with what we already sent it (its inbox
         // is full and our overflow queue is not empty): refuse rather than
-        // queue without bound (CONNACK 3, server unavailable).
-        return refuse(
-            shard,
-            pending.fd,
-            connect.protocol,
-            return_code::SERVER_UNAVAILABLE,
-        );
+        // queue without bound (CONNACK 3, server unavailable; 5.0: 0x89,
+        // server busy).
+        let code = if version.is_v5() {
+            reason::SERVER_BUSY
+        } else {
+            connack_code(version, return_code::SERVER_UNAVAILABLE)
+        };
+        return refuse(shard, pending.fd, version, code);
     }
     if pending.registered {
         // The descriptor stays open on the owner shard, so closing it will
@@ -662,6 +699,7 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
         MeshMsg::Handoff(Handoff {
             fd: pending.fd,
             connect,
+            assigned,
             rest: pending.buf,
         }),
     );
@@ -670,14 +708,31 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
 /// A connection handed over by the shard that accepted it.
 pub(crate) fn accept_handoff(shard: &Shard, handoff: Handoff) {
     bump(&shard.counters.sockets_current);
-    admit(shard, handoff.fd, false, *handoff.connect, handoff.rest);
+    admit(
+        shard,
+        handoff.fd,
+        false,
+        *handoff.connect,
+        handoff.assigned,
+        handoff.rest,
+    );
 }
 
 /// Registers a CONNECT this shard owns with the broker (takeover, session,
 /// CONNACK) and starts watching its socket.
-fn admit(shard: &Shard, fd: OwnedFd, registered: bool, connect: Connect, mut rest: BytesMut) {
+fn admit(
+    shard: &Shard,
+    fd: OwnedFd,
+    registered: bool,
+    connect: Connect,
+    assigned: bool,
+    mut rest: BytesMut,
+) {
     let now = shard.now();
-    let id = shard.broker.borrow_mut().connect(connect, now);
+    let id = shard
+        .broker
+        .borrow_mut()
+        .connect_assigned(connect, assigned, now);
     let raw = fd.as_raw_fd();
     let token = Token::Conn(id).encode();
     let watched = if registered {

@@ -553,6 +553,8 @@ pub struct RawClient {
     /// The socket.
     pub stream: TcpStream,
     buf: BytesMut,
+    /// The protocol its packets are decoded by (set by [`RawClient::v5`]).
+    version: ProtocolVersion,
 }
 
 impl RawClient {
@@ -564,7 +566,14 @@ impl RawClient {
         RawClient {
             stream,
             buf: BytesMut::new(),
+            version: ProtocolVersion::V3_1_1,
         }
+    }
+
+    /// Decodes what the broker sends as MQTT 5.0 from now on.
+    pub fn v5(mut self) -> RawClient {
+        self.version = ProtocolVersion::V5;
+        self
     }
 
     /// Connects with `opts` and asserts CONNACK return code 0; returns the
@@ -624,7 +633,7 @@ impl RawClient {
     pub fn next_packet(&mut self, timeout: Duration) -> Result<Packet, ReadEnd> {
         let deadline = Instant::now() + timeout;
         loop {
-            match codec::decode(&mut self.buf, ProtocolVersion::V3_1_1, 64 << 20) {
+            match codec::decode(&mut self.buf, self.version, 64 << 20) {
                 Ok(Some(p)) => return Ok(p),
                 Ok(None) => {}
                 Err(e) => panic!("broker sent a packet coremq's codec cannot decode: {e}"),

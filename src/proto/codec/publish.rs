@@ -3,6 +3,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::header::varint_len;
 use super::properties;
 use super::wire::{put_str, str_len, topic_name, Reader};
 use super::{reason, DecodeError, PacketId, ProtocolVersion, PubResp, Publish, QoS};
@@ -84,6 +85,13 @@ impl Publish {
             payload: payload.into(),
             properties: None,
         }
+    }
+
+    /// The size of this PUBLISH on the wire for `version`, fixed header
+    /// included: what a peer's Maximum Packet Size is compared with.
+    pub fn encoded_len(&self, version: ProtocolVersion) -> usize {
+        let rl = self.remaining_len(version);
+        1 + varint_len(rl) + rl
     }
 
     /// Byte 1 of the fixed header.

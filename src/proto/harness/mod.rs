@@ -40,6 +40,9 @@ struct Harness {
     /// While set, `pump` leaves `mesh` alone, so a test can interleave what
     /// shards do before they hear from each other.
     hold_mesh: bool,
+    /// The protocol each client connected with (its packets are decoded by
+    /// it even after the broker released the connection).
+    versions: hashbrown::HashMap<(usize, ConnId), ProtocolVersion>,
 }
 
 impl Harness {
@@ -49,21 +52,20 @@ impl Harness {
 
     fn with_acl(shards: u16, acl: Option<&str>) -> Self {
         let acl = acl.map(|text| Arc::new(super::acl::Acl::parse(text).expect("valid ACL")));
+        Harness::with_config(shards, |c| {
+            c.acl = acl.clone();
+            c.max_queued = 100;
+        })
+    }
+
+    /// `shards` brokers whose configuration `tune` adjusts from the defaults.
+    fn with_config(shards: u16, tune: impl Fn(&mut BrokerConfig)) -> Self {
         let counters = Arc::new(Counters::default());
         let brokers = (0..shards)
             .map(|i| {
-                Broker::new(
-                    BrokerConfig {
-                        shard: ShardId(i),
-                        shards,
-                        max_packet_size: 1 << 20,
-                        max_inflight: 20,
-                        acl: acl.clone(),
-                        max_queued: 100,
-                    },
-                    counters.clone(),
-                    Millis(0),
-                )
+                let mut config = BrokerConfig::new(ShardId(i), shards);
+                tune(&mut config);
+                Broker::new(config, counters.clone(), Millis(0))
             })
             .collect();
         Harness {
@@ -74,6 +76,7 @@ impl Harness {
             inbox: hashbrown::HashMap::new(),
             mesh: (0..shards).map(|_| Default::default()).collect(),
             hold_mesh: false,
+            versions: hashbrown::HashMap::new(),
         }
     }
 
@@ -83,7 +86,7 @@ impl Harness {
         self.hold_mesh = false;
         for &shard in order {
             while let Some(msg) = self.mesh[shard].pop_front() {
-                self.brokers[shard].handle_remote(msg);
+                self.brokers[shard].handle_remote(msg, self.now);
             }
         }
         self.pump();
@@ -91,7 +94,9 @@ impl Harness {
 
     fn connect(&mut self, connect: Connect) -> (Client, codec::ConnAck) {
         let shard = owner_of(&connect.client_id, self.brokers.len() as u16).0 as usize;
+        let version = connect.protocol;
         let conn = self.brokers[shard].connect(connect, self.now);
+        self.versions.insert((shard, conn), version);
         self.pump();
         let client = Client { shard, conn };
         let mut packets = self.recv(client);
@@ -107,9 +112,7 @@ impl Harness {
     }
 
     fn send(&mut self, client: Client, packet: Packet) {
-        let version = self.brokers[client.shard]
-            .version(client.conn)
-            .unwrap_or(ProtocolVersion::V3_1_1);
+        let version = self.version_of(client);
         let mut buf = BytesMut::new();
         packet.encode(version, &mut buf);
         self.send_bytes(client, &buf);
@@ -182,7 +185,7 @@ impl Harness {
                 for shard in 0..self.brokers.len() {
                     while let Some(msg) = self.mesh[shard].pop_front() {
                         progressed = true;
-                        self.brokers[shard].handle_remote(msg);
+                        self.brokers[shard].handle_remote(msg, self.now);
                     }
                 }
             }
@@ -198,8 +201,9 @@ impl Harness {
             .remove(&(client.shard, client.conn))
             .unwrap_or_default();
         let mut out = Vec::new();
-        while let Some(p) = codec::decode(&mut buf, ProtocolVersion::V3_1_1, usize::MAX)
-            .expect("broker sends well-formed packets")
+        let version = self.version_of(client);
+        while let Some(p) =
+            codec::decode(&mut buf, version, usize::MAX).expect("broker sends well-formed packets")
         {
             out.push(p);
         }
@@ -207,11 +211,19 @@ impl Harness {
         out
     }
 
+    fn version_of(&self, client: Client) -> ProtocolVersion {
+        self.versions
+            .get(&(client.shard, client.conn))
+            .copied()
+            .unwrap_or(ProtocolVersion::V3_1_1)
+    }
+
     /// Puts packets back at the front of `client`'s inbox, unread.
     fn requeue(&mut self, client: Client, packets: Vec<Packet>) {
         let mut bytes = BytesMut::new();
+        let version = self.version_of(client);
         for p in packets {
-            p.encode(ProtocolVersion::V3_1_1, &mut bytes);
+            p.encode(version, &mut bytes);
         }
         if let Some(later) = self.inbox.remove(&(client.shard, client.conn)) {
             bytes.extend_from_slice(&later);
@@ -1106,3 +1118,5 @@ fn clients_may_not_publish_or_leave_wills_on_sys_topics() {
     assert_eq!(h.publishes(late), [], "nothing retained");
     assert_eq!(get(&h.counters.acl_denied), 2);
 }
+
+mod v5;
