@@ -291,6 +291,7 @@ fn run(plan: Plan) -> Result<i32> {
             main_secs: plan.main_secs,
             timeout_secs: plan.common.timeout,
             will_subscriber: plan.mode == Mode::Keepalive && i == 0,
+            protocol: plan.common.protocol,
         };
         let mut child = Command::new(&exe)
             .arg("worker")
@@ -472,6 +473,7 @@ fn run(plan: Plan) -> Result<i32> {
             main_secs: plan.main_secs,
             parent_cpu_s: crate::sys::rusage_cpu_s(libc::RUSAGE_SELF),
             children_cpu_s: crate::sys::rusage_cpu_s(libc::RUSAGE_CHILDREN),
+            protocol: plan.common.protocol,
             pubsub: None,
         },
         &results,

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use bytestring::ByteString;
 use coremq::proto::codec::{
-    self, Connect, LastWill, Packet, PacketId, ProtocolVersion, QoS, Subscribe, SubscriptionOptions,
+    self, Connect, LastWill, Packet, PacketId, QoS, Subscribe, SubscriptionOptions,
 };
 use coremq::proto::topic::{TopicFilter, TopicName};
 use hdrhistogram::Histogram;
@@ -26,13 +26,13 @@ use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+use crate::protocol;
 use crate::spec::{
     hist_to_b64, new_hist, Mode, Phase, Progress, WorkerMsg, WorkerResult, WorkerSpec,
 };
 use crate::sys::{mono_us, rusage_cpu_s, self_max_rss_kb, source_ip};
 
 const STDIN: Token = Token(usize::MAX - 1);
-const V: ProtocolVersion = ProtocolVersion::V3_1_1;
 const MAX_PACKET: usize = 1 << 20;
 const SLOT_US: u64 = 100_000;
 const PINGREQ: [u8; 2] = [0xC0, 0x00];
@@ -461,7 +461,7 @@ impl Engine {
             })
         });
         Packet::Connect(Box::new(Connect {
-            protocol: V,
+            protocol: self.spec.protocol.version(),
             clean_start: if sub { true } else { self.spec.clean },
             keep_alive: if sub { 0 } else { self.spec.keepalive },
             client_id: ByteString::from(client_id),
@@ -531,7 +531,8 @@ impl Engine {
         };
         let mut buf = std::mem::take(&mut self.wscratch);
         buf.clear();
-        self.connect_packet(n, flags).encode(V, &mut buf);
+        self.connect_packet(n, flags)
+            .encode(self.spec.protocol.version(), &mut buf);
         let res = {
             let c = &mut self.conns[tok as usize];
             let s = c.stream.as_mut().expect("connecting socket");
@@ -657,11 +658,19 @@ impl Engine {
             }
         }
         let gen = self.conns[tok as usize].gen;
+        let v = self.spec.protocol.version();
+        if self.conns[tok as usize].st == St::AwaitConnack {
+            // A broker without 5.0 refuses a level-5 CONNECT in 3.1.1 form.
+            if let Some(code) = protocol::v3_refusal(v, &scratch) {
+                scratch.clear();
+                self.broken(tok, &format!("connack_{code}"));
+            }
+        }
         loop {
             if !self.live(tok, gen) {
                 break;
             }
-            match codec::decode(&mut scratch, V, MAX_PACKET) {
+            match codec::decode(&mut scratch, v, MAX_PACKET) {
                 Ok(Some(p)) => self.on_packet(tok, p),
                 Ok(None) => break,
                 Err(_) => {
@@ -725,7 +734,7 @@ impl Engine {
                         properties: None,
                     });
                     let mut b = BytesMut::new();
-                    sub.encode(V, &mut b);
+                    sub.encode(self.spec.protocol.version(), &mut b);
                     self.conns[tok as usize].st = St::SubAwaitSuback;
                     if let Err(e) = self.write(tok, &b) {
                         self.conn_error(tok, &e);

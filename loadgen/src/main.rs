@@ -5,6 +5,7 @@ mod coord;
 mod engine;
 mod null_broker;
 mod plot;
+mod protocol;
 mod pubsub;
 mod report;
 mod spec;
@@ -82,6 +83,9 @@ pub struct Common {
     /// No live line on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// MQTT version every client speaks: 4 (3.1.1; also 311, 3.1.1) or 5 (5.0; also 5.0).
+    #[arg(long, value_name = "4|5", default_value = "4", value_parser = protocol::Protocol::parse)]
+    pub protocol: protocol::Protocol,
 }
 
 /// How clients identify themselves.

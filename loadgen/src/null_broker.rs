@@ -1,6 +1,7 @@
-//! The null broker: accepts, answers CONNECT with `20 02 00 00` and PINGREQ
-//! with `D0 00`, closes on DISCONNECT, ignores everything else. No broker
-//! logic at all: the ceiling this machine allows for connect and ping rates.
+//! The null broker: accepts, answers CONNECT with `20 02 00 00` (a level-5
+//! CONNECT with the 5.0 form, `20 03 00 00 00`) and PINGREQ with `D0 00`,
+//! closes on DISCONNECT, ignores everything else. No broker logic at all: the
+//! ceiling this machine allows for connect and ping rates.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -11,6 +12,8 @@ use mio::{Events, Interest, Poll, Token};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+/// MQTT 5.0: Property Length 0 after the reason code.
+const CONNACK_V5: [u8; 5] = [0x20, 0x03, 0x00, 0x00, 0x00];
 const PINGRESP: [u8; 2] = [0xD0, 0x00];
 
 struct Client {
@@ -56,6 +59,7 @@ fn handle(buf: &[u8], out: &mut Vec<u8>) -> (usize, Verdict) {
             return (off, Verdict::Keep);
         }
         match rest[0] >> 4 {
+            1 if is_v5_connect(&rest[i..total]) => out.extend_from_slice(&CONNACK_V5),
             1 => out.extend_from_slice(&CONNACK),
             12 => out.extend_from_slice(&PINGRESP),
             14 => return (off + total, Verdict::Close),
@@ -63,6 +67,15 @@ fn handle(buf: &[u8], out: &mut Vec<u8>) -> (usize, Verdict) {
         }
         off += total;
     }
+}
+
+/// A CONNECT body whose protocol level (after the protocol name) is 5.
+fn is_v5_connect(body: &[u8]) -> bool {
+    let [a, b, ..] = body else {
+        return false;
+    };
+    let name_len = usize::from(u16::from_be_bytes([*a, *b]));
+    body.get(2 + name_len) == Some(&5)
 }
 
 fn serve(listener: std::net::TcpListener) -> Result<()> {
@@ -280,5 +293,23 @@ mod tests {
         assert_eq!(used, 0);
         assert!(out.is_empty());
         assert!(matches!(v, Verdict::Keep));
+    }
+
+    #[test]
+    fn answers_a_level_5_connect_in_the_5_0_form() {
+        let mut out = Vec::new();
+        // CONNECT: "MQTT", level 5, flags, keepAlive, Property Length 0, clientId "a".
+        let v5 = [
+            0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 0, 0, 0, 1, b'a',
+        ];
+        let (used, _) = handle(&v5, &mut out);
+        assert_eq!(used, v5.len());
+        assert_eq!(out, [0x20, 0x03, 0x00, 0x00, 0x00]);
+        out.clear();
+        let v4 = [
+            0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 0, 0, 1, b'a',
+        ];
+        handle(&v4, &mut out);
+        assert_eq!(out, [0x20, 0x02, 0x00, 0x00]);
     }
 }

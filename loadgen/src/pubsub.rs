@@ -40,12 +40,12 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::engine::{cause_of, open_socket, sockaddr};
+use crate::protocol::{self, Protocol};
 use crate::report::{self, BrokerSamples, PubsubReport, Report};
 use crate::spec::{hist_to_b64, new_hist, Mode, WorkerResult};
 use crate::sys::{mono_us, proc_sample, rusage_cpu_s, self_max_rss_kb, source_ip, ProcSample};
 use crate::{usage_error, Common};
 
-const V: ProtocolVersion = ProtocolVersion::V3_1_1;
 const MAX_PACKET: usize = 1 << 20;
 /// Send time (8) + publisher number (4) + sequence number (4).
 pub const HEADER: usize = 16;
@@ -147,6 +147,7 @@ struct Cfg {
     timeout_us: u64,
     quiet: bool,
     broker_pid: Option<u32>,
+    protocol: Protocol,
 }
 
 /// `loadgen pubsub`: validate, run, report. Exit code 0 when nothing failed.
@@ -226,6 +227,7 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
         timeout_us: (a.common.timeout * 1e6) as u64,
         quiet: a.common.quiet,
         broker_pid: a.common.broker_pid,
+        protocol: a.common.protocol,
     };
     let params = serde_json::json!({
         "shape": shape.name(), "n": n, "qos": a.qos, "payload": a.payload,
@@ -250,6 +252,7 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
             main_secs: a.duration,
             parent_cpu_s: rusage_cpu_s(libc::RUSAGE_SELF),
             children_cpu_s: 0.0,
+            protocol: a.common.protocol,
             pubsub: Some(ps),
         },
         &[wr],
@@ -436,6 +439,8 @@ enum Phase {
 /// The run's state.
 struct Run {
     cfg: Cfg,
+    /// `cfg.protocol`, as the codec takes it.
+    v: ProtocolVersion,
     poll: Poll,
     dst: libc::sockaddr_in,
     /// Subscribers are tokens 0..subs, publishers subs..subs+pubs.
@@ -479,6 +484,9 @@ struct Run {
     in_window: u64,
     rate_sent: u64,
     rate_behind: u64,
+    /// 5.0: the lowest Receive Maximum a broker's CONNACK gave a publisher,
+    /// when below --window.
+    receive_maximum: Option<u16>,
     rr: u32,
     failures: BTreeMap<String, u64>,
     failed: u64,
@@ -545,7 +553,8 @@ impl Run {
                     Shape::FanIn => format!("{}/in/{i}", cfg.prefix),
                     Shape::FanOut => format!("{}/out", cfg.prefix),
                 };
-                let (tmpl, pid_off, pay_off) = publish_template(&topic, cfg.qos, cfg.payload)?;
+                let (tmpl, pid_off, pay_off) =
+                    publish_template(&topic, cfg.qos, cfg.payload, cfg.protocol.version())?;
                 Ok(PubSt {
                     topic,
                     tmpl,
@@ -568,6 +577,7 @@ impl Run {
             .collect();
         let streams = (0..cfg.n).map(|_| Stream::default()).collect();
         Ok(Run {
+            v: cfg.protocol.version(),
             dst: sockaddr(cfg.broker),
             poll,
             conns,
@@ -607,6 +617,7 @@ impl Run {
             in_window: 0,
             rate_sent: 0,
             rate_behind: 0,
+            receive_maximum: None,
             rr: 0,
             failures: BTreeMap::new(),
             failed: 0,
@@ -718,7 +729,7 @@ impl Run {
 
     fn send_connect(&mut self, tok: u32) {
         let p = Packet::Connect(Box::new(Connect {
-            protocol: V,
+            protocol: self.v,
             clean_start: true,
             keep_alive: self.cfg.keepalive,
             client_id: ByteString::from(self.client_id(tok)),
@@ -728,7 +739,7 @@ impl Run {
             properties: None,
         }));
         let mut buf = BytesMut::new();
-        p.encode(V, &mut buf);
+        p.encode(self.v, &mut buf);
         let res = {
             let s = self.conns[tok as usize]
                 .stream
@@ -938,8 +949,16 @@ impl Run {
     }
 
     fn decode_all(&mut self, tok: u32, buf: &mut BytesMut, now: u64) {
+        if self.conns[tok as usize].st == St::AwaitConnack {
+            // A broker without 5.0 refuses a level-5 CONNECT in 3.1.1 form.
+            if let Some(code) = protocol::v3_refusal(self.v, buf) {
+                buf.clear();
+                self.broken(tok, &format!("connack_{code}"));
+                return;
+            }
+        }
         while self.live(tok) {
-            match codec::decode(buf, V, MAX_PACKET) {
+            match codec::decode(buf, self.v, MAX_PACKET) {
                 Ok(Some(p)) => self.on_packet(tok, p, now),
                 Ok(None) => break,
                 Err(_) => {
@@ -952,7 +971,7 @@ impl Run {
     }
 
     fn ack(&mut self, p: Packet) {
-        p.encode(V, &mut self.obuf);
+        p.encode(self.v, &mut self.obuf);
     }
 
     fn on_packet(&mut self, tok: u32, p: Packet, now: u64) {
@@ -983,7 +1002,7 @@ impl Run {
                             properties: None,
                         });
                         let mut b = BytesMut::new();
-                        sub.encode(V, &mut b);
+                        sub.encode(self.v, &mut b);
                         let c = &mut self.conns[tok as usize];
                         c.st = St::AwaitSuback;
                         c.t_sent = now;
@@ -998,7 +1017,16 @@ impl Run {
                         self.hs_inflight -= 1;
                         self.conns[tok as usize].st = St::Active;
                         self.pubs_connected += 1;
-                        let w = self.cfg.window;
+                        // 5.0: no more QoS 1/2 flows open than the broker's
+                        // Receive Maximum (MQTT-3.3.4-7).
+                        let mut w = self.cfg.window;
+                        if let Some(rm) = a.properties.as_ref().and_then(|p| p.receive_maximum) {
+                            if rm < w {
+                                w = rm;
+                                self.receive_maximum =
+                                    Some(self.receive_maximum.map_or(rm, |m| m.min(rm)));
+                            }
+                        }
                         let ps = &mut self.pubs[idx as usize];
                         ps.active = true;
                         if qos != QoS::AtMostOnce {
@@ -1032,6 +1060,9 @@ impl Run {
             (Role::Sub, St::Active | St::AwaitClose, Packet::PubRel(r))
                 if qos == QoS::ExactlyOnce =>
             {
+                if protocol::refused(r.reason) {
+                    self.fail(&protocol::reason_failure("pubrel", r.reason));
+                }
                 let id = r.packet_id.get();
                 let q = &mut self.subs[idx as usize].qos2;
                 if let Some(i) = q.iter().position(|&x| x == id) {
@@ -1049,17 +1080,21 @@ impl Run {
             (Role::Pub, St::Active | St::AwaitClose, Packet::PubAck(r))
                 if qos == QoS::AtLeastOnce =>
             {
-                self.pub_ack(idx, r.packet_id.get(), 1, now);
+                self.pub_ack(idx, r.packet_id.get(), 1, r.reason, now);
             }
             (Role::Pub, St::Active | St::AwaitClose, Packet::PubRec(r))
                 if qos == QoS::ExactlyOnce =>
             {
-                self.pub_ack(idx, r.packet_id.get(), 1, now);
+                self.pub_ack(idx, r.packet_id.get(), 1, r.reason, now);
             }
             (Role::Pub, St::Active | St::AwaitClose, Packet::PubComp(r))
                 if qos == QoS::ExactlyOnce =>
             {
-                self.pub_ack(idx, r.packet_id.get(), 2, now);
+                self.pub_ack(idx, r.packet_id.get(), 2, r.reason, now);
+            }
+            // 5.0: the broker says why before it closes.
+            (_, _, Packet::Disconnect(d)) => {
+                self.fail(&protocol::reason_failure("broker_disconnect", d.reason));
             }
             (_, _, Packet::PingResp) => self.pongs += 1,
             (_, St::AwaitConnack | St::AwaitSuback, _) => self.broken(tok, "unexpected_packet"),
@@ -1067,18 +1102,19 @@ impl Run {
         }
     }
 
-    /// PUBACK / PUBREC (`stage` 1) or PUBCOMP (`stage` 2) for `id` at publisher `idx`.
-    fn pub_ack(&mut self, idx: u32, id: u16, stage: u8, now: u64) {
+    /// PUBACK / PUBREC (`stage` 1) or PUBCOMP (`stage` 2) for `id` at
+    /// publisher `idx`, with its 5.0 `reason` (0 in 3.1.1).
+    fn pub_ack(&mut self, idx: u32, id: u16, stage: u8, reason: u8, now: u64) {
         let qos = self.cfg.qos;
         let slot = usize::from(id).wrapping_sub(1);
         let s = self.pubs[idx as usize].slots.get(slot).copied();
+        let name = match (qos, stage) {
+            (QoS::AtLeastOnce, _) => "puback",
+            (_, 1) => "pubrec",
+            _ => "pubcomp",
+        };
         let Some(s) = s.filter(|s| s.st == stage) else {
-            let what = match (qos, stage) {
-                (QoS::AtLeastOnce, _) => "unexpected_puback",
-                (_, 1) => "unexpected_pubrec",
-                _ => "unexpected_pubcomp",
-            };
-            self.fail(what);
+            self.fail(&format!("unexpected_{name}"));
             return;
         };
         if stage == 1 {
@@ -1088,14 +1124,20 @@ impl Run {
             let late = u64::from(s.seq) + 1 < u64::from(ps.ack_hi);
             ps.ack_hi = ps.ack_hi.max(s.seq + 1);
             if late {
-                self.fail(if qos == QoS::AtLeastOnce {
-                    "puback_out_of_order"
-                } else {
-                    "pubrec_out_of_order"
-                });
+                self.fail(&format!("{name}_out_of_order"));
             }
         }
         let ps = &mut self.pubs[idx as usize];
+        if protocol::refused(reason) {
+            // 5.0: the broker refused the message. Its flow ends here (no
+            // PUBREL after a refusing PUBREC, §4.3.3); not counted as acked.
+            ps.slots[slot].st = 0;
+            ps.free.push(slot as u16);
+            self.pub_inflight -= 1;
+            self.fail(&protocol::reason_failure(name, reason));
+            self.make_runnable(idx);
+            return;
+        }
         if qos == QoS::ExactlyOnce && stage == 1 {
             ps.slots[slot].st = 2;
             self.ack(Packet::PubRel(resp(id)));
@@ -1669,6 +1711,7 @@ impl Run {
             deliveries_in_window: self.in_window,
             deliveries_per_s: per_s(self.in_window),
             rate_behind: self.rate_behind,
+            receive_maximum: self.receive_maximum,
         };
         let mut hists = BTreeMap::new();
         let ack_name = if qos == QoS::ExactlyOnce {
@@ -1728,10 +1771,17 @@ fn resp(id: u16) -> PubResp {
     }
 }
 
-/// A PUBLISH on `topic` encoded by the codec, with packet id 1 (QoS > 0)
-/// and a zero payload; returns it with the offsets of the packet id and of
-/// the payload, which [`Run::publish`] patches per message.
-fn publish_template(topic: &str, qos: QoS, payload: usize) -> Result<(Vec<u8>, usize, usize)> {
+/// A PUBLISH on `topic` encoded by the codec in `v`, with packet id 1 (at
+/// QoS 1 and 2) and a zero payload; returns it with the offsets of the packet
+/// id and of the payload, which [`Run::publish`] patches per message. In 5.0
+/// a Property Length byte (0) sits between the two.
+fn publish_template(
+    topic: &str,
+    qos: QoS,
+    payload: usize,
+    v: ProtocolVersion,
+) -> Result<(Vec<u8>, usize, usize)> {
+    let topic_len = topic.len();
     let topic =
         TopicName::new(topic.to_string()).map_err(|e| anyhow::anyhow!("topic {topic}: {e:?}"))?;
     let p = Packet::Publish(Publish {
@@ -1744,12 +1794,19 @@ fn publish_template(topic: &str, qos: QoS, payload: usize) -> Result<(Vec<u8>, u
         properties: None,
     });
     let mut b = BytesMut::new();
-    p.encode(V, &mut b);
+    p.encode(v, &mut b);
     let pay_off = b.len() - payload;
+    // Fixed header: the type byte, then the Remaining Length varint.
+    let fixed = 1
+        + b[1..]
+            .iter()
+            .position(|&x| x & 0x80 == 0)
+            .expect("a whole Remaining Length")
+        + 1;
     let pid_off = if qos == QoS::AtMostOnce {
         0
     } else {
-        pay_off - 2
+        fixed + 2 + topic_len
     };
     Ok((b.to_vec(), pid_off, pay_off))
 }
@@ -1760,8 +1817,20 @@ mod tests {
 
     #[test]
     fn patched_template_decodes_to_the_message() {
-        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
-            let (mut t, pid_off, pay_off) = publish_template("lg/p2p/7", qos, 100).unwrap();
+        use ProtocolVersion::{V3_1_1, V5};
+        for (v, qos) in [V3_1_1, V5]
+            .into_iter()
+            .flat_map(|v| [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].map(|q| (v, q)))
+        {
+            let (mut t, pid_off, pay_off) = publish_template("lg/p2p/7", qos, 100, v).unwrap();
+            // 5.0: Property Length 0 between the packet id (or topic) and the payload.
+            let props = usize::from(v == V5);
+            if qos != QoS::AtMostOnce {
+                assert_eq!(pid_off + 2 + props, pay_off, "{v:?} {qos:?}");
+            }
+            if v == V5 {
+                assert_eq!(t[pay_off - 1], 0, "{v:?} {qos:?}");
+            }
             if qos != QoS::AtMostOnce {
                 t[pid_off..pid_off + 2].copy_from_slice(&513u16.to_be_bytes());
             }
@@ -1769,7 +1838,7 @@ mod tests {
             t[pay_off + 8..pay_off + 12].copy_from_slice(&7u32.to_be_bytes());
             t[pay_off + 12..pay_off + 16].copy_from_slice(&42u32.to_be_bytes());
             let mut b = BytesMut::from(&t[..]);
-            let Ok(Some(Packet::Publish(p))) = codec::decode(&mut b, V, MAX_PACKET) else {
+            let Ok(Some(Packet::Publish(p))) = codec::decode(&mut b, v, MAX_PACKET) else {
                 panic!("not a PUBLISH");
             };
             assert!(b.is_empty());

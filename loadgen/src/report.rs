@@ -7,6 +7,7 @@ use anyhow::Result;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::protocol::Protocol;
 use crate::spec::{hist_from_b64, new_hist, Mode, WorkerResult};
 use crate::sys::ProcSample;
 
@@ -40,6 +41,8 @@ pub struct RunInfo {
     pub main_secs: f64,
     pub parent_cpu_s: f64,
     pub children_cpu_s: f64,
+    /// `--protocol`.
+    pub protocol: Protocol,
     /// The message figures of a pubsub run.
     pub pubsub: Option<PubsubReport>,
 }
@@ -107,6 +110,11 @@ pub struct PubsubReport {
     pub deliveries_per_s: f64,
     /// --rate: messages due that no publisher could take (window full, socket full).
     pub rate_behind: u64,
+    /// 5.0: the lowest Receive Maximum the broker gave a publisher in its
+    /// CONNACK, when below `window` (each publisher then opens no more flows
+    /// than its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receive_maximum: Option<u16>,
 }
 
 /// Percentiles of one histogram, µs.
@@ -225,6 +233,8 @@ pub struct Report {
     pub started_unix: u64,
     pub mode: String,
     pub broker: String,
+    /// MQTT protocol level of every client: 4 (3.1.1) or 5 (5.0).
+    pub protocol: Protocol,
     pub workers: u32,
     pub source_ips: u32,
     pub params: serde_json::Value,
@@ -480,6 +490,7 @@ impl Report {
             started_unix: info.started_unix,
             mode: info.mode.name().to_string(),
             broker: info.broker,
+            protocol: info.protocol,
             workers: info.workers,
             source_ips: info.source_ips,
             params: info.params,
@@ -522,10 +533,11 @@ impl Report {
         };
         let _ = writeln!(
             o,
-            "loadgen {} {} → {}  ({procs}, {} source IP(s), kernel {}, {} cpu(s), loadavg {})",
+            "loadgen {} {} → {} {}  ({procs}, {} source IP(s), kernel {}, {} cpu(s), loadavg {})",
             self.loadgen_version,
             self.mode,
             self.broker,
+            self.protocol,
             self.source_ips,
             self.kernel,
             self.cpus,
@@ -707,7 +719,10 @@ fn pubsub_lines(o: &mut String, p: &PubsubReport) {
         .map(|r| format!("rate {r}/s"))
         .unwrap_or_else(|| "no rate limit".into());
     let window = if p.qos > 0 {
-        format!(", window {}", p.window)
+        match p.receive_maximum {
+            Some(rm) => format!(", window {} (broker's Receive Maximum {rm})", p.window),
+            None => format!(", window {}", p.window),
+        }
     } else {
         String::new()
     };

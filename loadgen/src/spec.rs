@@ -8,6 +8,8 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::Protocol;
+
 /// The load a worker generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -84,6 +86,9 @@ pub struct WorkerSpec {
     pub timeout_secs: f64,
     /// This worker runs the will subscriber (keepalive, worker 0).
     pub will_subscriber: bool,
+    /// MQTT version of every packet (`--protocol`).
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// Run phases a worker goes through. The coordinator moves all workers from

@@ -97,6 +97,50 @@ pub fn coremq() -> (Server, String) {
     coremq_with(&["--shards", "1"])
 }
 
+/// The mosquitto binary: `LOADGEN_MOSQUITTO`, else /usr/sbin/mosquitto.
+/// Panics when it is not there: the README's test command installs it, and
+/// a test never passes without the tool it needs.
+pub fn mosquitto_bin() -> PathBuf {
+    let p = std::env::var_os("LOADGEN_MOSQUITTO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/mosquitto"));
+    assert!(
+        p.exists(),
+        "mosquitto not found at {} (./scripts/test.sh installs it)",
+        p.display()
+    );
+    p
+}
+
+/// mosquitto (it speaks 3.1.1 and 5.0) on a free loopback port, from a
+/// temporary config as `loadgen compare` writes it; its address.
+pub fn mosquitto() -> (Server, String) {
+    let bin = mosquitto_bin();
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("loadgen-test-mosq-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
+             persistence false\nconnection_messages false\nlog_dest none\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = Server(child);
+    wait_listening(port);
+    let _ = std::fs::remove_dir_all(&dir);
+    (s, format!("127.0.0.1:{port}"))
+}
+
 /// Runs loadgen with `--quiet --json`; returns the process output and the
 /// report. Panics (after killing it) when it runs past `limit`.
 pub fn loadgen(args: &[&str], limit: Duration) -> (Output, Option<Value>) {
