@@ -9,8 +9,9 @@
 //!   - [`proto::keepalive`]: the lazy bucket wheel that finds silent connections.
 //!   - [`proto::handshake`]: the first packet: CONNACK return code, owner shard.
 //!   - [`proto::broker`]: one shard's connections, sessions, wills, routing.
-//!   - [`proto::session`]: a client's session: subscriptions, packet ids, inflight.
+//!   - [`proto::session`]: a client's session: subscriptions and their options, expiry, packet ids, inflight.
 //!   - [`proto::retained`]: retained messages, each topic on one owner shard.
+//!   - [`proto::shared`]: shared subscription groups (`$share/...`), each on one owner shard.
 //! - [`shard`]: the glommio shell: executors, the tick, dispatching the broker's events.
 //!   - [`shard::net`]: accept, the CONNECT handshake, hand-off, reading and writing sockets.
 //!   - [`shard::poller`]: the shard's epoll set and how its readiness reaches io_uring.

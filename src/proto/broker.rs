@@ -1,5 +1,10 @@
 //! The per-shard broker state machine: connections, sessions, subscriptions,
-//! retained messages, wills and keep-alive, all without I/O.
+//! retained messages, wills and keep-alive, all without I/O, for 3.1, 3.1.1
+//! and 5.0 alike. 5.0's additions live beside the 3.x paths they extend:
+//! session expiry and delayed wills on a second lazy wheel keyed by session,
+//! topic aliases and the client's limits (Receive Maximum, Maximum Packet
+//! Size) on the connection, subscription options in the trie's values, and
+//! the shared subscription groups this shard owns (see [`super::shared`]).
 //!
 //! The shell (`shard/`) feeds it: [`Broker::connect`] for a CONNECT that
 //! passed the handshake, [`Broker::handle_read`] for bytes from a socket,
