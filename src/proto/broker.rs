@@ -802,10 +802,16 @@ impl Broker {
                     ended.push(SessionKey(index));
                     return Verdict::Expired;
                 }
-                if s.pending_will.as_ref().is_some_and(|w| w.due <= now) {
+                let will_due = s.pending_will.as_ref().map(|w| w.due.0);
+                if will_due.is_some_and(|due| due <= now.0) {
                     wills_due.push(SessionKey(index));
                 }
-                match s.expires_at {
+                // What comes next: the session's end, or a will not yet due
+                // (a deadline past the wheel's ring is visited once a lap).
+                let next = will_due
+                    .filter(|&due| due > now.0)
+                    .map_or(s.expires_at, |due| due.min(s.expires_at));
+                match next {
                     u64::MAX => Verdict::Expired,
                     at => Verdict::Alive {
                         deadline: keepalive_tick(Millis(at)),
@@ -1717,6 +1723,11 @@ impl Broker {
     /// deliveries to them carry the two-byte alias instead of the topic.
     fn queue_publish(&mut self, conn: ConnId, mut publish: Publish) {
         let Some(c) = self.conn_mut(conn) else { return };
+        // A new alias adds a property (up to 4 bytes with the length): never
+        // one that would take the packet over the client's maximum, or the
+        // client would miss the packet that tells it the alias.
+        let room = c.max_packet == u32::MAX
+            || publish.encoded_len(c.version) + 4 <= c.max_packet as usize;
         if c.alias_out_max > 0 {
             let aliases = c.aliases.get_or_insert_with(Default::default);
             let alias = match aliases.outgoing.get(publish.topic.as_bytestring()) {
@@ -1724,7 +1735,7 @@ impl Broker {
                     publish.topic = TopicName::alias_only();
                     Some(a)
                 }
-                None if aliases.outgoing.len() < usize::from(c.alias_out_max) => {
+                None if room && aliases.outgoing.len() < usize::from(c.alias_out_max) => {
                     let a = aliases.outgoing.len() as u16 + 1;
                     // A copy: the topic may be a slice of a read buffer.
                     let topic = ByteString::from(String::from(publish.topic.as_str()));

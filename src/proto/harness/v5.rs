@@ -289,6 +289,21 @@ fn will_goes_when_the_session_ends_if_that_is_sooner() {
 }
 
 #[test]
+fn a_will_delay_past_the_wheels_ring_still_lands_on_time() {
+    // 500 s is more than the wheel's 409.6 s ring: the entry is looked at
+    // once a lap before it is due, and must survive that look.
+    let mut h = Harness::new(1);
+    let watcher = subscriber(&mut h, "watcher", "will/t");
+    let (c, _) = h.connect(v5_with_will("dev", u32::MAX, 500));
+    h.drop_socket(c);
+    h.advance(499_900);
+    assert!(h.publishes(watcher).is_empty());
+    h.advance(200);
+    assert_eq!(h.publishes(watcher).len(), 1);
+    assert_eq!(h.brokers[0].session_count(), 2, "the session never expires");
+}
+
+#[test]
 fn disconnect_0x04_publishes_the_will_at_once_0x00_discards_it() {
     let mut h = Harness::new(1);
     let watcher = subscriber(&mut h, "watcher", "will/t");
