@@ -1726,8 +1726,8 @@ impl Broker {
         // A new alias adds a property (up to 4 bytes with the length): never
         // one that would take the packet over the client's maximum, or the
         // client would miss the packet that tells it the alias.
-        let room = c.max_packet == u32::MAX
-            || publish.encoded_len(c.version) + 4 <= c.max_packet as usize;
+        let room =
+            c.max_packet == u32::MAX || publish.encoded_len(c.version) + 4 <= c.max_packet as usize;
         if c.alias_out_max > 0 {
             let aliases = c.aliases.get_or_insert_with(Default::default);
             let alias = match aliases.outgoing.get(publish.topic.as_bytestring()) {
