@@ -1116,6 +1116,50 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_5_limits_parse_with_their_ranges() {
+        let c = run(&[
+            "--max-keepalive",
+            "30",
+            "--max-session-expiry",
+            "4294967295",
+            "--max-topic-alias",
+            "0",
+            "--receive-maximum",
+            "65535",
+            "--response-information",
+            "resp/",
+        ]);
+        assert_eq!(
+            (c.max_keepalive, c.max_session_expiry, c.max_topic_alias),
+            (30, u32::MAX, 0)
+        );
+        assert_eq!(c.receive_maximum, 65535);
+        assert_eq!(c.response_information.as_deref(), Some("resp/"));
+        let d = run(&[]);
+        assert_eq!(
+            (d.max_keepalive, d.max_session_expiry, d.max_topic_alias),
+            (0, u32::MAX, 65535)
+        );
+        assert_eq!((d.receive_maximum, d.response_information), (1024, None));
+        assert_eq!(
+            err(&["--receive-maximum", "0"]),
+            "--receive-maximum: must be between 1 and 65535, got 0"
+        );
+        assert_eq!(
+            err(&["--max-keepalive", "65536"]),
+            "--max-keepalive: must be between 0 and 65535, got 65536"
+        );
+        assert_eq!(
+            err(&["--max-session-expiry", "4294967296"]),
+            "--max-session-expiry: must be between 0 and 4294967295, got 4294967296"
+        );
+        assert_eq!(
+            err(&["--response-information", ""]),
+            "--response-information: must be 1..=65535 bytes without NUL"
+        );
+    }
+
+    #[test]
     fn max_inflight_is_1_to_65535() {
         assert_eq!(
             err(&["--max-inflight", "0"]),
@@ -1354,6 +1398,9 @@ mod tests {
             format!("[default: {}]", d.max_inflight),
             format!("[default: {}]", d.max_queued),
             format!("[default: {}]", d.max_connections),
+            format!("[default: {}]", d.max_session_expiry),
+            format!("[default: {}]", d.max_topic_alias),
+            format!("[default: {}]", d.receive_maximum),
             format!("[default: {}]", d.log_level),
         ] {
             assert!(text.contains(&default), "help lacks {default}");
