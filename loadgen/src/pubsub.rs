@@ -41,7 +41,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::engine::{cause_of, open_socket, sockaddr};
 use crate::protocol::{self, Protocol};
-use crate::report::{self, BrokerSamples, PubsubReport, Report};
+use crate::report::{self, BrokerSamples, PubsubReport, Report, SharedReport};
 use crate::spec::{hist_to_b64, new_hist, Mode, WorkerResult};
 use crate::sys::{mono_us, proc_sample, rusage_cpu_s, self_max_rss_kb, source_ip, ProcSample};
 use crate::{usage_error, Common};
@@ -56,6 +56,8 @@ const READS_PER_TURN: usize = 8;
 const QOS0_BATCH: usize = 32;
 /// Sequence numbers a stream remembers above a gap before it gives the gap up.
 const STREAM_TRACK: usize = 256;
+/// --fan-out: (publisher, subscriber) streams at most.
+const MAX_STREAMS: u64 = 4_000_000;
 /// File descriptors kept for the process itself.
 const FD_RESERVE: u64 = 100;
 const DISCONNECT: [u8; 2] = [0xE0, 0x00];
@@ -75,9 +77,17 @@ pub struct PubsubArgs {
     /// N publishers on PREFIX/in/{i}, one subscriber on PREFIX/in/+.
     #[arg(long, value_name = "N")]
     pub fan_in: Option<u32>,
-    /// One publisher on PREFIX/out, N subscribers on it.
+    /// One publisher (or --publishers P) on PREFIX/out, N subscribers on it.
     #[arg(long, value_name = "N")]
     pub fan_out: Option<u32>,
+    /// --fan-out: publishers on PREFIX/out (P-pub-0 … P-pub-{P-1}).
+    #[arg(long, value_name = "P")]
+    pub publishers: Option<u32>,
+    /// Subscribe to $share/NAME/FILTER instead of FILTER: the subscribers of
+    /// each topic form one shared-subscription group, and each message must
+    /// reach the group exactly once (with --fan-out N: one group of N members).
+    #[arg(long, value_name = "NAME")]
+    pub share_group: Option<String>,
     /// QoS of every PUBLISH and every subscription: 0, 1 or 2.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,
@@ -148,6 +158,16 @@ struct Cfg {
     quiet: bool,
     broker_pid: Option<u32>,
     protocol: Protocol,
+    /// --share-group: the share name of every subscription.
+    group: Option<String>,
+}
+
+impl Cfg {
+    /// One group of many members (--fan-out with --share-group): a message
+    /// is owed once to the group, not once per subscriber.
+    fn shared_fan_out(&self) -> bool {
+        self.group.is_some() && self.shape == Shape::FanOut
+    }
 }
 
 /// `loadgen pubsub`: validate, run, report. Exit code 0 when nothing failed.
@@ -190,11 +210,30 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
     if n == 0 {
         usage_error(format!("--{} must be at least 1", shape.name()));
     }
+    if let Some(g) = &a.share_group {
+        // MQTT-4.8.2-1/-2: a non-empty share name without / + # (nor NUL).
+        if g.is_empty() || g.contains(['/', '+', '#', '\0']) {
+            usage_error("--share-group must be non-empty, without / + # or NUL");
+        }
+    }
+    if a.publishers.is_some() && shape != Shape::FanOut {
+        usage_error("--publishers goes with --fan-out (pairs and fan-in have one per topic)");
+    }
+    let fan_out_pubs = a.publishers.unwrap_or(1);
+    if fan_out_pubs == 0 {
+        usage_error("--publishers must be at least 1");
+    }
     let (pubs, subs) = match shape {
         Shape::Pairs => (n, n),
         Shape::FanIn => (n, 1),
-        Shape::FanOut => (1, n),
+        Shape::FanOut => (fan_out_pubs, n),
     };
+    if shape == Shape::FanOut && u64::from(pubs) * u64::from(subs) > MAX_STREAMS {
+        usage_error(format!(
+            "--publishers × --fan-out must be at most {MAX_STREAMS} \
+             (a stream per publisher and subscriber)"
+        ));
+    }
     let sockets = u64::from(pubs) + u64::from(subs);
     let limit = crate::sys::raise_nofile();
     if sockets + FD_RESERVE > limit {
@@ -228,11 +267,13 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
         quiet: a.common.quiet,
         broker_pid: a.common.broker_pid,
         protocol: a.common.protocol,
+        group: a.share_group.clone(),
     };
     let params = serde_json::json!({
         "shape": shape.name(), "n": n, "qos": a.qos, "payload": a.payload,
         "duration": a.duration, "rate": a.rate, "window": a.window, "inflight": a.inflight,
         "keepalive": a.keepalive, "prefix": a.prefix, "timeout": a.common.timeout,
+        "publishers": pubs, "share_group": a.share_group,
     });
     let t0 = std::time::Instant::now();
     let mut run = Run::new(cfg)?;
@@ -340,6 +381,8 @@ struct PubSt {
 
 struct SubSt {
     active: bool,
+    /// Its SUBACK granted the QoS asked (stays set after the close).
+    subscribed: bool,
     /// QoS 2 packet ids PUBREC'd, waiting for PUBREL.
     qos2: Vec<u16>,
 }
@@ -413,6 +456,50 @@ impl Stream {
     }
 }
 
+/// One publisher's messages as a shared group saw them: a bit per sequence
+/// number, so a duplicate is told from a new message however far apart the
+/// members run (one member's queue may lag the others' by thousands of
+/// messages, more than a [`Stream`] keeps above a gap). 1 bit per message.
+#[derive(Default)]
+struct GroupSeen {
+    bits: Vec<u64>,
+}
+
+impl GroupSeen {
+    /// Whether `seq` is new to the group (and now seen).
+    fn see(&mut self, seq: u32) -> bool {
+        let (w, b) = ((seq / 64) as usize, seq % 64);
+        if w >= self.bits.len() {
+            self.bits.resize((w + 1).next_power_of_two(), 0);
+        }
+        let new = self.bits[w] & (1 << b) == 0;
+        self.bits[w] |= 1 << b;
+        new
+    }
+}
+
+/// One (publisher, member) stream of a shared group: [`GroupSeen`] says new
+/// or duplicate; this one only whether a member got a publisher's messages
+/// in the order they were sent (MQTT-4.6.0-6 holds per receiving client;
+/// across members no order is owed).
+#[derive(Default, Clone, Copy)]
+struct MemberOrder {
+    /// Highest sequence number this member got + 1.
+    hi: u32,
+    any_late: bool,
+}
+
+impl MemberOrder {
+    /// A message new to the group arrived at this member: whether it came
+    /// after a higher sequence number from the same publisher.
+    fn see(&mut self, seq: u32) -> bool {
+        let late = seq < self.hi;
+        self.hi = self.hi.max(seq + 1);
+        self.any_late |= late;
+        late
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wait {
     Handshake,
@@ -447,7 +534,17 @@ struct Run {
     conns: Vec<Conn>,
     pubs: Vec<PubSt>,
     subs: Vec<SubSt>,
+    /// Per (publisher, subscriber): new, duplicate or late (empty for a
+    /// shared fan-out group).
     streams: Vec<Stream>,
+    /// `cfg.shared_fan_out()`.
+    shared_fan_out: bool,
+    /// Shared fan-out: per publisher, new or duplicate to the group.
+    group_seen: Vec<GroupSeen>,
+    /// Shared fan-out: per (publisher, member), the order check.
+    member_order: Vec<MemberOrder>,
+    /// --share-group: PUBLISHes each subscriber received (empty without).
+    member_deliveries: Vec<u64>,
     deadlines: VecDeque<Deadline>,
     runnable: VecDeque<u32>,
     read_again: Vec<u32>,
@@ -572,10 +669,30 @@ impl Run {
         let subs = (0..cfg.subs)
             .map(|_| SubSt {
                 active: false,
+                subscribed: false,
                 qos2: Vec::new(),
             })
             .collect();
-        let streams = (0..cfg.n).map(|_| Stream::default()).collect();
+        let shared_fan_out = cfg.shared_fan_out();
+        let n_streams = match cfg.shape {
+            Shape::Pairs | Shape::FanIn => cfg.n as usize,
+            Shape::FanOut if shared_fan_out => 0,
+            Shape::FanOut => cfg.pubs as usize * cfg.subs as usize,
+        };
+        let streams = (0..n_streams).map(|_| Stream::default()).collect();
+        let (group_seen, member_order) = if shared_fan_out {
+            (
+                (0..cfg.pubs).map(|_| GroupSeen::default()).collect(),
+                vec![MemberOrder::default(); cfg.pubs as usize * cfg.subs as usize],
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let member_deliveries = if cfg.group.is_some() {
+            vec![0; cfg.subs as usize]
+        } else {
+            Vec::new()
+        };
         Ok(Run {
             v: cfg.protocol.version(),
             dst: sockaddr(cfg.broker),
@@ -584,6 +701,10 @@ impl Run {
             pubs,
             subs,
             streams,
+            shared_fan_out,
+            group_seen,
+            member_order,
+            member_deliveries,
             deadlines: VecDeque::new(),
             runnable: VecDeque::new(),
             read_again: Vec::new(),
@@ -677,10 +798,14 @@ impl Run {
     }
 
     fn filter(&self, sub: u32) -> String {
-        match self.cfg.shape {
+        let f = match self.cfg.shape {
             Shape::Pairs => format!("{}/p2p/{sub}", self.cfg.prefix),
             Shape::FanIn => format!("{}/in/+", self.cfg.prefix),
             Shape::FanOut => format!("{}/out", self.cfg.prefix),
+        };
+        match &self.cfg.group {
+            Some(g) => format!("$share/{g}/{f}"),
+            None => f,
         }
     }
 
@@ -1046,6 +1171,7 @@ impl Run {
                         self.hs_inflight -= 1;
                         self.conns[tok as usize].st = St::Active;
                         self.subs[idx as usize].active = true;
+                        self.subs[idx as usize].subscribed = true;
                         self.subscribed += 1;
                     }
                     [c] if *c >= 0x80 => self.broken(tok, "suback_refused"),
@@ -1153,6 +1279,9 @@ impl Run {
 
     fn on_delivery(&mut self, sub: u32, p: Publish, now: u64) {
         self.delivered += 1;
+        if let Some(n) = self.member_deliveries.get_mut(sub as usize) {
+            *n += 1;
+        }
         self.last_delivery = now;
         if now <= self.pub_end {
             self.in_window += 1;
@@ -1205,7 +1334,8 @@ impl Run {
             && match self.cfg.shape {
                 Shape::Pairs => from == sub,
                 Shape::FanIn => sub == 0,
-                Shape::FanOut => from == 0,
+                // Every publisher of --fan-out is on the one topic.
+                Shape::FanOut => true,
             };
         if !routed {
             self.misrouted += 1;
@@ -1213,11 +1343,25 @@ impl Run {
             return;
         }
         self.h_e2e.saturating_record(now.saturating_sub(ts).max(1));
+        if self.shared_fan_out {
+            // Once to the group, whichever member; in order at each member.
+            if self.group_seen[from as usize].see(seq) {
+                self.unique += 1;
+                let m = from as usize * self.cfg.subs as usize + sub as usize;
+                if self.member_order[m].see(seq) {
+                    self.out_of_order += 1;
+                }
+            } else {
+                self.duplicates += 1;
+            }
+            return;
+        }
         let stream = match self.cfg.shape {
-            Shape::FanIn => from,
-            _ => sub,
+            Shape::Pairs => sub as usize,
+            Shape::FanIn => from as usize,
+            Shape::FanOut => from as usize * self.cfg.subs as usize + sub as usize,
         };
-        match self.streams[stream as usize].see(seq) {
+        match self.streams[stream].see(seq) {
             Seen::New { late } => {
                 self.unique += 1;
                 if late {
@@ -1461,6 +1605,8 @@ impl Run {
             self.pubs[i].fanout = match self.cfg.shape {
                 Shape::Pairs => u32::from(self.subs[i].active),
                 Shape::FanIn => u32::from(self.subs[0].active),
+                // A shared group is owed each message once, whatever its size.
+                Shape::FanOut if self.shared_fan_out => u32::from(active_subs > 0),
                 Shape::FanOut => active_subs,
             };
         }
@@ -1651,6 +1797,31 @@ impl Run {
         Ok(())
     }
 
+    /// --share-group: the groups and how the deliveries spread over their
+    /// members (the subscribers whose SUBACK came).
+    fn shared_report(&self, group: &str) -> SharedReport {
+        let (groups, members) = match self.cfg.shape {
+            Shape::Pairs => (self.cfg.n, 1),
+            Shape::FanIn => (1, 1),
+            Shape::FanOut => (1, self.cfg.subs),
+        };
+        let got = || {
+            self.member_deliveries
+                .iter()
+                .zip(&self.subs)
+                .filter(|(_, s)| s.subscribed)
+                .map(|(&n, _)| n)
+        };
+        SharedReport {
+            group: group.to_string(),
+            groups,
+            members_per_group: members,
+            member_deliveries_min: got().min().unwrap_or(0),
+            member_deliveries_max: got().max().unwrap_or(0),
+            members_without_delivery: got().filter(|&n| n == 0).count() as u64,
+        }
+    }
+
     /// The run as a worker result (for the shared report), the pubsub
     /// figures, and the broker samples.
     fn finish(mut self) -> (WorkerResult, PubsubReport, BrokerSamples) {
@@ -1698,8 +1869,16 @@ impl Run {
             },
             duplicates: self.duplicates,
             out_of_order: self.out_of_order,
-            streams: self.streams.len() as u64,
-            streams_out_of_order: self.streams.iter().filter(|s| s.any_late).count() as u64,
+            streams: if self.shared_fan_out {
+                self.member_order.len()
+            } else {
+                self.streams.len()
+            } as u64,
+            streams_out_of_order: if self.shared_fan_out {
+                self.member_order.iter().filter(|m| m.any_late).count()
+            } else {
+                self.streams.iter().filter(|s| s.any_late).count()
+            } as u64,
             misrouted: self.misrouted,
             untracked: self.untracked,
             exactly_once_violated: qos == QoS::ExactlyOnce && self.duplicates > 0,
@@ -1712,6 +1891,7 @@ impl Run {
             deliveries_per_s: per_s(self.in_window),
             rate_behind: self.rate_behind,
             receive_maximum: self.receive_maximum,
+            shared: self.cfg.group.as_ref().map(|g| self.shared_report(g)),
         };
         let mut hists = BTreeMap::new();
         let ack_name = if qos == QoS::ExactlyOnce {
@@ -1868,6 +2048,35 @@ mod tests {
         assert_eq!(s.next, 4);
         assert!(s.above.is_empty());
         assert!(s.any_late);
+    }
+
+    #[test]
+    fn group_seen_tells_new_from_duplicate_however_far_apart() {
+        let mut g = GroupSeen::default();
+        assert!(g.see(5000));
+        assert!(g.see(0));
+        assert!(!g.see(5000));
+        assert!(g.see(63));
+        assert!(g.see(64));
+        assert!(!g.see(0));
+        assert!(!g.see(64));
+        assert!(g.see(4999));
+        assert!(g.see(1 << 20));
+        assert!(!g.see(1 << 20));
+        // One bit per sequence number, in whole powers of two of words.
+        assert_eq!(g.bits.len(), ((1 << 20) / 64 + 1usize).next_power_of_two());
+    }
+
+    #[test]
+    fn member_order_flags_only_a_later_arrival_below_the_highest() {
+        let mut m = MemberOrder::default();
+        // Gaps are other members' shares, not disorder.
+        assert!(!m.see(3));
+        assert!(!m.see(7));
+        assert!(!m.any_late);
+        assert!(m.see(5));
+        assert!(m.any_late);
+        assert!(!m.see(8));
     }
 
     #[test]

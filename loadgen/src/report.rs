@@ -74,14 +74,17 @@ pub struct PubsubReport {
     pub unacked: u64,
     /// PUBLISHes the subscribers received, duplicates included.
     pub delivered: u64,
-    /// Distinct (publisher, sequence number) arrivals per subscriber.
+    /// Distinct (publisher, sequence number) arrivals per subscriber (per
+    /// group with --share-group).
     pub unique: u64,
-    /// published × subscribers per message (those subscribed when publishing began).
+    /// published × subscribers per message (those subscribed when publishing
+    /// began); with --share-group, × groups.
     pub expected: u64,
     /// expected − unique.
     pub lost: u64,
     pub lost_pct: f64,
-    /// The same publisher + sequence number seen again by one subscriber.
+    /// The same publisher + sequence number seen again by one subscriber (by
+    /// any member of one group, with --share-group).
     pub duplicates: u64,
     /// Arrivals after a higher sequence number of the same (publisher, subscriber) stream.
     pub out_of_order: u64,
@@ -115,6 +118,28 @@ pub struct PubsubReport {
     /// than its own).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub receive_maximum: Option<u16>,
+    /// --share-group: the subscriptions were `$share/GROUP/FILTER`, and
+    /// `expected`, `unique`, `lost` and `duplicates` count per group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedReport>,
+}
+
+/// Shared subscriptions (`--share-group`): a message is owed once to each
+/// group, and any one member may take it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SharedReport {
+    /// The share name.
+    pub group: String,
+    /// Groups: one per topic filter (pairs N, fan-in 1, fan-out 1).
+    pub groups: u32,
+    /// Members of each group (pairs and fan-in 1, fan-out N).
+    pub members_per_group: u32,
+    /// PUBLISHes received by the member that got the fewest / the most
+    /// (duplicates included; over the members whose SUBACK came).
+    pub member_deliveries_min: u64,
+    pub member_deliveries_max: u64,
+    /// Members (SUBACK came) that got no message at all.
+    pub members_without_delivery: u64,
 }
 
 /// Percentiles of one histogram, µs.
@@ -731,6 +756,23 @@ fn pubsub_lines(o: &mut String, p: &PubsubReport) {
         "  {} {}: {} publisher(s) → {} subscriber(s) ({} subscribed), QoS {}, payload {} B{window}, {rate}",
         p.shape, p.n, p.publishers, p.subscribers, p.subscribed, p.qos, p.payload_bytes
     );
+    if let Some(g) = &p.shared {
+        let _ = writeln!(
+            o,
+            "  shared subscriptions $share/{}/…: {} group(s) of {} member(s), each message owed once per group; \
+             deliveries per member min {} max {}{}",
+            g.group,
+            g.groups,
+            g.members_per_group,
+            g.member_deliveries_min,
+            g.member_deliveries_max,
+            if g.members_without_delivery > 0 {
+                format!(" ({} member(s) got none)", g.members_without_delivery)
+            } else {
+                String::new()
+            }
+        );
+    }
     let _ = writeln!(
         o,
         "  setup {:.2} s   published {} in {:.2} s → {} msgs/s   delivered in window {} → {} deliveries/s   drain {:.2} s{}",
