@@ -98,6 +98,11 @@ impl DecodeError {
             DecodeError::UnsupportedProtocolVersion(_) => reason::UNSUPPORTED_PROTOCOL_VERSION,
             DecodeError::InvalidTopicName => reason::TOPIC_NAME_INVALID,
             DecodeError::InvalidTopicFilter => reason::TOPIC_FILTER_INVALID,
+            // §3.3.2.3.4: a Topic Alias of 0 is "Topic Alias invalid" (0x94),
+            // as one above the maximum is (the broker checks that one).
+            DecodeError::InvalidPropertyValue(super::properties::id::TOPIC_ALIAS) => {
+                reason::TOPIC_ALIAS_INVALID
+            }
             // What the 5.0 spec calls a Protocol Error rather than a
             // Malformed Packet: a packet that parses but breaks a rule.
             DecodeError::InvalidPacketType(_)
@@ -203,6 +208,7 @@ mod tests {
             (DuplicateProperty(0x11), None, reason::PROTOCOL_ERROR),
             (InvalidProperty(0x7f), None, reason::MALFORMED_PACKET),
             (InvalidPropertyValue(0x21), None, reason::PROTOCOL_ERROR),
+            (InvalidPropertyValue(0x23), None, reason::TOPIC_ALIAS_INVALID),
             (InvalidReasonCode(0x7f), None, reason::MALFORMED_PACKET),
             (MissingAuthMethod, None, reason::PROTOCOL_ERROR),
         ];

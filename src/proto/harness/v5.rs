@@ -454,6 +454,13 @@ fn client_topic_aliases_set_used_and_refused_mqtt_3_3_2_9_to_12() {
     let (q, _) = h.connect(v5("unset", true, 0));
     h.send(q, by_alias);
     assert_eq!(disconnect_code(&h.recv(q)), Some(reason::PROTOCOL_ERROR));
+    // 0 is never an alias (MQTT-3.3.2-8): 0x94, decided by the codec.
+    let (z, _) = h.connect(v5("zero", true, 0));
+    h.send_bytes(z, b"\x30\x08\x00\x01t\x03\x23\x00\x00x");
+    assert_eq!(
+        disconnect_code(&h.recv(z)),
+        Some(reason::TOPIC_ALIAS_INVALID)
+    );
     // Above the maximum we offered: 0x94.
     let (r, _) = h.connect(v5("over", true, 0));
     h.send(
