@@ -510,6 +510,55 @@ fn server_topic_aliases_replace_repeated_topics() {
     );
 }
 
+/// What server-to-client topic aliases save on the wire: 1,000 QoS 0
+/// deliveries of 64-byte payloads over 10 fleet-shaped topics, to a
+/// subscriber that allows 10 aliases and to one that allows none.
+#[test]
+fn server_topic_aliases_save_bytes_on_the_wire() {
+    let mut h = Harness::new(1);
+    let aliased = v5_subscriber(
+        &mut h,
+        Connect {
+            properties: props(|p| p.topic_alias_maximum = Some(10)),
+            ..v5("aliased", true, 0)
+        },
+        subscribe("fleet/#", QoS::AtMostOnce),
+    );
+    let plain = v5_subscriber(
+        &mut h,
+        v5("plain", true, 0),
+        subscribe("fleet/#", QoS::AtMostOnce),
+    );
+    let (p, _) = h.connect(v5("pub", true, 0));
+    let payload = [b'x'; 64];
+    for i in 0..1000 {
+        let topic = format!("fleet/eu-west-1/dev-{:05}/telemetry", i % 10);
+        h.send(p, publish(&topic, payload, QoS::AtMostOnce, false, None));
+    }
+    let bytes = |h: &mut Harness, c: Client| -> usize {
+        let packets = h.recv(c);
+        assert_eq!(packets.len(), 1000);
+        packets.iter().map(|p| encode_v5(p).len()).sum()
+    };
+    let (with, without) = (bytes(&mut h, aliased), bytes(&mut h, plain));
+    // 104 bytes a message by name (35 of them the topic). The first
+    // delivery of each topic adds a 3-byte alias property (107); every
+    // later one carries an empty topic and the alias (72): 32 bytes, 30.8 %
+    // of each message, saved.
+    assert_eq!(without, 1000 * 104);
+    assert_eq!(with, 10 * 107 + 990 * 72);
+    eprintln!(
+        "topic aliases: {with} bytes instead of {without} ({:.1} % saved)",
+        100.0 * (without - with) as f64 / without as f64
+    );
+}
+
+fn encode_v5(packet: &Packet) -> BytesMut {
+    let mut out = BytesMut::new();
+    packet.encode(ProtocolVersion::V5, &mut out);
+    out
+}
+
 #[test]
 fn message_expiry_drops_stale_messages_and_forwards_what_is_left_mqtt_3_3_2_5_and_6() {
     let mut h = Harness::new(2);
