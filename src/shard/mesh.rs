@@ -273,10 +273,16 @@ impl Mesh {
         self.overflow_per_peer.borrow()[peer.0 as usize] > 0
     }
 
-    /// Moves overflowed messages into their inboxes while there is room, in
-    /// order; stops at the first one that still does not fit.
+    /// The room bell rang: moves overflowed messages into their inboxes
+    /// while there is room ([`Mesh::move_overflow`]).
     pub fn drain_overflow(&self) {
         self.ends.room_bells[self.id.0 as usize].clear();
+        self.move_overflow();
+    }
+
+    /// Moves overflowed messages into their inboxes while there is room, in
+    /// order; stops at the first one that still does not fit.
+    fn move_overflow(&self) {
         loop {
             let mut overflow = self.overflow.borrow_mut();
             let Some((to, msg)) = overflow.pop_front() else {
@@ -325,7 +331,16 @@ impl Mesh {
     /// Arms this shard's bells before it blocks: the data bell always, the
     /// room bell while it has overflow. Returns false when there is already
     /// something to do, and the shard must not block.
+    ///
+    /// Overflow first moves on as far as there is room: a peer that took
+    /// messages while our room bell was not armed rang nothing, so waiting
+    /// for the bell would leave the overflow where it is while this check
+    /// kept answering "room" — a shard spinning with timeout 0 and messages
+    /// that never arrive (seen under shared-subscription load).
     pub fn arm_before_block(&self) -> bool {
+        if !self.overflow.borrow().is_empty() {
+            self.move_overflow();
+        }
         let inbox = &self.ends.inbox;
         if self.ends.data_bells[self.id.0 as usize].arm(|| !inbox.is_empty()) {
             self.disarm();
@@ -347,5 +362,38 @@ impl Mesh {
     pub fn disarm(&self) {
         self.ends.data_bells[self.id.0 as usize].disarm();
         self.ends.room_bells[self.id.0 as usize].disarm();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish() -> MeshMsg {
+        MeshMsg::Batch(Vec::new())
+    }
+
+    /// A full inbox sends the rest to overflow; once the peer has taken
+    /// messages while nobody listened for its room bell, the next
+    /// `arm_before_block` moves the overflow on by itself, so the shard
+    /// neither loses it nor spins on "room" that it never uses.
+    #[test]
+    fn overflow_moves_on_when_room_appeared_without_a_bell() {
+        let mut ends = build(2).unwrap().into_iter();
+        let a = Mesh::new(ShardId(0), ends.next().unwrap());
+        let b = Mesh::new(ShardId(1), ends.next().unwrap());
+        for _ in 0..MESH_CHANNEL_CAPACITY + 3 {
+            a.send(ShardId(1), publish());
+        }
+        assert!(a.backlogged_to(ShardId(1)));
+        // The peer takes everything; a's room bell was not armed.
+        let mut taken = b.receive(usize::MAX, |_| {});
+        assert_eq!(taken, MESH_CHANNEL_CAPACITY);
+        // a is about to block: its overflow must go now.
+        a.arm_before_block();
+        a.disarm();
+        assert!(!a.backlogged_to(ShardId(1)), "overflow left behind");
+        taken += b.receive(usize::MAX, |_| {});
+        assert_eq!(taken, MESH_CHANNEL_CAPACITY + 3, "every message arrived");
     }
 }
