@@ -208,7 +208,11 @@ mod tests {
             (DuplicateProperty(0x11), None, reason::PROTOCOL_ERROR),
             (InvalidProperty(0x7f), None, reason::MALFORMED_PACKET),
             (InvalidPropertyValue(0x21), None, reason::PROTOCOL_ERROR),
-            (InvalidPropertyValue(0x23), None, reason::TOPIC_ALIAS_INVALID),
+            (
+                InvalidPropertyValue(0x23),
+                None,
+                reason::TOPIC_ALIAS_INVALID,
+            ),
             (InvalidReasonCode(0x7f), None, reason::MALFORMED_PACKET),
             (MissingAuthMethod, None, reason::PROTOCOL_ERROR),
         ];
