@@ -1243,6 +1243,9 @@ impl Broker {
             codes.push(options.qos as u8);
             match share {
                 Shared::Yes(inner) => {
+                    if let Some(s) = self.session_mut(key) {
+                        s.shares = true;
+                    }
                     // No retained messages for a shared subscription (§4.8.2).
                     self.share_join(key, filter, inner);
                 }
@@ -1294,6 +1297,12 @@ impl Broker {
         drop_one(&self.counters.subscriptions_current);
         match shared::parse(filter) {
             Shared::Yes(_) => {
+                if let Some(s) = self.session_mut(key) {
+                    let any_left = s
+                        .subscriptions()
+                        .any(|(f, _)| f.as_str().starts_with(shared::SHARE_PREFIX));
+                    s.shares = any_left;
+                }
                 if let Some(member) = self.member(key, false) {
                     self.send_to_share_owner(
                         filter,
@@ -1318,7 +1327,23 @@ impl Broker {
             session: key,
             client_id: s.client_id.clone(),
             online,
+            busy: s.share_busy,
         })
+    }
+
+    /// Tells the owners of session `key`'s groups that its window filled
+    /// (`busy`: a message had to wait in its queue) or has room again, when
+    /// that changed (see "Balancing" in [`super::shared`]).
+    fn set_share_busy(&mut self, key: SessionKey, busy: bool) {
+        let Some(s) = self.session_mut(key) else {
+            return;
+        };
+        if !s.shares || s.share_busy == busy {
+            return;
+        }
+        s.share_busy = busy;
+        let online = s.conn.is_some();
+        self.share_status(key, online);
     }
 
     /// Tells the owner of `share` that session `key` joined it.
@@ -1339,7 +1364,7 @@ impl Broker {
     /// Tells the owners of session `key`'s shared subscriptions that its
     /// client connected (`online`) or went away.
     fn share_status(&mut self, key: SessionKey, online: bool) {
-        let Some(session) = self.session(key) else {
+        let Some(session) = self.session(key).filter(|s| s.shares) else {
             return;
         };
         let shares: Vec<TopicFilter> = session
@@ -1605,13 +1630,20 @@ impl Broker {
             }
             return;
         }
-        if session.queue_len() >= max_queued {
+        let full = session.queue_len() >= max_queued;
+        if !full {
+            session.flows_mut().queue.push_back(msg);
+        }
+        let newly_busy = conn.is_some() && session.shares && !session.share_busy;
+        if full {
             // The queue is full: the newest message is the one dropped, so
             // what the client does get stays in order.
             bump(&self.counters.messages_dropped);
-            return;
         }
-        session.flows_mut().queue.push_back(msg);
+        if newly_busy {
+            // Connected, yet a message had to wait: its window is full.
+            self.set_share_busy(key, true);
+        }
     }
 
     /// QoS 1/2 messages that may be in flight to `conn` at once: its 5.0
@@ -1639,6 +1671,8 @@ impl Broker {
             }
             let Some(msg) = session.flows_mut().queue.pop_front() else {
                 session.release_idle_flows();
+                // Nothing waits and the window has room again.
+                self.set_share_busy(key, false);
                 return;
             };
             self.send_now(conn, key, msg);
@@ -1989,6 +2023,7 @@ impl Broker {
                     session: key,
                     client_id: session.client_id.clone(),
                     online: false,
+                    busy: false,
                 };
                 self.send_to_share_owner(
                     filter,

@@ -82,6 +82,11 @@ pub struct Session {
     pub conn: Option<ConnId>,
     /// A will waiting for its delay after the last connection was lost.
     pub pending_will: Option<Box<PendingWill>>,
+    /// Whether it has a shared subscription (`$share/...`): only then do
+    /// the owners of groups hear of its window filling and emptying.
+    pub shares: bool,
+    /// The window-full state the group owners were last told.
+    pub share_busy: bool,
     /// The username its client last connected with, kept only when an ACL
     /// is in use (the rules are per user).
     pub username: Option<Box<str>>,
@@ -179,6 +184,8 @@ impl Session {
             generation: 0,
             conn: None,
             pending_will: None,
+            shares: false,
+            share_busy: false,
             username: None,
             subscriptions: Vec::new(),
             flows: None,

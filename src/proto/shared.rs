@@ -19,13 +19,15 @@
 //!
 //! # Balancing
 //!
-//! Round robin over the members that are connected, in join order; a member
-//! whose client is away is skipped. Only when no member is connected does
-//! the message go, round robin, to an offline member's persistent session
-//! (queued for it, as for any QoS 1/2 subscription); a group with no member
-//! left drops it. Whether a connected member's inflight window has room is
-//! known only on its shard; the owner does not wait for that answer, so a
-//! busy member's share waits in its session queue.
+//! Round robin, in join order, over the members that are connected and have
+//! room in their inflight window; failing that, over the connected ones
+//! (the message waits in the chosen member's session queue); only when no
+//! member is connected, over the offline members' persistent sessions
+//! (queued for them, as for any QoS 1/2 subscription). A group with no
+//! member left drops the message. Room is known on the member's shard: it
+//! tells the owner when the member's window fills (a message had to wait)
+//! and when it has room again (its queue drained), one message per change,
+//! not per delivery.
 
 use bytestring::ByteString;
 use hashbrown::HashMap;
@@ -83,6 +85,8 @@ pub struct Member {
     pub client_id: ByteString,
     /// Whether its client is connected now.
     pub online: bool,
+    /// Whether its inflight window is full (messages wait in its queue).
+    pub busy: bool,
 }
 
 impl Member {
@@ -151,7 +155,7 @@ impl SharedGroups {
             return;
         };
         match group.members.iter_mut().find(|m| m.is(&member)) {
-            Some(m) => m.online = member.online,
+            Some(m) => *m = member,
             None => group.members.push(member),
         }
     }
@@ -174,7 +178,8 @@ impl SharedGroups {
         }
     }
 
-    /// Records whether `member`'s client is connected.
+    /// Records whether `member`'s client is connected, and whether its
+    /// window is full.
     pub fn set_online(&mut self, share: &TopicFilter, member: &Member) {
         let Some(&index) = self.by_share.get(share.as_bytestring()) else {
             return;
@@ -182,6 +187,7 @@ impl SharedGroups {
         if let Some(group) = self.groups[index as usize].as_mut() {
             if let Some(m) = group.members.iter_mut().find(|m| m.is(member)) {
                 m.online = member.online;
+                m.busy = member.busy;
             }
         }
     }
@@ -201,9 +207,11 @@ impl SharedGroups {
                 continue;
             }
             let start = group.next % n;
-            let chosen = (0..n)
-                .map(|k| (start + k) % n)
-                .find(|&j| group.members[j].online)
+            let order = || (0..n).map(|k| (start + k) % n);
+            let members = &group.members;
+            let chosen = order()
+                .find(|&j| members[j].online && !members[j].busy)
+                .or_else(|| order().find(|&j| members[j].online))
                 .unwrap_or(start);
             group.next = chosen + 1;
             out.push((group.share.clone(), group.members[chosen].clone()));
@@ -225,6 +233,7 @@ mod tests {
             session: SessionKey(key),
             client_id: ByteString::from(format!("c{shard}-{key}")),
             online,
+            busy: false,
         }
     }
 
@@ -256,6 +265,33 @@ mod tests {
             picked.push(out[0].1.session.0);
         }
         assert_eq!(picked, [1, 3, 1, 3], "the offline member is skipped");
+        // A connected member whose window is full is passed over while
+        // another has room.
+        g.set_online(
+            &share,
+            &Member {
+                busy: true,
+                ..member(0, 1, true)
+            },
+        );
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            g.pick(&topic, &mut out);
+        }
+        let keys: Vec<u32> = out.iter().map(|(_, m)| m.session.0).collect();
+        assert_eq!(keys, [3, 3, 3]);
+        // All busy: the connected ones still take turns (their queues wait).
+        g.set_online(
+            &share,
+            &Member {
+                busy: true,
+                ..member(2, 3, true)
+            },
+        );
+        let mut out = Vec::new();
+        g.pick(&topic, &mut out);
+        g.pick(&topic, &mut out);
+        assert_ne!(out[0].1.session, out[1].1.session);
         // Nobody connected: the offline ones take turns.
         g.set_online(&share, &member(0, 1, false));
         g.set_online(&share, &member(2, 3, false));

@@ -835,6 +835,53 @@ fn shared_subscription_delivers_each_message_to_one_member_across_shards_mqtt_4_
 }
 
 #[test]
+fn shared_group_passes_over_a_member_whose_window_is_full() {
+    let shards = 3;
+    let mut h = Harness::new(shards);
+    let ids = ids_on_shards("win", shards);
+    // `slow` takes one message at a time and never acknowledges.
+    let slow = v5_subscriber(
+        &mut h,
+        Connect {
+            properties: props(|p| p.receive_maximum = Some(1)),
+            ..v5(&ids[0], true, 0)
+        },
+        subscribe("$share/g/jobs", QoS::AtLeastOnce),
+    );
+    let fast = v5_subscriber(
+        &mut h,
+        v5(&ids[1], true, 0),
+        subscribe("$share/g/jobs", QoS::AtLeastOnce),
+    );
+    let (p, _) = h.connect(v5(&ids[2], true, 0));
+    for i in 1..=12u16 {
+        h.send(
+            p,
+            publish("jobs", i.to_string(), QoS::AtLeastOnce, false, Some(i)),
+        );
+    }
+    // Round robin gives `slow` the first and the third; the third waits in
+    // its queue, its shard tells the group's owner, and everything after
+    // goes to the member with room.
+    let slow_got = h.recv(slow);
+    assert_eq!(payloads(&slow_got), ["1"]);
+    let fast_got = h.recv(fast);
+    assert_eq!(payloads(&fast_got).len(), 10);
+    ack(&mut h, fast, &fast_got);
+    // Once `slow` acknowledges, its queued message goes out (its window is
+    // full again); when that one is acknowledged too, it has room and is
+    // back in the rotation: the next two messages go one to each.
+    ack(&mut h, slow, &slow_got);
+    let third = h.recv(slow);
+    assert_eq!(payloads(&third), ["3"]);
+    ack(&mut h, slow, &third);
+    h.send(p, publish("jobs", "13", QoS::AtLeastOnce, false, Some(13)));
+    h.send(p, publish("jobs", "14", QoS::AtLeastOnce, false, Some(14)));
+    assert_eq!(payloads(&h.recv(slow)).len(), 1);
+    assert_eq!(payloads(&h.recv(fast)).len(), 1);
+}
+
+#[test]
 fn shared_group_prefers_connected_members_and_sends_no_retained() {
     let mut h = Harness::new(2);
     let (p, _) = h.connect(v5("producer", true, 0));
