@@ -30,6 +30,7 @@ use super::codec::{
     self, reason, return_code, ConnAck, Connect, Disconnect, LastWill, Packet, PacketId,
     Properties, ProtocolVersion, PubResp, Publish, QoS, SubAck, UnsubAck,
 };
+use super::interest::{Interest, ShardSet, MAX_ROUTED_SHARDS};
 use super::keepalive::{KeepAliveWheel, Secs, Verdict};
 use super::retained::{retained_owner, RetainedMessage, RetainedStore};
 use super::session::{
@@ -154,6 +155,37 @@ pub enum ShardMsg {
         filter: TopicFilter,
         /// The new member.
         member: Member,
+        /// The member's shard waits for [`ShardMsg::ShareJoined`] with this
+        /// before the SUBACK (every shard then routes the group's publishes
+        /// to the owner).
+        reply: Option<u64>,
+    },
+    /// To a member's shard: its join is in place everywhere.
+    ShareJoined {
+        /// What the member's shard waits with.
+        waiter: u64,
+    },
+    /// To every other shard: `from` has subscriptions to these filters now
+    /// (see [`super::interest`]); answer with [`ShardMsg::InterestAck`].
+    InterestAdd {
+        /// The shard that subscribes.
+        from: ShardId,
+        /// Filters new to it.
+        filters: Vec<TopicFilter>,
+        /// Echoed in the acknowledgement.
+        ticket: u64,
+    },
+    /// The answer to an [`ShardMsg::InterestAdd`]: applied here.
+    InterestAck {
+        /// Its ticket.
+        ticket: u64,
+    },
+    /// To every other shard: `from` has no subscription to `filter` any more.
+    InterestRemove {
+        /// The shard that unsubscribed.
+        from: ShardId,
+        /// The filter.
+        filter: TopicFilter,
     },
     /// To a group's owner shard: a session left a shared subscription.
     ShareLeave {
@@ -268,6 +300,36 @@ struct Aliases {
     outgoing: HashMap<ByteString, u16>,
 }
 
+/// An `InterestAdd` this shard sent, until every other shard acknowledged it.
+#[derive(Debug)]
+struct Announce {
+    acks_left: u16,
+    filters: Vec<TopicFilter>,
+    /// Waiters released when it is acknowledged everywhere.
+    waiters: Vec<u64>,
+}
+
+/// Something held until announcements and shared-subscription joins are in
+/// place on every shard.
+#[derive(Debug)]
+struct Waiter {
+    left: usize,
+    then: Then,
+}
+
+#[derive(Debug)]
+enum Then {
+    /// Send this SUBACK, then the retained messages of these subscriptions.
+    SubAck {
+        conn: ConnId,
+        key: SessionKey,
+        suback: SubAck,
+        retained_for: Vec<TopicFilter>,
+    },
+    /// Tell a member's shard its join is in place.
+    ShareJoined { to: ShardId, waiter: u64 },
+}
+
 /// Several matching subscriptions of one session folded into one delivery
 /// (MQTT-3.3.4-2, -3): the highest QoS, RETAIN if any asks for it as
 /// published, and every Subscription Identifier.
@@ -336,6 +398,16 @@ pub struct Broker {
     expiry: KeepAliveWheel<u32>,
     /// The shared subscription groups this shard owns.
     shared: SharedGroups,
+    /// Which other shards want which topics, and this shard's own filters.
+    interest: Interest,
+    /// Interest announcements waiting for the other shards' acknowledgements.
+    announces: HashMap<u64, Announce>,
+    /// Filters announced and not yet acknowledged everywhere, by ticket.
+    pending_filters: HashMap<ByteString, u64>,
+    /// SUBACKs (and join confirmations) waiting for announcements and joins.
+    waiters: HashMap<u64, Waiter>,
+    /// Tickets and waiters are numbered from here.
+    next_id: u64,
     /// The latest time the shell told us about.
     now: Millis,
     events: VecDeque<Event>,
@@ -374,6 +446,11 @@ impl Broker {
             keepalive: KeepAliveWheel::new(keepalive_tick(now)),
             expiry: KeepAliveWheel::new(keepalive_tick(now)),
             shared: SharedGroups::default(),
+            interest: Interest::default(),
+            announces: HashMap::new(),
+            pending_filters: HashMap::new(),
+            waiters: HashMap::new(),
+            next_id: 0,
             now,
             events: VecDeque::new(),
             matches: HashMap::new(),
@@ -707,8 +784,28 @@ impl Broker {
                 share,
                 filter,
                 member,
-            } => self.shared.join(&share, &filter, member),
-            ShardMsg::ShareLeave { share, member } => self.shared.leave(&share, &member),
+                reply,
+            } => self.handle_share_join(share, filter, member, reply),
+            ShardMsg::ShareJoined { waiter } => self.release_waiter(waiter),
+            ShardMsg::ShareLeave { share, member } => {
+                if let Some(filter) = self.shared.leave(&share, &member) {
+                    self.forget_filter(&filter);
+                }
+            }
+            ShardMsg::InterestAdd {
+                from,
+                filters,
+                ticket,
+            } => {
+                for f in &filters {
+                    self.interest.remote_add(from, f);
+                }
+                self.send_to_shard(from, ShardMsg::InterestAck { ticket });
+            }
+            ShardMsg::InterestAck { ticket } => self.interest_acked(ticket),
+            ShardMsg::InterestRemove { from, filter } => {
+                self.interest.remote_remove(from, &filter);
+            }
             ShardMsg::ShareOnline { share, member } => self.shared.set_online(&share, &member),
             ShardMsg::ShareDeliver(d) => {
                 self.deliver_shared(&d.share, d.session, &d.client_id, &d.publish)
@@ -1144,9 +1241,8 @@ impl Broker {
     }
 
     /// Routes an acknowledged PUBLISH and picks the 5.0 reason code of its
-    /// PUBACK / PUBREC: 0x87 when the ACL refused it, 0x10 when the broker
-    /// knows nobody subscribes (one shard: it has seen every subscription),
-    /// else success.
+    /// PUBACK / PUBREC: 0x87 when the ACL refused it, 0x10 when no
+    /// subscription anywhere can match it, else success.
     fn route_and_judge(
         &mut self,
         routed: Option<RoutedPublish>,
@@ -1161,7 +1257,10 @@ impl Broker {
             };
         };
         let matched = self.route(routed, origin);
-        if v5 && !matched && self.config.shards == 1 {
+        // Known when the shard has seen every subscription (one shard) or
+        // every other shard's filters (`interest`).
+        let knows = self.config.shards == 1 || self.routed();
+        if v5 && !matched && knows {
             reason::NO_MATCHING_SUBSCRIBERS
         } else {
             reason::SUCCESS
@@ -1185,6 +1284,7 @@ impl Broker {
         let Some(c) = self.conn(conn) else { return };
         let v5 = c.version.is_v5();
         let Some(key) = c.session else { return };
+        let routed = self.routed();
         // One identifier for every filter of this SUBSCRIBE (§3.8.2.1.2).
         let id = sub
             .properties
@@ -1193,6 +1293,11 @@ impl Broker {
             .unwrap_or(0);
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut retained_for = Vec::new();
+        // What must be in place on the other shards before the SUBACK: see
+        // "Ordering" in `interest`.
+        let mut announce = Vec::new();
+        let mut wait_tickets = Vec::new();
+        let mut joins = Vec::new();
         for (filter, options) in &sub.filters {
             let share = shared::parse(filter);
             let target = match &share {
@@ -1247,10 +1352,17 @@ impl Broker {
                         s.shares = true;
                     }
                     // No retained messages for a shared subscription (§4.8.2).
-                    self.share_join(key, filter, inner);
+                    joins.push((filter.clone(), inner));
                 }
                 _ => {
                     self.trie.subscribe(filter, key, opts);
+                    if routed {
+                        if is_new && self.interest.local_add(filter) {
+                            announce.push(owned_filter(filter));
+                        } else if let Some(&t) = self.pending_filters.get(filter.as_bytestring()) {
+                            wait_tickets.push(t);
+                        }
+                    }
                     // MQTT-3.3.1-9 .. -11 (5.0): Retain Handling 0 sends the
                     // retained messages, 1 only for a new subscription, 2 never.
                     let send = match options.retain_handling {
@@ -1259,24 +1371,85 @@ impl Broker {
                         _ => false,
                     };
                     if send {
-                        retained_for.push((filter.clone(), opts));
+                        retained_for.push(filter.clone());
                     }
                 }
             }
         }
-        self.queue_packet(
-            conn,
-            &Packet::SubAck(SubAck {
-                packet_id: sub.packet_id,
-                codes,
-                properties: None,
-            }),
+        let suback = SubAck {
+            packet_id: sub.packet_id,
+            codes,
+            properties: None,
+        };
+        wait_tickets.sort_unstable();
+        wait_tickets.dedup();
+        let left = wait_tickets.len()
+            + usize::from(!announce.is_empty())
+            + if routed { joins.len() } else { 0 };
+        if left == 0 {
+            for (share, inner) in joins {
+                self.share_join(key, &share, inner, None);
+            }
+            self.finish_subscribe(conn, key, suback, retained_for);
+            return;
+        }
+        // Registered before anything is sent: an answer may come back at
+        // once (a group this shard owns).
+        let waiter = self.next_id();
+        self.waiters.insert(
+            waiter,
+            Waiter {
+                left,
+                then: Then::SubAck {
+                    conn,
+                    key,
+                    suback,
+                    retained_for,
+                },
+            },
         );
-        // MQTT-3.3.1-6 / -8: retained messages go to the new subscription with
-        // RETAIN=1, after the SUBACK: this shard's own at once, the other
-        // shards' when they answer (see `retained` for who owns what).
+        if !announce.is_empty() {
+            wait_tickets.push(self.announce(announce));
+        }
+        for t in wait_tickets {
+            if let Some(a) = self.announces.get_mut(&t) {
+                a.waiters.push(waiter);
+            }
+        }
+        for (share, inner) in joins {
+            self.share_join(key, &share, inner, Some(waiter));
+        }
+    }
+
+    /// The SUBACK of a SUBSCRIBE whose filters are in place, then the
+    /// retained messages its subscriptions are owed (MQTT-3.3.1-6, -8):
+    /// this shard's own at once, the other shards' when they answer (see
+    /// `retained` for who owns what). Nothing if the connection has gone
+    /// meanwhile.
+    fn finish_subscribe(
+        &mut self,
+        conn: ConnId,
+        key: SessionKey,
+        suback: SubAck,
+        retained_for: Vec<TopicFilter>,
+    ) {
+        if !self
+            .conn(conn)
+            .is_some_and(|c| !c.closing && c.session == Some(key))
+        {
+            return;
+        }
+        self.queue_packet(conn, &Packet::SubAck(suback));
         let mut retained = Vec::new();
-        for (filter, opts) in retained_for {
+        for filter in retained_for {
+            // Only what the session still subscribes to (an UNSUBSCRIBE may
+            // have come while the SUBACK waited), with its options now.
+            let Some(opts) = self
+                .session(key)
+                .and_then(|s| s.subscription(filter.as_str()))
+            else {
+                continue;
+            };
             self.retained
                 .for_each_match(&filter, |m| retained.push((m.clone(), opts)));
             if self.config.shards > 1 {
@@ -1285,6 +1458,149 @@ impl Broker {
         }
         for (msg, opts) in retained {
             self.deliver_retained(key, msg, opts);
+        }
+    }
+
+    /// Whether publishes go only to the shards that want them (see
+    /// [`super::interest`]): with more than one shard, and no more than a
+    /// shard set holds.
+    fn routed(&self) -> bool {
+        self.config.shards > 1 && self.config.shards <= MAX_ROUTED_SHARDS
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Tells every other shard about filters new to this one; the ticket
+    /// their acknowledgements will carry.
+    fn announce(&mut self, filters: Vec<TopicFilter>) -> u64 {
+        let ticket = self.next_id();
+        for f in &filters {
+            self.pending_filters
+                .insert(f.as_bytestring().clone(), ticket);
+        }
+        self.announces.insert(
+            ticket,
+            Announce {
+                acks_left: self.config.shards - 1,
+                filters: filters.clone(),
+                waiters: Vec::new(),
+            },
+        );
+        self.events
+            .push_back(Event::Broadcast(ShardMsg::InterestAdd {
+                from: self.config.shard,
+                filters,
+                ticket,
+            }));
+        ticket
+    }
+
+    /// One more shard applied announcement `ticket`; when all have, what
+    /// waited for it goes ahead.
+    fn interest_acked(&mut self, ticket: u64) {
+        let Some(a) = self.announces.get_mut(&ticket) else {
+            return;
+        };
+        a.acks_left -= 1;
+        if a.acks_left > 0 {
+            return;
+        }
+        let a = self.announces.remove(&ticket).expect("looked up above");
+        for f in &a.filters {
+            if self.pending_filters.get(f.as_bytestring()) == Some(&ticket) {
+                self.pending_filters.remove(f.as_bytestring());
+            }
+        }
+        for w in a.waiters {
+            self.release_waiter(w);
+        }
+    }
+
+    /// One of the things `waiter` waits for is in place.
+    fn release_waiter(&mut self, waiter: u64) {
+        let Some(w) = self.waiters.get_mut(&waiter) else {
+            return;
+        };
+        w.left -= 1;
+        if w.left > 0 {
+            return;
+        }
+        match self.waiters.remove(&waiter).expect("looked up above").then {
+            Then::SubAck {
+                conn,
+                key,
+                suback,
+                retained_for,
+            } => self.finish_subscribe(conn, key, suback, retained_for),
+            Then::ShareJoined { to, waiter } => {
+                self.send_to_shard(to, ShardMsg::ShareJoined { waiter })
+            }
+        }
+    }
+
+    /// A local subscription to `filter` is gone: when it was the last, the
+    /// other shards may stop sending its publishes here.
+    fn forget_filter(&mut self, filter: &TopicFilter) {
+        if self.routed() && self.interest.local_remove(filter) {
+            self.events
+                .push_back(Event::Broadcast(ShardMsg::InterestRemove {
+                    from: self.config.shard,
+                    filter: owned_filter(filter),
+                }));
+        }
+    }
+
+    /// On a group's owner: a member joins; a new group's filter is
+    /// announced, and the member's shard hears back once every shard
+    /// routes the group's publishes here.
+    fn handle_share_join(
+        &mut self,
+        share: TopicFilter,
+        filter: TopicFilter,
+        member: Member,
+        reply: Option<u64>,
+    ) {
+        let to = member.shard;
+        let created = self.shared.join(&share, &filter, member);
+        if !self.routed() {
+            if let Some(waiter) = reply {
+                self.send_to_shard(to, ShardMsg::ShareJoined { waiter });
+            }
+            return;
+        }
+        let ticket = if created && self.interest.local_add(&filter) {
+            Some(self.announce(vec![owned_filter(&filter)]))
+        } else {
+            self.pending_filters.get(filter.as_bytestring()).copied()
+        };
+        let Some(waiter) = reply else { return };
+        match ticket {
+            None => self.send_to_shard(to, ShardMsg::ShareJoined { waiter }),
+            Some(t) => {
+                let w = self.next_id();
+                self.waiters.insert(
+                    w,
+                    Waiter {
+                        left: 1,
+                        then: Then::ShareJoined { to, waiter },
+                    },
+                );
+                if let Some(a) = self.announces.get_mut(&t) {
+                    a.waiters.push(w);
+                }
+            }
+        }
+    }
+
+    /// Sends `msg` to `shard`, or handles it here when that is this shard.
+    fn send_to_shard(&mut self, shard: ShardId, msg: ShardMsg) {
+        if shard == self.config.shard {
+            self.handle_shard_msg(msg);
+        } else {
+            self.events.push_back(Event::SendTo(shard, msg));
         }
     }
 
@@ -1315,6 +1631,7 @@ impl Broker {
             }
             _ => {
                 self.trie.unsubscribe(filter, key);
+                self.forget_filter(filter);
             }
         }
         true
@@ -1346,16 +1663,24 @@ impl Broker {
         self.share_status(key, online);
     }
 
-    /// Tells the owner of `share` that session `key` joined it.
-    fn share_join(&mut self, key: SessionKey, share: &TopicFilter, filter: TopicFilter) {
+    /// Tells the owner of `share` that session `key` joined it; with
+    /// `reply`, the owner answers when the join is in place everywhere.
+    fn share_join(
+        &mut self,
+        key: SessionKey,
+        share: &TopicFilter,
+        filter: TopicFilter,
+        reply: Option<u64>,
+    ) {
         let online = self.session(key).is_some_and(|s| s.conn.is_some());
         if let Some(member) = self.member(key, online) {
             self.send_to_share_owner(
                 share,
                 ShardMsg::ShareJoin {
                     share: share.clone(),
-                    filter,
+                    filter: owned_filter(&filter),
                     member,
+                    reply,
                 },
             );
         }
@@ -1391,11 +1716,7 @@ impl Broker {
     /// once when that is this shard).
     fn send_to_share_owner(&mut self, share: &TopicFilter, msg: ShardMsg) {
         let owner = share_owner(share, self.config.shards);
-        if owner == self.config.shard {
-            self.handle_shard_msg(msg);
-        } else {
-            self.events.push_back(Event::SendTo(owner, msg));
-        }
+        self.send_to_shard(owner, msg);
     }
 
     /// A message the group's owner picked session `key` for, through its
@@ -1457,11 +1778,27 @@ impl Broker {
             self.store_retained(&publish);
         }
         let matched = self.deliver_local(&publish, origin);
-        if self.config.shards > 1 {
+        if self.config.shards == 1 {
+            return matched;
+        }
+        if !self.routed() {
             self.events
                 .push_back(Event::Broadcast(ShardMsg::Publish(publish)));
+            return true;
         }
-        matched
+        // Only the shards with a subscription that can match it, and the
+        // topic's retained owner when it is retained (see `interest`).
+        let interested = self.interest.shards_for(&publish.topic);
+        let mut to = interested;
+        if publish.retain {
+            to.insert(retained_owner(publish.topic.as_str(), self.config.shards));
+        }
+        let me = self.config.shard;
+        for shard in to.iter().filter(|&s| s != me) {
+            self.events
+                .push_back(Event::SendTo(shard, ShardMsg::Publish(publish.clone())));
+        }
+        matched || interested != ShardSet::default()
     }
 
     /// Asks the shards that may own retained messages `filter` matches.
@@ -2034,6 +2371,7 @@ impl Broker {
                 );
             } else {
                 self.trie.unsubscribe(filter, key);
+                self.forget_filter(filter);
             }
         }
         let hash = self.hasher.hash_one(&*session.client_id);
@@ -2052,6 +2390,13 @@ impl Broker {
             .get_mut(key.0 as usize)
             .and_then(Option::as_mut)
     }
+}
+
+/// A filter whose bytes are its own: one decoded from a SUBSCRIBE is a slice
+/// of the connection's read buffer, which a message to another shard, or a
+/// record that outlives the packet, must not pin.
+fn owned_filter(filter: &TopicFilter) -> TopicFilter {
+    TopicFilter::new(String::from(filter.as_str())).expect("a copy of a valid filter")
 }
 
 fn pub_resp(packet_id: PacketId, reason: u8) -> PubResp {

@@ -7,6 +7,7 @@ pub mod acl;
 pub mod broker;
 pub mod codec;
 pub mod handshake;
+pub mod interest;
 pub mod keepalive;
 pub mod retained;
 pub mod session;

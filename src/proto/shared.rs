@@ -125,8 +125,9 @@ impl SharedGroups {
     }
 
     /// Adds `member` to the group of `share` (created if new), or updates
-    /// it if it is there already.
-    pub fn join(&mut self, share: &TopicFilter, filter: &TopicFilter, member: Member) {
+    /// it if it is there already. True when the group is new.
+    pub fn join(&mut self, share: &TopicFilter, filter: &TopicFilter, member: Member) -> bool {
+        let mut created = false;
         let index = match self.by_share.get(share.as_bytestring()) {
             Some(&i) => i,
             None => {
@@ -148,34 +149,33 @@ impl SharedGroups {
                 };
                 self.by_share.insert(share.as_bytestring().clone(), i);
                 self.trie.subscribe(filter, i, ());
+                created = true;
                 i
             }
         };
-        let Some(group) = self.groups[index as usize].as_mut() else {
-            return;
-        };
-        match group.members.iter_mut().find(|m| m.is(&member)) {
-            Some(m) => *m = member,
-            None => group.members.push(member),
+        if let Some(group) = self.groups[index as usize].as_mut() {
+            match group.members.iter_mut().find(|m| m.is(&member)) {
+                Some(m) => *m = member,
+                None => group.members.push(member),
+            }
         }
+        created
     }
 
     /// Removes `member` from the group of `share`; the group goes with its
-    /// last member.
-    pub fn leave(&mut self, share: &TopicFilter, member: &Member) {
-        let Some(&index) = self.by_share.get(share.as_bytestring()) else {
-            return;
-        };
-        let Some(group) = self.groups[index as usize].as_mut() else {
-            return;
-        };
+    /// last member, and then its filter is returned.
+    pub fn leave(&mut self, share: &TopicFilter, member: &Member) -> Option<TopicFilter> {
+        let &index = self.by_share.get(share.as_bytestring())?;
+        let group = self.groups[index as usize].as_mut()?;
         group.members.retain(|m| !m.is(member));
-        if group.members.is_empty() {
-            let group = self.groups[index as usize].take().expect("checked above");
-            self.trie.unsubscribe(&group.filter, index);
-            self.by_share.remove(group.share.as_bytestring());
-            self.free.push(index);
+        if !group.members.is_empty() {
+            return None;
         }
+        let group = self.groups[index as usize].take().expect("checked above");
+        self.trie.unsubscribe(&group.filter, index);
+        self.by_share.remove(group.share.as_bytestring());
+        self.free.push(index);
+        Some(group.filter)
     }
 
     /// Records whether `member`'s client is connected, and whether its
@@ -306,10 +306,10 @@ mod tests {
     fn group_goes_with_its_last_member() {
         let mut g = SharedGroups::default();
         let share = f("$share/g/t");
-        g.join(&share, &f("t"), member(0, 1, true));
-        g.join(&share, &f("t"), member(0, 1, true));
+        assert!(g.join(&share, &f("t"), member(0, 1, true)), "a new group");
+        assert!(!g.join(&share, &f("t"), member(0, 1, true)));
         assert_eq!(g.len(), 1);
-        g.leave(&share, &member(0, 1, true));
+        assert_eq!(g.leave(&share, &member(0, 1, true)), Some(f("t")));
         assert!(g.is_empty());
         let mut out = Vec::new();
         g.pick(&TopicName::new("t".to_string()).unwrap(), &mut out);

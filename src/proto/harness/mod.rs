@@ -1119,4 +1119,5 @@ fn clients_may_not_publish_or_leave_wills_on_sys_topics() {
     assert_eq!(get(&h.counters.acl_denied), 2);
 }
 
+mod interest;
 mod v5;
