@@ -12,6 +12,7 @@
 //!   - [`proto::session`]: a client's session: subscriptions and their options, expiry, packet ids, inflight.
 //!   - [`proto::retained`]: retained messages, each topic on one owner shard.
 //!   - [`proto::shared`]: shared subscription groups (`$share/...`), each on one owner shard.
+//!   - [`proto::interest`]: which shards want a topic, so a PUBLISH goes only there.
 //! - [`shard`]: the glommio shell: executors, the tick, dispatching the broker's events.
 //!   - [`shard::net`]: accept, the CONNECT handshake, hand-off, reading and writing sockets.
 //!   - [`shard::poller`]: the shard's epoll set and how its readiness reaches io_uring.
