@@ -754,8 +754,13 @@ fn subscriber_that_never_reads_is_bounded_and_others_carry_on() {
 }
 
 fn encode(packet: &Packet) -> BytesMut {
+    encode_as(packet, ProtocolVersion::V3_1_1)
+}
+
+/// `packet`'s wire bytes in `version`.
+fn encode_as(packet: &Packet, version: ProtocolVersion) -> BytesMut {
     let mut buf = BytesMut::new();
-    packet.encode(ProtocolVersion::V3_1_1, &mut buf);
+    packet.encode(version, &mut buf);
     buf
 }
 

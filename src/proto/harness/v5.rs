@@ -411,7 +411,7 @@ fn nothing_larger_than_the_clients_maximum_packet_size_mqtt_3_1_2_25() {
     let got = h.recv(small);
     assert_eq!(payloads(&got), ["a", "c"], "the big one is skipped");
     for packet in &got {
-        assert!(encode(packet).len() <= 64);
+        assert!(encode_as(packet, ProtocolVersion::V5).len() <= 64);
     }
     assert_eq!(h.recv(big).len(), 3, "others still get it");
     assert_eq!(get(&h.counters.oversize_dropped), 1);
@@ -538,7 +538,10 @@ fn server_topic_aliases_save_bytes_on_the_wire() {
     let bytes = |h: &mut Harness, c: Client| -> usize {
         let packets = h.recv(c);
         assert_eq!(packets.len(), 1000);
-        packets.iter().map(|p| encode_v5(p).len()).sum()
+        packets
+            .iter()
+            .map(|p| encode_as(p, ProtocolVersion::V5).len())
+            .sum()
     };
     let (with, without) = (bytes(&mut h, aliased), bytes(&mut h, plain));
     // 104 bytes a message by name (35 of them the topic). The first
@@ -551,12 +554,6 @@ fn server_topic_aliases_save_bytes_on_the_wire() {
         "topic aliases: {with} bytes instead of {without} ({:.1} % saved)",
         100.0 * (without - with) as f64 / without as f64
     );
-}
-
-fn encode_v5(packet: &Packet) -> BytesMut {
-    let mut out = BytesMut::new();
-    packet.encode(ProtocolVersion::V5, &mut out);
-    out
 }
 
 #[test]
