@@ -1,0 +1,141 @@
+//! Every setting's TOML key, its flag, and the range of a numeric one,
+//! written once: the parser and [`super::Config::validate`] both read it.
+
+/// One setting: its TOML key, its flag, and its allowed range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    /// `listen`
+    Listen,
+    /// `shards`
+    Shards,
+    /// `password_file`
+    PasswordFile,
+    /// `acl_file`
+    AclFile,
+    /// `allow_anonymous`
+    AllowAnonymous,
+    /// `max_connections`
+    MaxConnections,
+    /// `connect_timeout`
+    ConnectTimeout,
+    /// `max_packet_size`
+    MaxPacketSize,
+    /// `stats_interval`
+    StatsInterval,
+    /// `max_inflight`
+    MaxInflight,
+    /// `max_queued`
+    MaxQueued,
+    /// `sys_interval`
+    SysInterval,
+    /// `max_keepalive`
+    MaxKeepalive,
+    /// `max_session_expiry`
+    MaxSessionExpiry,
+    /// `max_topic_alias`
+    MaxTopicAlias,
+    /// `receive_maximum`
+    ReceiveMaximum,
+    /// `response_information`
+    ResponseInformation,
+    /// `log_level`
+    LogLevel,
+}
+
+impl Key {
+    /// Every setting, in `--help` order.
+    pub const ALL: [Key; 18] = [
+        Key::Listen,
+        Key::Shards,
+        Key::PasswordFile,
+        Key::AclFile,
+        Key::AllowAnonymous,
+        Key::MaxConnections,
+        Key::ConnectTimeout,
+        Key::MaxPacketSize,
+        Key::StatsInterval,
+        Key::MaxInflight,
+        Key::MaxQueued,
+        Key::SysInterval,
+        Key::MaxKeepalive,
+        Key::MaxSessionExpiry,
+        Key::MaxTopicAlias,
+        Key::ReceiveMaximum,
+        Key::ResponseInformation,
+        Key::LogLevel,
+    ];
+
+    /// The TOML key, in snake_case.
+    pub fn name(self) -> &'static str {
+        match self {
+            Key::Listen => "listen",
+            Key::Shards => "shards",
+            Key::PasswordFile => "password_file",
+            Key::AclFile => "acl_file",
+            Key::AllowAnonymous => "allow_anonymous",
+            Key::MaxConnections => "max_connections",
+            Key::ConnectTimeout => "connect_timeout",
+            Key::MaxPacketSize => "max_packet_size",
+            Key::StatsInterval => "stats_interval",
+            Key::MaxInflight => "max_inflight",
+            Key::MaxQueued => "max_queued",
+            Key::SysInterval => "sys_interval",
+            Key::MaxKeepalive => "max_keepalive",
+            Key::MaxSessionExpiry => "max_session_expiry",
+            Key::MaxTopicAlias => "max_topic_alias",
+            Key::ReceiveMaximum => "receive_maximum",
+            Key::ResponseInformation => "response_information",
+            Key::LogLevel => "log_level",
+        }
+    }
+
+    /// The command-line flag, e.g. `--max-connections`.
+    pub fn flag(self) -> String {
+        format!("--{}", self.name().replace('_', "-"))
+    }
+
+    /// The key a TOML name refers to, in either spelling.
+    pub fn from_name(name: &str) -> Option<Key> {
+        let snake = name.replace('-', "_");
+        Key::ALL.into_iter().find(|k| k.name() == snake)
+    }
+
+    /// Inclusive bounds of a numeric setting (`None` above means no upper
+    /// bound); `None` for settings that are not numbers.
+    pub fn range(self) -> Option<(i64, Option<i64>)> {
+        match self {
+            // Past ~1k shards the replicated filter index and mesh
+            // (shards² channels) cost more than another thread gains.
+            Key::Shards => Some((1, Some(1024))),
+            Key::MaxConnections | Key::StatsInterval | Key::MaxQueued | Key::SysInterval => {
+                Some((0, None))
+            }
+            Key::ConnectTimeout => Some((1, None)),
+            // 2 bytes is the smallest packet (PINGREQ); 268_435_455 is the
+            // largest Remaining Length plus a 5-byte fixed header (MQTT 2.2.3).
+            Key::MaxPacketSize => Some((2, Some(268_435_460))),
+            Key::MaxInflight | Key::ReceiveMaximum => Some((1, Some(i64::from(u16::MAX)))),
+            Key::MaxKeepalive | Key::MaxTopicAlias => Some((0, Some(i64::from(u16::MAX)))),
+            Key::MaxSessionExpiry => Some((0, Some(i64::from(u32::MAX)))),
+            Key::Listen
+            | Key::PasswordFile
+            | Key::AclFile
+            | Key::AllowAnonymous
+            | Key::ResponseInformation
+            | Key::LogLevel => None,
+        }
+    }
+
+    pub(super) fn check_range(self, value: i64) -> Result<i64, String> {
+        let Some((min, max)) = self.range() else {
+            return Ok(value);
+        };
+        match max {
+            Some(max) if value < min || value > max => {
+                Err(format!("must be between {min} and {max}, got {value}"))
+            }
+            None if value < min => Err(format!("must be at least {min}, got {value}")),
+            _ => Ok(value),
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The broker's settings: command-line flags, an optional TOML file, and the
+//! rules that make a [`Config`] valid.
+//!
+//! Every setting has one long flag and one TOML key of the same name; the file
+//! accepts both `snake_case` and `kebab-case` (`max_connections` or
+//! `max-connections`). Flags override the file, and `--listen` given on the
+//! command line replaces the file's list rather than adding to it.
+//!
+//! ```toml
+//! listen = ["127.0.0.1:1883", "[::1]:1883"]   # or one string
+//! shards = 2
+//! password_file = "passwords"                 # relative to this file's folder
+//! acl_file = "acl"                            # mosquitto's acl_file format
+//! allow_anonymous = false
+//! connect_timeout = 10                        # seconds
+//! ```
+//!
+//! The range of each numeric setting is written once, in [`Key::range`]; both
+//! the parser and [`Config::validate`] read it, so an error names the flag or
+//! key the user actually wrote.
+
+//!
+//! The module is split by concern: [`Config`] and its errors here, the
+//! settings' names and ranges in `keys`, the command line in `flags`, and
+//! the conversion of values from either source (and the TOML file format)
+//! in `values`.
+
+mod flags;
+mod keys;
+mod values;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use flags::{clap_error, passwd_command, run_command, Cli, SubCommand};
+pub use keys::Key;
+use values::{check_listen, check_log_level};
+/// The port MQTT listens on when none is given (IANA-assigned, unencrypted).
+pub const DEFAULT_PORT: u16 = 1883;
+
+/// The PBKDF2 iteration count `coremq passwd` uses unless told otherwise:
+/// mosquitto_passwd's default, so files stay interchangeable.
+pub const DEFAULT_PASSWD_ITERATIONS: u32 = 101;
+
+/// Everything the broker needs to start; built by [`parse_args`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Addresses to accept MQTT connections on; every shard binds each one
+    /// with SO_REUSEPORT. Default: `[0.0.0.0:1883]`.
+    pub listen: Vec<SocketAddr>,
+    /// Number of shards (executor threads, one pinned per core), 1..=1024.
+    /// Default: the number of CPUs this process may run on.
+    pub shards: usize,
+    /// mosquitto-format password file (see [`crate::auth`]). Default: none.
+    pub password_file: Option<PathBuf>,
+    /// mosquitto-format ACL file (see [`crate::proto::acl`]); with one, what
+    /// it does not grant is refused. Default: none (everything allowed).
+    pub acl_file: Option<PathBuf>,
+    /// Whether a client that sends no username may connect. Default: true
+    /// without a password file, false with one.
+    pub allow_anonymous: bool,
+    /// Most client connections the whole process holds at once; 0 means
+    /// limited only by the open-file limit. Default: 0.
+    pub max_connections: usize,
+    /// How long a new socket may take to send its CONNECT before it is
+    /// closed; must be > 0. Default: 10 s.
+    pub connect_timeout: Duration,
+    /// Largest MQTT packet accepted, in bytes, fixed header included
+    /// (2..=268_435_460, the protocol's own maximum). Default: 1_048_576 (1 MiB).
+    pub max_packet_size: usize,
+    /// Period of the counters summary log line; zero disables it.
+    /// Default: 60 s.
+    pub stats_interval: Duration,
+    /// Most QoS 1/2 messages in flight to one client, 1..=65535 (MQTT 5's
+    /// Receive Maximum may not be 0). Default: 20 messages.
+    pub max_inflight: u16,
+    /// Most messages queued for one offline or slow session; beyond it new
+    /// QoS 1/2 messages are dropped. 0 queues nothing. Default: 1000 messages.
+    pub max_queued: usize,
+    /// Period of the `$SYS/broker/...` statistics topics; zero disables
+    /// them. Default: 10 s.
+    pub sys_interval: Duration,
+    /// MQTT 5 Server Keep Alive, seconds, 0..=65535: a 5.0 client asking
+    /// for more, or for 0, is told this and held to it; 0 caps nothing.
+    /// Default: 0.
+    pub max_keepalive: u16,
+    /// Longest MQTT 5 Session Expiry Interval granted, seconds;
+    /// 4294967295 ("never expires") caps nothing. Default: 4294967295.
+    pub max_session_expiry: u32,
+    /// MQTT 5 Topic Alias Maximum offered to clients, 0..=65535 (0: none).
+    /// Default: 65535.
+    pub max_topic_alias: u16,
+    /// MQTT 5 Receive Maximum offered to clients: QoS 2 PUBLISHes of one
+    /// client that may await PUBREL at once, 1..=65535. Default: 1024.
+    pub receive_maximum: u16,
+    /// MQTT 5 Response Information sent to clients that ask for it.
+    /// Default: none.
+    pub response_information: Option<String>,
+    /// tracing filter: error|warn|info|debug|trace|off, or an env-filter
+    /// directive such as `coremq=debug,info`. Default: `info`.
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Config {
+            listen: vec![SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                DEFAULT_PORT,
+            )],
+            shards: cpus.clamp(1, 1024),
+            password_file: None,
+            acl_file: None,
+            allow_anonymous: true,
+            max_connections: 0,
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 1_048_576,
+            stats_interval: Duration::from_secs(60),
+            max_inflight: 20,
+            max_queued: 1000,
+            sys_interval: Duration::from_secs(10),
+            max_keepalive: 0,
+            max_session_expiry: u32::MAX,
+            max_topic_alias: u16::MAX,
+            receive_maximum: 1024,
+            response_information: None,
+            log_level: "info".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks every rule; [`parse_args`] already did, this is for a `Config`
+    /// built in code.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail =
+            |key: Key, problem: String| ConfigError::Invalid(format!("{}: {problem}", key.flag()));
+        check_listen(&self.listen).map_err(|p| fail(Key::Listen, p))?;
+        let numbers: [(Key, u64); 11] = [
+            (Key::Shards, self.shards as u64),
+            (Key::MaxConnections, self.max_connections as u64),
+            // Rounded up: 0.5 s is a valid (if odd) timeout set in code.
+            (
+                Key::ConnectTimeout,
+                self.connect_timeout.as_secs() + u64::from(self.connect_timeout.subsec_nanos() > 0),
+            ),
+            (Key::MaxPacketSize, self.max_packet_size as u64),
+            (Key::StatsInterval, self.stats_interval.as_secs()),
+            (Key::MaxInflight, u64::from(self.max_inflight)),
+            (Key::MaxQueued, self.max_queued as u64),
+            (Key::MaxKeepalive, u64::from(self.max_keepalive)),
+            (Key::MaxSessionExpiry, u64::from(self.max_session_expiry)),
+            (Key::MaxTopicAlias, u64::from(self.max_topic_alias)),
+            (Key::ReceiveMaximum, u64::from(self.receive_maximum)),
+        ];
+        for (key, value) in numbers {
+            let value = i64::try_from(value).unwrap_or(i64::MAX);
+            key.check_range(value).map_err(|p| fail(key, p))?;
+        }
+        check_log_level(&self.log_level).map_err(|p| fail(Key::LogLevel, p))?;
+        Ok(())
+    }
+
+    /// File descriptors kept back from clients: each shard's io_uring rings,
+    /// eventfds and one listening socket per address, plus stdio and the
+    /// password file.
+    pub fn fd_reserve(&self) -> u64 {
+        32 + self.shards as u64 * (8 + self.listen.len() as u64)
+    }
+
+    /// The most client connections this process can hold given its open-file
+    /// limit `nofile` (see [`crate::sys::raise_nofile_limit`]) and
+    /// `max_connections`.
+    pub fn connection_ceiling(&self, nofile: u64) -> usize {
+        let by_fds =
+            usize::try_from(nofile.saturating_sub(self.fd_reserve())).unwrap_or(usize::MAX);
+        match self.max_connections {
+            0 => by_fds,
+            n => n.min(by_fds),
+        }
+    }
+}
+
+/// What the command line asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run the broker.
+    Run(Config),
+    /// Edit a password file (`coremq passwd`).
+    Passwd(PasswdCommand),
+}
+
+/// `coremq passwd [-c] FILE USER [--password PW]` or `coremq passwd -D FILE USER`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswdCommand {
+    /// The password file to edit.
+    pub file: PathBuf,
+    /// The user to add, change or delete; already checked by
+    /// [`crate::auth::check_username`].
+    pub user: String,
+    /// What to do to that user.
+    pub action: PasswdAction,
+}
+
+/// The edit `coremq passwd` makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswdAction {
+    /// Add the user or replace their password.
+    Set {
+        /// The password; `None` means read one line from stdin.
+        password: Option<String>,
+        /// Start a new file, replacing any that exists.
+        create: bool,
+        /// PBKDF2 iterations for the new hash.
+        iterations: u32,
+    },
+    /// Remove the user.
+    Delete,
+}
+
+/// Why the command line or config file was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--help` or `--version`: not a failure. Print the text to stdout and
+    /// exit 0.
+    Display(String),
+    /// A bad flag, value or config file, in one line without the `coremq: `
+    /// prefix. Exit 2.
+    Invalid(String),
+}
+
+impl ConfigError {
+    /// The process exit code for this outcome: 0 for help/version, 2 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ConfigError::Display(_) => 0,
+            ConfigError::Invalid(_) => 2,
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Display(text) | ConfigError::Invalid(text) => f.write_str(text),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses the process arguments (the first is the program name) and the
+/// config file they name, and validates the result.
+pub fn parse_args<I, T>(args: I) -> Result<Command, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args).map_err(clap_error)?;
+    match cli.command {
+        Some(SubCommand::Passwd(p)) => passwd_command(p),
+        None => run_command(cli.run).map(Command::Run),
+    }
+}
+
+#[cfg(test)]
+mod tests;

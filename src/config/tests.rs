@@ -1,0 +1,560 @@
+use super::values::parse_listen;
+use super::*;
+use std::io::Write;
+
+fn parse(args: &[&str]) -> Result<Command, ConfigError> {
+    parse_args(std::iter::once("coremq").chain(args.iter().copied()))
+}
+
+fn run(args: &[&str]) -> Config {
+    match parse(args) {
+        Ok(Command::Run(c)) => c,
+        other => panic!("expected Run, got {other:?}"),
+    }
+}
+
+fn err(args: &[&str]) -> String {
+    match parse(args) {
+        Err(ConfigError::Invalid(msg)) => msg,
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+/// A config file in a fresh temp folder, removed on drop.
+struct TempFile(PathBuf);
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        let dir =
+            std::env::temp_dir().join(format!("coremq-config-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("coremq.toml");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        TempFile(path)
+    }
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+    }
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn no_args_gives_defaults() {
+    let c = run(&[]);
+    assert_eq!(c, Config::default());
+    assert_eq!(c.listen, vec![sa("0.0.0.0:1883")]);
+    assert!(c.allow_anonymous);
+    assert_eq!(c.connect_timeout, Duration::from_secs(10));
+    assert_eq!(c.max_packet_size, 1_048_576);
+    assert_eq!(c.stats_interval, Duration::from_secs(60));
+    assert_eq!(
+        (c.max_inflight, c.max_queued, c.max_connections),
+        (20, 1000, 0)
+    );
+    assert_eq!(c.log_level, "info");
+    assert!((1..=1024).contains(&c.shards));
+    c.validate().unwrap();
+}
+
+#[test]
+fn every_flag_is_applied() {
+    let c = run(&[
+        "--listen",
+        "127.0.0.1:1884",
+        "--listen",
+        ":1885",
+        "--listen",
+        "1886",
+        "--listen",
+        "[::1]:1887",
+        "--shards",
+        "3",
+        "--password-file",
+        "/etc/pw",
+        "--allow-anonymous",
+        "--max-connections",
+        "5000",
+        "--connect-timeout",
+        "3",
+        "--max-packet-size",
+        "4096",
+        "--stats-interval",
+        "0",
+        "--max-inflight",
+        "7",
+        "--max-queued",
+        "0",
+        "--log-level",
+        "coremq=debug,warn",
+    ]);
+    assert_eq!(
+        c.listen,
+        vec![
+            sa("127.0.0.1:1884"),
+            sa("0.0.0.0:1885"),
+            sa("0.0.0.0:1886"),
+            sa("[::1]:1887")
+        ]
+    );
+    assert_eq!(c.shards, 3);
+    assert_eq!(c.password_file, Some(PathBuf::from("/etc/pw")));
+    assert!(
+        c.allow_anonymous,
+        "explicit flag beats the password-file default"
+    );
+    assert_eq!(c.max_connections, 5000);
+    assert_eq!(c.connect_timeout, Duration::from_secs(3));
+    assert_eq!(c.max_packet_size, 4096);
+    assert_eq!(c.stats_interval, Duration::ZERO);
+    assert_eq!((c.max_inflight, c.max_queued), (7, 0));
+    assert_eq!(c.log_level, "coremq=debug,warn");
+}
+
+#[test]
+fn password_file_turns_anonymous_off_unless_asked() {
+    assert!(!run(&["--password-file", "pw"]).allow_anonymous);
+    assert!(run(&["--password-file", "pw", "--allow-anonymous", "true"]).allow_anonymous);
+    assert!(!run(&["--allow-anonymous", "false"]).allow_anonymous);
+    assert!(run(&["--allow-anonymous=true"]).allow_anonymous);
+    assert_eq!(
+        err(&["--allow-anonymous", "maybe"]),
+        "--allow-anonymous: expected true or false, got \"maybe\""
+    );
+}
+
+#[test]
+fn shards_must_be_1_to_1024() {
+    assert_eq!(
+        err(&["--shards", "0"]),
+        "--shards: must be between 1 and 1024, got 0"
+    );
+    assert_eq!(
+        err(&["--shards", "1025"]),
+        "--shards: must be between 1 and 1024, got 1025"
+    );
+    assert_eq!(
+        err(&["--shards", "two"]),
+        "--shards: expected an integer, got \"two\""
+    );
+    assert_eq!(
+        err(&["--shards=-1"]),
+        "--shards: must be between 1 and 1024, got -1"
+    );
+    assert_eq!(run(&["--shards", "1024"]).shards, 1024);
+    assert_eq!(run(&["--shards", "1"]).shards, 1);
+}
+
+#[test]
+fn connect_timeout_must_be_positive() {
+    assert_eq!(
+        err(&["--connect-timeout", "0"]),
+        "--connect-timeout: must be at least 1, got 0"
+    );
+    let c = Config {
+        connect_timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
+    c.validate().unwrap();
+    let c = Config {
+        connect_timeout: Duration::ZERO,
+        ..Config::default()
+    };
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .starts_with("--connect-timeout:"));
+}
+
+#[test]
+fn max_packet_size_is_2_to_protocol_max() {
+    assert_eq!(
+        err(&["--max-packet-size", "1"]),
+        "--max-packet-size: must be between 2 and 268435460, got 1"
+    );
+    assert_eq!(
+        err(&["--max-packet-size", "268435461"]),
+        "--max-packet-size: must be between 2 and 268435460, got 268435461"
+    );
+    assert_eq!(
+        run(&["--max-packet-size", "268435460"]).max_packet_size,
+        268_435_460
+    );
+    assert_eq!(run(&["--max-packet-size", "2"]).max_packet_size, 2);
+}
+
+#[test]
+fn mqtt_5_limits_parse_with_their_ranges() {
+    let c = run(&[
+        "--max-keepalive",
+        "30",
+        "--max-session-expiry",
+        "4294967295",
+        "--max-topic-alias",
+        "0",
+        "--receive-maximum",
+        "65535",
+        "--response-information",
+        "resp/",
+    ]);
+    assert_eq!(
+        (c.max_keepalive, c.max_session_expiry, c.max_topic_alias),
+        (30, u32::MAX, 0)
+    );
+    assert_eq!(c.receive_maximum, 65535);
+    assert_eq!(c.response_information.as_deref(), Some("resp/"));
+    let d = run(&[]);
+    assert_eq!(
+        (d.max_keepalive, d.max_session_expiry, d.max_topic_alias),
+        (0, u32::MAX, 65535)
+    );
+    assert_eq!((d.receive_maximum, d.response_information), (1024, None));
+    assert_eq!(
+        err(&["--receive-maximum", "0"]),
+        "--receive-maximum: must be between 1 and 65535, got 0"
+    );
+    assert_eq!(
+        err(&["--max-keepalive", "65536"]),
+        "--max-keepalive: must be between 0 and 65535, got 65536"
+    );
+    assert_eq!(
+        err(&["--max-session-expiry", "4294967296"]),
+        "--max-session-expiry: must be between 0 and 4294967295, got 4294967296"
+    );
+    assert_eq!(
+        err(&["--response-information", ""]),
+        "--response-information: must be 1..=65535 bytes without NUL"
+    );
+}
+
+#[test]
+fn max_inflight_is_1_to_65535() {
+    assert_eq!(
+        err(&["--max-inflight", "0"]),
+        "--max-inflight: must be between 1 and 65535, got 0"
+    );
+    assert_eq!(
+        err(&["--max-inflight", "65536"]),
+        "--max-inflight: must be between 1 and 65535, got 65536"
+    );
+    assert_eq!(run(&["--max-inflight", "65535"]).max_inflight, 65535);
+}
+
+#[test]
+fn counts_and_intervals_may_be_zero_not_negative() {
+    assert_eq!(
+        err(&["--max-connections=-5"]),
+        "--max-connections: must be at least 0, got -5"
+    );
+    assert_eq!(
+        err(&["--max-queued", "x"]),
+        "--max-queued: expected an integer, got \"x\""
+    );
+    assert_eq!(
+        err(&["--stats-interval=-1"]),
+        "--stats-interval: must be at least 0, got -1"
+    );
+}
+
+#[test]
+fn listen_forms_and_errors() {
+    assert_eq!(parse_listen("1883").unwrap(), sa("0.0.0.0:1883"));
+    assert_eq!(parse_listen(":1883").unwrap(), sa("0.0.0.0:1883"));
+    assert_eq!(parse_listen("10.1.2.3:1").unwrap(), sa("10.1.2.3:1"));
+    assert_eq!(parse_listen("[::]:1883").unwrap(), sa("[::]:1883"));
+    assert_eq!(parse_listen("localhost:1883").unwrap().port(), 1883);
+    assert!(parse_listen("0")
+        .unwrap_err()
+        .contains("port must be between 1 and 65535"));
+    assert!(parse_listen("1.2.3.4:70000")
+        .unwrap_err()
+        .contains("bad port"));
+    assert!(parse_listen("1.2.3.4").unwrap_err().contains("no port"));
+    assert!(parse_listen("::1:1883")
+        .unwrap_err()
+        .contains("[ADDR]:PORT"));
+    assert_eq!(
+        err(&["--listen", "1883", "--listen", ":1883"]),
+        "--listen: \"0.0.0.0:1883\" is listed twice"
+    );
+    let e = err(&["--listen", "nope"]);
+    assert!(e.starts_with("--listen: \"nope\" is not HOST:PORT"), "{e}");
+}
+
+#[test]
+fn log_level_must_be_a_level_or_directive() {
+    assert_eq!(run(&["--log-level", "debug"]).log_level, "debug");
+    assert_eq!(run(&["--log-level", "WARN"]).log_level, "WARN");
+    let e = err(&["--log-level", "inof"]);
+    assert!(e.starts_with("--log-level: expected error, warn,"), "{e}");
+    let e = err(&["--log-level", "coremq=loud"]);
+    assert!(e.starts_with("--log-level: bad filter directive"), "{e}");
+}
+
+#[test]
+fn good_toml_file_in_both_spellings() {
+    let f = TempFile::new(
+        "good",
+        r#"
+        # a comment
+        listen = ["127.0.0.1:1883", ":1884"]
+        shards = 2
+        allow-anonymous = false
+        max_connections = 100
+        connect-timeout = 5
+        max_packet_size = 65536
+        stats-interval = 10
+        max_inflight = 10
+        max-queued = 50
+        log_level = "debug"
+        password_file = "pw"
+        "#,
+    );
+    let c = run(&["--config", f.arg()]);
+    assert_eq!(c.listen, vec![sa("127.0.0.1:1883"), sa("0.0.0.0:1884")]);
+    assert_eq!(c.shards, 2);
+    assert!(!c.allow_anonymous);
+    assert_eq!(c.max_connections, 100);
+    assert_eq!(c.connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.max_packet_size, 65536);
+    assert_eq!(c.stats_interval, Duration::from_secs(10));
+    assert_eq!((c.max_inflight, c.max_queued), (10, 50));
+    assert_eq!(c.log_level, "debug");
+    // Relative to the config file's folder, not the working directory.
+    assert_eq!(c.password_file, Some(f.0.parent().unwrap().join("pw")));
+}
+
+#[test]
+fn flags_override_the_file() {
+    let f = TempFile::new(
+        "override",
+        "listen = \"127.0.0.1:1999\"\nshards = 2\npassword_file = \"/pw\"\n",
+    );
+    let c = run(&["--config", f.arg(), "--shards", "4", "--listen", "2000"]);
+    assert_eq!(c.shards, 4);
+    assert_eq!(
+        c.listen,
+        vec![sa("0.0.0.0:2000")],
+        "flag list replaces the file's"
+    );
+    assert_eq!(c.password_file, Some(PathBuf::from("/pw")));
+    assert!(
+        !c.allow_anonymous,
+        "password file from the config still sets the default"
+    );
+    let c = run(&["--config", f.arg(), "--allow-anonymous"]);
+    assert!(c.allow_anonymous);
+}
+
+#[test]
+fn toml_unknown_key_is_an_error() {
+    let f = TempFile::new("unknown", "shards = 2\nmax_conections = 5\n");
+    let e = err(&["--config", f.arg()]);
+    assert!(
+        e.starts_with(&format!(
+            "config file {}: key \"max_conections\": unknown key (known: listen, shards,",
+            f.arg()
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn toml_wrong_type_is_an_error() {
+    let f = TempFile::new("type", "shards = \"two\"\n");
+    assert_eq!(
+        err(&["--config", f.arg()]),
+        format!(
+            "config file {}: key \"shards\": expected an integer, got \"two\"",
+            f.arg()
+        )
+    );
+    let f = TempFile::new("type2", "allow_anonymous = 1\n");
+    assert_eq!(
+        err(&["--config", f.arg()]),
+        format!(
+            "config file {}: key \"allow_anonymous\": expected true or false, got 1",
+            f.arg()
+        )
+    );
+    let f = TempFile::new("type3", "listen = [1883]\n");
+    assert_eq!(
+        err(&["--config", f.arg()]),
+        format!(
+            "config file {}: key \"listen\": expected address strings, got 1883",
+            f.arg()
+        )
+    );
+}
+
+#[test]
+fn toml_out_of_range_value_is_an_error() {
+    let f = TempFile::new("range", "max-packet-size = 1\n");
+    assert_eq!(
+        err(&["--config", f.arg()]),
+        format!(
+            "config file {}: key \"max_packet_size\": must be between 2 and 268435460, got 1",
+            f.arg()
+        )
+    );
+    let f = TempFile::new("range2", "listen = []\n");
+    assert_eq!(
+        err(&["--config", f.arg()]),
+        format!(
+            "config file {}: key \"listen\": needs at least one address",
+            f.arg()
+        )
+    );
+}
+
+#[test]
+fn toml_key_in_both_spellings_is_an_error() {
+    let f = TempFile::new("twice", "max_queued = 1\nmax-queued = 2\n");
+    let e = err(&["--config", f.arg()]);
+    assert!(e.contains("given twice"), "{e}");
+}
+
+#[test]
+fn toml_syntax_error_names_the_line() {
+    let f = TempFile::new("syntax", "shards = 2\nlisten = [\n");
+    let e = err(&["--config", f.arg()]);
+    assert!(
+        e.starts_with(&format!("config file {}: line ", f.arg())),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "{e}");
+}
+
+#[test]
+fn missing_config_file_names_path_and_os_error() {
+    let e = err(&["--config", "/nonexistent/coremq.toml"]);
+    assert_eq!(
+        e,
+        "config file /nonexistent/coremq.toml: No such file or directory (os error 2)"
+    );
+}
+
+#[test]
+fn clap_errors_are_one_line_and_exit_2() {
+    let e = parse(&["--shard", "2"]).unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    let msg = e.to_string();
+    assert!(!msg.contains('\n'), "{msg}");
+    assert!(
+        msg.starts_with("unexpected argument '--shard' found"),
+        "{msg}"
+    );
+    let msg = parse(&["passwd", "f"]).unwrap_err().to_string();
+    assert!(msg.contains("<USER>") && !msg.contains('\n'), "{msg}");
+}
+
+#[test]
+fn help_and_version_are_not_errors() {
+    let help = parse(&["--help"]).unwrap_err();
+    assert_eq!(help.exit_code(), 0);
+    let text = help.to_string();
+    for key in Key::ALL {
+        assert!(text.contains(&key.flag()), "help lacks {}", key.flag());
+    }
+    // The defaults written in the help text match Config::default().
+    let d = Config::default();
+    for default in [
+        format!("[default: {}]", d.listen[0]),
+        format!("[default: {}]", d.connect_timeout.as_secs()),
+        format!("[default: {}]", d.max_packet_size),
+        format!("[default: {}]", d.stats_interval.as_secs()),
+        format!("[default: {}]", d.max_inflight),
+        format!("[default: {}]", d.max_queued),
+        format!("[default: {}]", d.max_connections),
+        format!("[default: {}]", d.max_session_expiry),
+        format!("[default: {}]", d.max_topic_alias),
+        format!("[default: {}]", d.receive_maximum),
+        format!("[default: {}]", d.log_level),
+    ] {
+        assert!(text.contains(&default), "help lacks {default}");
+    }
+    let v = parse(&["--version"]).unwrap_err();
+    assert_eq!(v.exit_code(), 0);
+    assert!(v.to_string().contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn passwd_subcommand_forms() {
+    let p = |args: &[&str]| match parse(args) {
+        Ok(Command::Passwd(p)) => p,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        p(&["passwd", "-c", "f", "alice", "--password", "pw"]),
+        PasswdCommand {
+            file: "f".into(),
+            user: "alice".into(),
+            action: PasswdAction::Set {
+                password: Some("pw".into()),
+                create: true,
+                iterations: DEFAULT_PASSWD_ITERATIONS
+            },
+        }
+    );
+    assert_eq!(
+        p(&["passwd", "-D", "f", "alice"]).action,
+        PasswdAction::Delete
+    );
+    assert_eq!(
+        p(&["passwd", "--delete", "f", "alice"]).action,
+        PasswdAction::Delete
+    );
+    assert_eq!(
+        p(&["passwd", "-I", "1000", "f", "bob"]).action,
+        PasswdAction::Set {
+            password: None,
+            create: false,
+            iterations: 1000
+        }
+    );
+    assert_eq!(
+        err(&["passwd", "f", "a:b"]),
+        "passwd: USER: user name must not contain ':'"
+    );
+    assert_eq!(
+        err(&["passwd", "-I", "0", "f", "bob"]),
+        "passwd: --iterations: must be between 1 and 4294967295, got \"0\""
+    );
+    assert!(err(&["passwd", "-D", "-c", "f", "bob"]).contains("cannot be used with"));
+    assert_eq!(
+        err(&["--shards", "2", "passwd", "f", "bob"]),
+        "the subcommand 'passwd' cannot be used with '--shards <N>'"
+    );
+}
+
+#[test]
+fn connection_ceiling_keeps_a_reserve() {
+    let c = Config {
+        shards: 2,
+        ..Config::default()
+    };
+    let reserve = c.fd_reserve();
+    assert_eq!(reserve, 32 + 2 * 9);
+    assert_eq!(c.connection_ceiling(20_000), 20_000 - reserve as usize);
+    assert_eq!(c.connection_ceiling(10), 0);
+    let c = Config {
+        max_connections: 100,
+        ..c
+    };
+    assert_eq!(c.connection_ceiling(20_000), 100);
+    let c = Config {
+        max_connections: 50_000,
+        ..c
+    };
+    assert_eq!(c.connection_ceiling(20_000), 20_000 - reserve as usize);
+}
