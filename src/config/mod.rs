@@ -18,7 +18,6 @@
 //! The range of each numeric setting is written once, in [`Key::range`]; both
 //! the parser and [`Config::validate`] read it, so an error names the flag or
 //! key the user actually wrote.
-
 //!
 //! The module is split by concern: [`Config`] and its errors here, the
 //! settings' names and ranges in `keys`, the command line in `flags`, and
