@@ -274,7 +274,7 @@ impl Mesh {
     }
 
     /// The room bell rang: moves overflowed messages into their inboxes
-    /// while there is room ([`Mesh::move_overflow`]).
+    /// while there is room (`move_overflow`).
     pub fn drain_overflow(&self) {
         self.ends.room_bells[self.id.0 as usize].clear();
         self.move_overflow();
