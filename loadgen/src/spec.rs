@@ -23,7 +23,7 @@ pub enum Mode {
     /// Reconnect existing clientIds.
     Takeover,
     /// Publishers and subscribers: message throughput and latency (one
-    /// process, no workers: see `pubsub.rs`).
+    /// process, no workers: see `pubsub/`).
     Pubsub,
 }
 

@@ -1,35 +1,19 @@
-//! `loadgen pubsub`: message throughput and end-to-end latency through a
-//! broker, in this one process, over one mio (epoll) event loop.
-//!
-//! Phases: connect every subscriber and SUBSCRIBE (every SUBACK must grant
-//! the QoS asked); connect the publishers; publish for `--duration`; stop
-//! publishing and wait (up to `--timeout`) for what is in flight; DISCONNECT
-//! everyone and wait for the broker's closes.
-//!
-//! Every PUBLISH payload starts with a 16-byte header — send time (µs,
-//! CLOCK_MONOTONIC, big-endian u64), publisher number (u32), sequence number
-//! (u32) — and the rest is filler. A subscriber checks each arrival against
-//! its (publisher, subscriber) stream: new, duplicate, or late (after a
-//! higher sequence number of the same stream: out of order).
-//!
-//! Per connection: a small [`Conn`] (socket, state, two timestamps, buffers
-//! that exist only while a packet is partly read or written). Per publisher:
-//! its PUBLISH encoded once (by `coremq::proto::codec`), patched per message,
-//! and `--window` slots for QoS 1/2 flows, whose packet id is one more than
-//! the slot number, so an id is never reused while its flow is open. Per stream: the
-//! lowest sequence number not yet seen and the few seen above it. No timer
-//! per message: timeouts are one FIFO (they all have the same length), the
-//! rate is a count of messages due since the start.
+//! The run itself: per-connection state ([`Conn`], and per publisher
+//! [`PubSt`] with its PUBLISH template and `--window` slots, per subscriber
+//! [`SubSt`]), the phases, and the one mio event loop that drives them —
+//! connecting and subscribing under `--inflight`, reading and decoding
+//! packets, writing with backpressure, publishing (unpaced turns or
+//! `--rate`), acknowledgements and QoS 2 flows, keep-alive pings, timeouts,
+//! the drain and the DISCONNECTs. What an arriving PUBLISH means is left to
+//! `accounting`; what the counters add up to, to `report`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
-use clap::{ArgGroup, Args};
 use coremq::proto::codec::{
     self, Connect, Packet, PacketId, ProtocolVersion, PubResp, Publish, QoS, Subscribe,
     SubscriptionOptions,
@@ -39,286 +23,22 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
+use super::accounting::{GroupSeen, MemberOrder, Stream};
+use super::{Cfg, Shape, DISCONNECT, MAX_PACKET, PINGREQ, QOS0_BATCH, READS_PER_TURN, READ_CHUNK};
 use crate::engine::{cause_of, open_socket, sockaddr};
-use crate::protocol::{self, Protocol};
-use crate::report::{self, BrokerSamples, PubsubReport, Report, SharedReport};
-use crate::spec::{hist_to_b64, new_hist, Mode, WorkerResult};
-use crate::sys::{mono_us, proc_sample, rusage_cpu_s, self_max_rss_kb, source_ip, ProcSample};
-use crate::{usage_error, Common};
-
-const MAX_PACKET: usize = 1 << 20;
-/// Send time (8) + publisher number (4) + sequence number (4).
-pub const HEADER: usize = 16;
-const READ_CHUNK: usize = 64 * 1024;
-/// Reads of READ_CHUNK per readiness event before other sockets get a turn.
-const READS_PER_TURN: usize = 8;
-/// QoS 0 without --rate: messages a publisher writes per turn.
-const QOS0_BATCH: usize = 32;
-/// Sequence numbers a stream remembers above a gap before it gives the gap up.
-const STREAM_TRACK: usize = 256;
-/// --fan-out: (publisher, subscriber) streams at most.
-const MAX_STREAMS: u64 = 4_000_000;
-/// File descriptors kept for the process itself.
-const FD_RESERVE: u64 = 100;
-const DISCONNECT: [u8; 2] = [0xE0, 0x00];
-const PINGREQ: [u8; 2] = [0xC0, 0x00];
-
-/// `loadgen pubsub`.
-#[derive(Args, Debug, Clone)]
-#[command(group(
-    ArgGroup::new("shape")
-        .required(true)
-        .args(["pairs", "fan_in", "fan_out"])
-))]
-pub struct PubsubArgs {
-    /// N publishers, N subscribers: publisher i → PREFIX/p2p/{i} → subscriber i.
-    #[arg(long, value_name = "N")]
-    pub pairs: Option<u32>,
-    /// N publishers on PREFIX/in/{i}, one subscriber on PREFIX/in/+.
-    #[arg(long, value_name = "N")]
-    pub fan_in: Option<u32>,
-    /// One publisher (or --publishers P) on PREFIX/out, N subscribers on it.
-    #[arg(long, value_name = "N")]
-    pub fan_out: Option<u32>,
-    /// --fan-out: publishers on PREFIX/out (P-pub-0 … P-pub-{P-1}).
-    #[arg(long, value_name = "P")]
-    pub publishers: Option<u32>,
-    /// Subscribe to $share/NAME/FILTER instead of FILTER: the subscribers of
-    /// each topic form one shared-subscription group, and each message must
-    /// reach the group exactly once (with --fan-out N: one group of N members).
-    #[arg(long, value_name = "NAME")]
-    pub share_group: Option<String>,
-    /// QoS of every PUBLISH and every subscription: 0, 1 or 2.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
-    pub qos: u8,
-    /// PUBLISH payload bytes (at least 16: send time, publisher, sequence number).
-    #[arg(long, value_name = "BYTES", default_value_t = 64)]
-    pub payload: usize,
-    /// Seconds of publishing.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    pub duration: f64,
-    /// PUBLISHes per second, all publishers together (default: as fast as they go).
-    #[arg(long, value_name = "MSGS_PER_SEC")]
-    pub rate: Option<f64>,
-    /// QoS 1/2: messages each publisher may have unacknowledged.
-    #[arg(long, value_name = "W", default_value_t = 16)]
-    pub window: u32,
-    /// Outstanding handshakes (CONNECT → CONNACK → SUBSCRIBE → SUBACK) at most.
-    #[arg(long, default_value_t = 512)]
-    pub inflight: u32,
-    /// keepAlive seconds in every CONNECT; with K > 0 every connection pings every K/2 s.
-    #[arg(long, default_value_t = 0)]
-    pub keepalive: u16,
-    /// clientIds PREFIX-pub-{i} / PREFIX-sub-{i}; topics under PREFIX/.
-    #[arg(long, default_value = "lg")]
-    pub prefix: String,
-    #[command(flatten)]
-    pub common: Common,
-}
-
-/// Who sends to whom.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shape {
-    /// Publisher i → subscriber i.
-    Pairs,
-    /// N publishers → one subscriber.
-    FanIn,
-    /// One publisher → N subscribers.
-    FanOut,
-}
-
-impl Shape {
-    fn name(self) -> &'static str {
-        match self {
-            Shape::Pairs => "pairs",
-            Shape::FanIn => "fan-in",
-            Shape::FanOut => "fan-out",
-        }
-    }
-}
-
-struct Cfg {
-    shape: Shape,
-    n: u32,
-    pubs: u32,
-    subs: u32,
-    qos: QoS,
-    payload: usize,
-    duration_us: u64,
-    /// Messages per second over all publishers; 0: unbounded.
-    rate: f64,
-    window: u16,
-    inflight: u32,
-    keepalive: u16,
-    prefix: String,
-    broker: SocketAddrV4,
-    source_ips: u32,
-    source_skip: u32,
-    timeout_us: u64,
-    quiet: bool,
-    broker_pid: Option<u32>,
-    protocol: Protocol,
-    /// --share-group: the share name of every subscription.
-    group: Option<String>,
-}
-
-impl Cfg {
-    /// One group of many members (--fan-out with --share-group): a message
-    /// is owed once to the group, not once per subscriber.
-    fn shared_fan_out(&self) -> bool {
-        self.group.is_some() && self.shape == Shape::FanOut
-    }
-}
-
-/// `loadgen pubsub`: validate, run, report. Exit code 0 when nothing failed.
-pub fn pubsub(a: PubsubArgs) -> Result<i32> {
-    let started_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    crate::coord::check_common(&a.common);
-    crate::coord::check_rate("--rate", a.rate);
-    if !(a.duration > 0.0 && a.duration.is_finite()) {
-        usage_error("--duration must be a positive number of seconds");
-    }
-    if a.payload < HEADER {
-        usage_error(format!(
-            "--payload must be at least {HEADER} bytes (send time, publisher, sequence number)"
-        ));
-    }
-    if a.payload > 256 * 1024 {
-        usage_error("--payload must be at most 262144 bytes");
-    }
-    if a.window == 0 || a.window > 65535 {
-        usage_error("--window must be 1 to 65535 (packet ids per publisher)");
-    }
-    if a.inflight == 0 {
-        usage_error("--inflight must be at least 1");
-    }
-    if a.prefix.is_empty() || a.prefix.contains(['+', '#', '\0']) {
-        usage_error("--prefix must be non-empty, without + # or NUL");
-    }
-    if a.common.workers.is_some_and(|w| w != 1) {
-        usage_error("--workers: pubsub runs in one process (leave --workers out)");
-    }
-    let (shape, n) = match (a.pairs, a.fan_in, a.fan_out) {
-        (Some(n), None, None) => (Shape::Pairs, n),
-        (None, Some(n), None) => (Shape::FanIn, n),
-        (None, None, Some(n)) => (Shape::FanOut, n),
-        _ => usage_error("give exactly one of --pairs, --fan-in, --fan-out"),
-    };
-    if n == 0 {
-        usage_error(format!("--{} must be at least 1", shape.name()));
-    }
-    if let Some(g) = &a.share_group {
-        // MQTT-4.8.2-1/-2: a non-empty share name without / + # (nor NUL).
-        if g.is_empty() || g.contains(['/', '+', '#', '\0']) {
-            usage_error("--share-group must be non-empty, without / + # or NUL");
-        }
-    }
-    if a.publishers.is_some() && shape != Shape::FanOut {
-        usage_error("--publishers goes with --fan-out (pairs and fan-in have one per topic)");
-    }
-    let fan_out_pubs = a.publishers.unwrap_or(1);
-    if fan_out_pubs == 0 {
-        usage_error("--publishers must be at least 1");
-    }
-    let (pubs, subs) = match shape {
-        Shape::Pairs => (n, n),
-        Shape::FanIn => (n, 1),
-        Shape::FanOut => (fan_out_pubs, n),
-    };
-    if shape == Shape::FanOut && u64::from(pubs) * u64::from(subs) > MAX_STREAMS {
-        usage_error(format!(
-            "--publishers × --fan-out must be at most {MAX_STREAMS} \
-             (a stream per publisher and subscriber)"
-        ));
-    }
-    let sockets = u64::from(pubs) + u64::from(subs);
-    let limit = crate::sys::raise_nofile();
-    if sockets + FD_RESERVE > limit {
-        usage_error(format!(
-            "{sockets} sockets: over this process's open-file limit {limit} less {FD_RESERVE} \
-             (pubsub runs in one process)"
-        ));
-    }
-    let broker = crate::resolve_v4(&a.common.broker).unwrap_or_else(|e| usage_error(e));
-    let source_ips = a
-        .common
-        .source_ips
-        .unwrap_or_else(|| sockets.div_ceil(crate::coord::SOCKETS_PER_SOURCE_IP).max(1) as u32);
-    let cfg = Cfg {
-        shape,
-        n,
-        pubs,
-        subs,
-        qos: QoS::from_u8(a.qos).expect("checked by clap"),
-        payload: a.payload,
-        duration_us: (a.duration * 1e6) as u64,
-        rate: a.rate.unwrap_or(0.0),
-        window: a.window as u16,
-        inflight: a.inflight,
-        keepalive: a.keepalive,
-        prefix: a.prefix.clone(),
-        broker,
-        source_ips,
-        source_skip: a.common.source_skip,
-        timeout_us: (a.common.timeout * 1e6) as u64,
-        quiet: a.common.quiet,
-        broker_pid: a.common.broker_pid,
-        protocol: a.common.protocol,
-        group: a.share_group.clone(),
-    };
-    let params = serde_json::json!({
-        "shape": shape.name(), "n": n, "qos": a.qos, "payload": a.payload,
-        "duration": a.duration, "rate": a.rate, "window": a.window, "inflight": a.inflight,
-        "keepalive": a.keepalive, "prefix": a.prefix, "timeout": a.common.timeout,
-        "publishers": pubs, "share_group": a.share_group,
-    });
-    let t0 = std::time::Instant::now();
-    let mut run = Run::new(cfg)?;
-    run.run()?;
-    let (wr, ps, samples) = run.finish();
-    let rep = Report::build(
-        report::RunInfo {
-            mode: Mode::Pubsub,
-            broker: a.common.broker.clone(),
-            broker_pid: a.common.broker_pid,
-            workers: 1,
-            source_ips,
-            keepalive: a.keepalive,
-            params,
-            started_unix,
-            total_wall_s: t0.elapsed().as_secs_f64(),
-            main_secs: a.duration,
-            parent_cpu_s: rusage_cpu_s(libc::RUSAGE_SELF),
-            children_cpu_s: 0.0,
-            protocol: a.common.protocol,
-            pubsub: Some(ps),
-        },
-        &[wr],
-        samples,
-    )?;
-    print!("{}", rep.table());
-    if let Some(path) = &a.common.json {
-        let s = serde_json::to_string_pretty(&rep)?;
-        std::fs::write(path, s + "\n").with_context(|| format!("write {}", path.display()))?;
-    }
-    if let Some(path) = &a.common.plot {
-        std::fs::write(path, crate::plot::svg(&rep))
-            .with_context(|| format!("write {}", path.display()))?;
-    }
-    Ok(if rep.failed_total > 0 { 1 } else { 0 })
-}
+use crate::protocol;
+use crate::report::{self, BrokerSamples};
+use crate::spec::new_hist;
+use crate::sys::{mono_us, proc_sample, rusage_cpu_s, source_ip, ProcSample};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub(super) enum Role {
     Pub,
     Sub,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum St {
+pub(super) enum St {
     /// Not started yet.
     Idle,
     Connecting,
@@ -332,189 +52,76 @@ enum St {
     Closed,
 }
 
-struct Conn {
-    stream: Option<TcpStream>,
+pub(super) struct Conn {
+    pub(super) stream: Option<TcpStream>,
     /// Bytes of a packet not yet whole.
-    rbuf: Vec<u8>,
+    pub(super) rbuf: Vec<u8>,
     /// Bytes the socket did not take yet.
-    wbuf: Vec<u8>,
+    pub(super) wbuf: Vec<u8>,
     /// connect() called, µs.
-    t_start: u64,
+    pub(super) t_start: u64,
     /// CONNECT / SUBSCRIBE written, µs.
-    t_sent: u64,
+    pub(super) t_sent: u64,
     /// Index among publishers or subscribers.
-    idx: u32,
-    role: Role,
-    st: St,
+    pub(super) idx: u32,
+    pub(super) role: Role,
+    pub(super) st: St,
     /// In the runnable queue (publishers).
-    queued: bool,
+    pub(super) queued: bool,
     /// In the read-again list.
-    read_queued: bool,
+    pub(super) read_queued: bool,
 }
 
 /// A QoS 1/2 flow a publisher has open.
 #[derive(Clone, Copy, Default)]
-struct Slot {
+pub(super) struct Slot {
     /// PUBLISH written, µs.
-    t: u64,
-    seq: u32,
+    pub(super) t: u64,
+    pub(super) seq: u32,
     /// 0 free, 1 waiting for PUBACK (QoS 1) / PUBREC (QoS 2), 2 waiting for PUBCOMP.
-    st: u8,
+    pub(super) st: u8,
 }
 
-struct PubSt {
-    topic: String,
+pub(super) struct PubSt {
+    pub(super) topic: String,
     /// The PUBLISH as the codec encodes it, packet id 1 and payload zero.
-    tmpl: Vec<u8>,
-    pid_off: usize,
-    pay_off: usize,
-    slots: Vec<Slot>,
-    free: Vec<u16>,
+    pub(super) tmpl: Vec<u8>,
+    pub(super) pid_off: usize,
+    pub(super) pay_off: usize,
+    pub(super) slots: Vec<Slot>,
+    pub(super) free: Vec<u16>,
     /// Next sequence number = messages published.
-    seq: u32,
+    pub(super) seq: u32,
     /// Highest sequence number acknowledged + 1 (order check).
-    ack_hi: u32,
+    pub(super) ack_hi: u32,
     /// Subscribers each of its messages should reach.
-    fanout: u32,
-    active: bool,
+    pub(super) fanout: u32,
+    pub(super) active: bool,
 }
 
-struct SubSt {
-    active: bool,
+pub(super) struct SubSt {
+    pub(super) active: bool,
     /// Its SUBACK granted the QoS asked (stays set after the close).
-    subscribed: bool,
+    pub(super) subscribed: bool,
     /// QoS 2 packet ids PUBREC'd, waiting for PUBREL.
-    qos2: Vec<u16>,
-}
-
-/// What a stream made of an arrival.
-#[derive(Debug, PartialEq, Eq)]
-enum Seen {
-    /// First time; `late` when a higher sequence number came first.
-    New {
-        late: bool,
-    },
-    Dup,
-    /// Below a gap the stream gave up on: a duplicate or a very late one.
-    Untracked,
-}
-
-/// One (publisher, subscriber) stream.
-#[derive(Default)]
-struct Stream {
-    /// Lowest sequence number not seen yet.
-    next: u32,
-    /// Highest seen + 1.
-    hi: u32,
-    /// Seen, above `next`, ascending.
-    above: Vec<u32>,
-    /// A gap below `next` was given up (more than STREAM_TRACK seen above it).
-    forced: bool,
-    /// Any arrival out of order.
-    any_late: bool,
-}
-
-impl Stream {
-    fn see(&mut self, seq: u32) -> Seen {
-        if seq < self.next {
-            return if self.forced {
-                Seen::Untracked
-            } else {
-                Seen::Dup
-            };
-        }
-        let late = u64::from(seq) + 1 < u64::from(self.hi);
-        if seq == self.next {
-            self.next += 1;
-            self.settle();
-        } else {
-            match self.above.binary_search(&seq) {
-                Ok(_) => return Seen::Dup,
-                Err(pos) => self.above.insert(pos, seq),
-            }
-            if self.above.len() > STREAM_TRACK {
-                self.forced = true;
-                self.next = self.above[0];
-                self.settle();
-            }
-        }
-        self.hi = self.hi.max(seq + 1);
-        self.any_late |= late;
-        Seen::New { late }
-    }
-
-    fn settle(&mut self) {
-        let mut k = 0;
-        while k < self.above.len() && self.above[k] == self.next {
-            self.next += 1;
-            k += 1;
-        }
-        self.above.drain(..k);
-        if self.above.is_empty() && self.above.capacity() > 32 {
-            self.above = Vec::new();
-        }
-    }
-}
-
-/// One publisher's messages as a shared group saw them: a bit per sequence
-/// number, so a duplicate is told from a new message however far apart the
-/// members run (one member's queue may lag the others' by thousands of
-/// messages, more than a [`Stream`] keeps above a gap). 1 bit per message.
-#[derive(Default)]
-struct GroupSeen {
-    bits: Vec<u64>,
-}
-
-impl GroupSeen {
-    /// Whether `seq` is new to the group (and now seen).
-    fn see(&mut self, seq: u32) -> bool {
-        let (w, b) = ((seq / 64) as usize, seq % 64);
-        if w >= self.bits.len() {
-            self.bits.resize((w + 1).next_power_of_two(), 0);
-        }
-        let new = self.bits[w] & (1 << b) == 0;
-        self.bits[w] |= 1 << b;
-        new
-    }
-}
-
-/// One (publisher, member) stream of a shared group: [`GroupSeen`] says new
-/// or duplicate; this one only whether a member got a publisher's messages
-/// in the order they were sent (MQTT-4.6.0-6 holds per receiving client;
-/// across members no order is owed).
-#[derive(Default, Clone, Copy)]
-struct MemberOrder {
-    /// Highest sequence number this member got + 1.
-    hi: u32,
-    any_late: bool,
-}
-
-impl MemberOrder {
-    /// A message new to the group arrived at this member: whether it came
-    /// after a higher sequence number from the same publisher.
-    fn see(&mut self, seq: u32) -> bool {
-        let late = seq < self.hi;
-        self.hi = self.hi.max(seq + 1);
-        self.any_late |= late;
-        late
-    }
+    pub(super) qos2: Vec<u16>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Wait {
+pub(super) enum Wait {
     Handshake,
     Suback,
     Close,
 }
 
-struct Deadline {
+pub(super) struct Deadline {
     tok: u32,
     kind: Wait,
     at: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
+pub(super) enum Phase {
     Subscribe,
     Connect,
     Publish,
@@ -524,103 +131,103 @@ enum Phase {
 }
 
 /// The run's state.
-struct Run {
-    cfg: Cfg,
+pub(super) struct Run {
+    pub(super) cfg: Cfg,
     /// `cfg.protocol`, as the codec takes it.
-    v: ProtocolVersion,
-    poll: Poll,
-    dst: libc::sockaddr_in,
+    pub(super) v: ProtocolVersion,
+    pub(super) poll: Poll,
+    pub(super) dst: libc::sockaddr_in,
     /// Subscribers are tokens 0..subs, publishers subs..subs+pubs.
-    conns: Vec<Conn>,
-    pubs: Vec<PubSt>,
-    subs: Vec<SubSt>,
+    pub(super) conns: Vec<Conn>,
+    pub(super) pubs: Vec<PubSt>,
+    pub(super) subs: Vec<SubSt>,
     /// Per (publisher, subscriber): new, duplicate or late (empty for a
     /// shared fan-out group).
-    streams: Vec<Stream>,
+    pub(super) streams: Vec<Stream>,
     /// `cfg.shared_fan_out()`.
-    shared_fan_out: bool,
+    pub(super) shared_fan_out: bool,
     /// Shared fan-out: per publisher, new or duplicate to the group.
-    group_seen: Vec<GroupSeen>,
+    pub(super) group_seen: Vec<GroupSeen>,
     /// Shared fan-out: per (publisher, member), the order check.
-    member_order: Vec<MemberOrder>,
+    pub(super) member_order: Vec<MemberOrder>,
     /// --share-group: PUBLISHes each subscriber received (empty without).
-    member_deliveries: Vec<u64>,
-    deadlines: VecDeque<Deadline>,
-    runnable: VecDeque<u32>,
-    read_again: Vec<u32>,
-    scratch: BytesMut,
-    chunk: Vec<u8>,
+    pub(super) member_deliveries: Vec<u64>,
+    pub(super) deadlines: VecDeque<Deadline>,
+    pub(super) runnable: VecDeque<u32>,
+    pub(super) read_again: Vec<u32>,
+    pub(super) scratch: BytesMut,
+    pub(super) chunk: Vec<u8>,
     /// Replies (acks, PUBREL) gathered while one socket's packets are handled.
-    obuf: BytesMut,
+    pub(super) obuf: BytesMut,
     /// PUBLISHes of one batch.
-    pbuf: Vec<u8>,
-    phase: Phase,
-    next_start: u32,
-    hs_inflight: u32,
-    awaiting_close: u64,
+    pub(super) pbuf: Vec<u8>,
+    pub(super) phase: Phase,
+    pub(super) next_start: u32,
+    pub(super) hs_inflight: u32,
+    pub(super) awaiting_close: u64,
     // counters
-    attempted: u64,
-    connected: u64,
-    subscribed: u64,
-    pubs_connected: u64,
-    disconnected: u64,
-    pings: u64,
-    pongs: u64,
-    published: u64,
-    acked: u64,
-    pub_inflight: u64,
-    unacked_closed: u64,
-    sub_qos2_pending: u64,
-    expected: u64,
-    delivered: u64,
-    unique: u64,
-    duplicates: u64,
-    out_of_order: u64,
-    untracked: u64,
-    misrouted: u64,
-    in_window: u64,
-    rate_sent: u64,
-    rate_behind: u64,
+    pub(super) attempted: u64,
+    pub(super) connected: u64,
+    pub(super) subscribed: u64,
+    pub(super) pubs_connected: u64,
+    pub(super) disconnected: u64,
+    pub(super) pings: u64,
+    pub(super) pongs: u64,
+    pub(super) published: u64,
+    pub(super) acked: u64,
+    pub(super) pub_inflight: u64,
+    pub(super) unacked_closed: u64,
+    pub(super) sub_qos2_pending: u64,
+    pub(super) expected: u64,
+    pub(super) delivered: u64,
+    pub(super) unique: u64,
+    pub(super) duplicates: u64,
+    pub(super) out_of_order: u64,
+    pub(super) untracked: u64,
+    pub(super) misrouted: u64,
+    pub(super) in_window: u64,
+    pub(super) rate_sent: u64,
+    pub(super) rate_behind: u64,
     /// 5.0: the lowest Receive Maximum a broker's CONNACK gave a publisher,
     /// when below --window.
-    receive_maximum: Option<u16>,
-    rr: u32,
-    failures: BTreeMap<String, u64>,
-    failed: u64,
+    pub(super) receive_maximum: Option<u16>,
+    pub(super) rr: u32,
+    pub(super) failures: BTreeMap<String, u64>,
+    pub(super) failed: u64,
     // histograms (µs)
-    h_e2e: Histogram<u64>,
-    h_connack: Histogram<u64>,
-    h_suback: Histogram<u64>,
-    h_ack: Histogram<u64>,
-    h_tcp: Histogram<u64>,
+    pub(super) h_e2e: Histogram<u64>,
+    pub(super) h_connack: Histogram<u64>,
+    pub(super) h_suback: Histogram<u64>,
+    pub(super) h_ack: Histogram<u64>,
+    pub(super) h_tcp: Histogram<u64>,
     /// Deliveries per second since publishing began.
-    series: Vec<u64>,
+    pub(super) series: Vec<u64>,
     // times (µs) and CPU (s)
-    t0: u64,
-    cpu0: f64,
-    setup_wall_s: f64,
-    setup_cpu_s: f64,
-    pub_start: u64,
-    pub_end: u64,
-    main_cpu0: f64,
-    window_wall_s: f64,
-    window_cpu_s: f64,
-    drain_start: u64,
-    drain_deadline: u64,
-    drain_s: f64,
-    drain_timed_out: bool,
-    last_delivery: u64,
-    next_ping: u64,
-    unacked: u64,
-    samples: BrokerSamples,
-    peak_rss: u64,
-    last_tick: u64,
-    last_published: u64,
-    last_delivered: u64,
+    pub(super) t0: u64,
+    pub(super) cpu0: f64,
+    pub(super) setup_wall_s: f64,
+    pub(super) setup_cpu_s: f64,
+    pub(super) pub_start: u64,
+    pub(super) pub_end: u64,
+    pub(super) main_cpu0: f64,
+    pub(super) window_wall_s: f64,
+    pub(super) window_cpu_s: f64,
+    pub(super) drain_start: u64,
+    pub(super) drain_deadline: u64,
+    pub(super) drain_s: f64,
+    pub(super) drain_timed_out: bool,
+    pub(super) last_delivery: u64,
+    pub(super) next_ping: u64,
+    pub(super) unacked: u64,
+    pub(super) samples: BrokerSamples,
+    pub(super) peak_rss: u64,
+    pub(super) last_tick: u64,
+    pub(super) last_published: u64,
+    pub(super) last_delivered: u64,
 }
 
 impl Run {
-    fn new(cfg: Cfg) -> Result<Run> {
+    pub(super) fn new(cfg: Cfg) -> Result<Run> {
         let poll = Poll::new().context("epoll")?;
         let total = cfg.subs + cfg.pubs;
         let mut conns = Vec::with_capacity(total as usize);
@@ -773,11 +380,11 @@ impl Run {
         })
     }
 
-    fn fail(&mut self, cause: &str) {
+    pub(super) fn fail(&mut self, cause: &str) {
         self.fail_n(cause, 1);
     }
 
-    fn fail_n(&mut self, cause: &str, k: u64) {
+    pub(super) fn fail_n(&mut self, cause: &str, k: u64) {
         if k == 0 {
             return;
         }
@@ -1095,7 +702,7 @@ impl Run {
         }
     }
 
-    fn ack(&mut self, p: Packet) {
+    pub(super) fn ack(&mut self, p: Packet) {
         p.encode(self.v, &mut self.obuf);
     }
 
@@ -1275,102 +882,6 @@ impl Run {
         self.acked += 1;
         self.h_ack.saturating_record(now.saturating_sub(s.t).max(1));
         self.make_runnable(idx);
-    }
-
-    fn on_delivery(&mut self, sub: u32, p: Publish, now: u64) {
-        self.delivered += 1;
-        if let Some(n) = self.member_deliveries.get_mut(sub as usize) {
-            *n += 1;
-        }
-        self.last_delivery = now;
-        if now <= self.pub_end {
-            self.in_window += 1;
-        }
-        if self.phase >= Phase::Publish {
-            let sec = (now.saturating_sub(self.pub_start) / 1_000_000) as usize;
-            if self.series.len() <= sec {
-                self.series.resize(sec + 1, 0);
-            }
-            self.series[sec] += 1;
-        }
-        if p.qos != self.cfg.qos {
-            self.fail("wrong_qos");
-        }
-        match (p.qos, p.packet_id) {
-            (QoS::AtLeastOnce, Some(id)) => self.ack(Packet::PubAck(resp(id.get()))),
-            (QoS::ExactlyOnce, Some(id)) => {
-                let id = id.get();
-                let q = &mut self.subs[sub as usize].qos2;
-                if q.contains(&id) {
-                    // The broker reused an id before our PUBCOMP (or resent
-                    // without a reconnect): the stream check below says
-                    // whether the message itself was a duplicate.
-                    self.fail("qos2_id_reused");
-                } else {
-                    q.push(id);
-                    self.sub_qos2_pending += 1;
-                }
-                self.ack(Packet::PubRec(resp(id)));
-            }
-            _ => {}
-        }
-        let b = &p.payload[..];
-        if b.len() < HEADER {
-            self.fail("foreign_message");
-            return;
-        }
-        let ts = u64::from_be_bytes(b[0..8].try_into().expect("8 bytes"));
-        let from = u32::from_be_bytes(b[8..12].try_into().expect("4 bytes"));
-        let seq = u32::from_be_bytes(b[12..16].try_into().expect("4 bytes"));
-        let Some(ps) = self.pubs.get(from as usize) else {
-            self.fail("foreign_message");
-            return;
-        };
-        if seq >= ps.seq || ts > now {
-            self.fail("foreign_message");
-            return;
-        }
-        let routed = ps.topic == p.topic.as_str()
-            && match self.cfg.shape {
-                Shape::Pairs => from == sub,
-                Shape::FanIn => sub == 0,
-                // Every publisher of --fan-out is on the one topic.
-                Shape::FanOut => true,
-            };
-        if !routed {
-            self.misrouted += 1;
-            self.fail("misrouted");
-            return;
-        }
-        self.h_e2e.saturating_record(now.saturating_sub(ts).max(1));
-        if self.shared_fan_out {
-            // Once to the group, whichever member; in order at each member.
-            if self.group_seen[from as usize].see(seq) {
-                self.unique += 1;
-                let m = from as usize * self.cfg.subs as usize + sub as usize;
-                if self.member_order[m].see(seq) {
-                    self.out_of_order += 1;
-                }
-            } else {
-                self.duplicates += 1;
-            }
-            return;
-        }
-        let stream = match self.cfg.shape {
-            Shape::Pairs => sub as usize,
-            Shape::FanIn => from as usize,
-            Shape::FanOut => from as usize * self.cfg.subs as usize + sub as usize,
-        };
-        match self.streams[stream].see(seq) {
-            Seen::New { late } => {
-                self.unique += 1;
-                if late {
-                    self.out_of_order += 1;
-                }
-            }
-            Seen::Dup => self.duplicates += 1,
-            Seen::Untracked => self.untracked += 1,
-        }
     }
 
     /// A protocol-level failure: counted, and the connection closed.
@@ -1712,7 +1223,7 @@ impl Run {
         self.last_delivered = self.delivered;
     }
 
-    fn run(&mut self) -> Result<()> {
+    pub(super) fn run(&mut self) -> Result<()> {
         let mut events = Events::with_capacity(4096);
         self.t0 = mono_us();
         self.last_tick = self.t0;
@@ -1796,154 +1307,9 @@ impl Run {
         self.samples.after = self.sample();
         Ok(())
     }
-
-    /// --share-group: the groups and how the deliveries spread over their
-    /// members (the subscribers whose SUBACK came).
-    fn shared_report(&self, group: &str) -> SharedReport {
-        let (groups, members) = match self.cfg.shape {
-            Shape::Pairs => (self.cfg.n, 1),
-            Shape::FanIn => (1, 1),
-            Shape::FanOut => (1, self.cfg.subs),
-        };
-        let got = || {
-            self.member_deliveries
-                .iter()
-                .zip(&self.subs)
-                .filter(|(_, s)| s.subscribed)
-                .map(|(&n, _)| n)
-        };
-        SharedReport {
-            group: group.to_string(),
-            groups,
-            members_per_group: members,
-            member_deliveries_min: got().min().unwrap_or(0),
-            member_deliveries_max: got().max().unwrap_or(0),
-            members_without_delivery: got().filter(|&n| n == 0).count() as u64,
-        }
-    }
-
-    /// The run as a worker result (for the shared report), the pubsub
-    /// figures, and the broker samples.
-    fn finish(mut self) -> (WorkerResult, PubsubReport, BrokerSamples) {
-        let qos = self.cfg.qos;
-        let lost = self.expected.saturating_sub(self.unique);
-        if qos != QoS::AtMostOnce {
-            self.fail_n("lost", lost);
-            self.fail_n("unacked", self.unacked);
-        }
-        if qos == QoS::ExactlyOnce {
-            self.fail_n("qos2_duplicates", self.duplicates);
-        }
-        // MQTT-4.6.0-6: one publisher, one topic, one QoS: an ordered stream.
-        self.fail_n("out_of_order", self.out_of_order);
-        let window = self.window_wall_s;
-        let per_s = |n: u64| {
-            if window > 0.0 {
-                (n as f64 / window).round()
-            } else {
-                0.0
-            }
-        };
-        let ps = PubsubReport {
-            shape: self.cfg.shape.name().to_string(),
-            n: self.cfg.n,
-            publishers: self.cfg.pubs,
-            subscribers: self.cfg.subs,
-            qos: qos as u8,
-            payload_bytes: self.cfg.payload,
-            window: u32::from(self.cfg.window),
-            rate: (self.cfg.rate > 0.0).then_some(self.cfg.rate),
-            subscribed: self.subscribed,
-            publishers_connected: self.pubs_connected,
-            published: self.published,
-            acked: self.acked,
-            unacked: self.unacked,
-            delivered: self.delivered,
-            unique: self.unique,
-            expected: self.expected,
-            lost,
-            lost_pct: if self.expected > 0 {
-                (lost as f64 * 1e5 / self.expected as f64).round() / 1e3
-            } else {
-                0.0
-            },
-            duplicates: self.duplicates,
-            out_of_order: self.out_of_order,
-            streams: if self.shared_fan_out {
-                self.member_order.len()
-            } else {
-                self.streams.len()
-            } as u64,
-            streams_out_of_order: if self.shared_fan_out {
-                self.member_order.iter().filter(|m| m.any_late).count()
-            } else {
-                self.streams.iter().filter(|s| s.any_late).count()
-            } as u64,
-            misrouted: self.misrouted,
-            untracked: self.untracked,
-            exactly_once_violated: qos == QoS::ExactlyOnce && self.duplicates > 0,
-            setup_s: (self.setup_wall_s * 1000.0).round() / 1000.0,
-            publish_s: (window * 1000.0).round() / 1000.0,
-            drain_s: (self.drain_s * 1000.0).round() / 1000.0,
-            drain_timed_out: self.drain_timed_out,
-            publishes_per_s: per_s(self.published),
-            deliveries_in_window: self.in_window,
-            deliveries_per_s: per_s(self.in_window),
-            rate_behind: self.rate_behind,
-            receive_maximum: self.receive_maximum,
-            shared: self.cfg.group.as_ref().map(|g| self.shared_report(g)),
-        };
-        let mut hists = BTreeMap::new();
-        let ack_name = if qos == QoS::ExactlyOnce {
-            "pubcomp"
-        } else {
-            "puback"
-        };
-        for (name, h) in [
-            ("e2e", &self.h_e2e),
-            ("connack", &self.h_connack),
-            ("suback", &self.h_suback),
-            (ack_name, &self.h_ack),
-            ("tcp_connect", &self.h_tcp),
-        ] {
-            if !h.is_empty() {
-                hists.insert(name.to_string(), hist_to_b64(h));
-            }
-        }
-        let wr = WorkerResult {
-            index: 0,
-            attempted: self.attempted,
-            connected: self.connected,
-            disconnected: self.disconnected,
-            pings: self.pings,
-            pongs: self.pongs,
-            failures: std::mem::take(&mut self.failures),
-            hists,
-            series: std::mem::take(&mut self.series),
-            ramp_wall_s: self.setup_wall_s,
-            ramp_cpu_s: self.setup_cpu_s,
-            main_wall_s: window,
-            main_cpu_s: self.window_cpu_s,
-            cpu_s: rusage_cpu_s(libc::RUSAGE_SELF),
-            max_rss_kb: self_max_rss_kb(),
-            ..Default::default()
-        };
-        let mut samples = std::mem::take(&mut self.samples);
-        samples.peak_rss = [
-            samples.before,
-            samples.after_ramp,
-            samples.end_main,
-            samples.after,
-        ]
-        .iter()
-        .flatten()
-        .map(|s| s.rss_bytes)
-        .fold(self.peak_rss, u64::max);
-        (wr, ps, samples)
-    }
 }
 
-fn resp(id: u16) -> PubResp {
+pub(super) fn resp(id: u16) -> PubResp {
     PubResp {
         packet_id: PacketId::new(id).expect("packet ids are never 0"),
         reason: 0,
@@ -1955,7 +1321,7 @@ fn resp(id: u16) -> PubResp {
 /// QoS 1 and 2) and a zero payload; returns it with the offsets of the packet
 /// id and of the payload, which [`Run::publish`] patches per message. In 5.0
 /// a Property Length byte (0) sits between the two.
-fn publish_template(
+pub(super) fn publish_template(
     topic: &str,
     qos: QoS,
     payload: usize,
@@ -2033,64 +1399,5 @@ mod tests {
             assert_eq!(&p.payload[8..12], &7u32.to_be_bytes());
             assert_eq!(&p.payload[12..16], &42u32.to_be_bytes());
         }
-    }
-
-    #[test]
-    fn stream_tells_new_duplicate_and_late() {
-        let mut s = Stream::default();
-        assert_eq!(s.see(0), Seen::New { late: false });
-        assert_eq!(s.see(1), Seen::New { late: false });
-        assert_eq!(s.see(1), Seen::Dup);
-        assert_eq!(s.see(0), Seen::Dup);
-        assert_eq!(s.see(3), Seen::New { late: false });
-        assert_eq!(s.see(3), Seen::Dup);
-        assert_eq!(s.see(2), Seen::New { late: true });
-        assert_eq!(s.next, 4);
-        assert!(s.above.is_empty());
-        assert!(s.any_late);
-    }
-
-    #[test]
-    fn group_seen_tells_new_from_duplicate_however_far_apart() {
-        let mut g = GroupSeen::default();
-        assert!(g.see(5000));
-        assert!(g.see(0));
-        assert!(!g.see(5000));
-        assert!(g.see(63));
-        assert!(g.see(64));
-        assert!(!g.see(0));
-        assert!(!g.see(64));
-        assert!(g.see(4999));
-        assert!(g.see(1 << 20));
-        assert!(!g.see(1 << 20));
-        // One bit per sequence number, in whole powers of two of words.
-        assert_eq!(g.bits.len(), ((1 << 20) / 64 + 1usize).next_power_of_two());
-    }
-
-    #[test]
-    fn member_order_flags_only_a_later_arrival_below_the_highest() {
-        let mut m = MemberOrder::default();
-        // Gaps are other members' shares, not disorder.
-        assert!(!m.see(3));
-        assert!(!m.see(7));
-        assert!(!m.any_late);
-        assert!(m.see(5));
-        assert!(m.any_late);
-        assert!(!m.see(8));
-    }
-
-    #[test]
-    fn stream_gives_up_a_gap_and_stays_small() {
-        let mut s = Stream::default();
-        assert_eq!(s.see(0), Seen::New { late: false });
-        // 1 is lost: everything after it waits above the gap, up to a point.
-        for seq in 2..2 + STREAM_TRACK as u32 + 10 {
-            assert_eq!(s.see(seq), Seen::New { late: false });
-        }
-        assert!(s.forced);
-        assert!(s.above.len() <= STREAM_TRACK);
-        assert_eq!(s.next, 2 + STREAM_TRACK as u32 + 10);
-        assert_eq!(s.see(1), Seen::Untracked);
-        assert_eq!(s.see(5), Seen::Untracked);
     }
 }
