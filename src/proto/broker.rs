@@ -533,11 +533,6 @@ impl Broker {
             .is_none_or(|c| c.transmit_queued || c.closing)
     }
 
-    /// The protocol `conn` speaks.
-    pub fn version(&self, conn: ConnId) -> Option<ProtocolVersion> {
-        self.conn(conn).map(|c| c.version)
-    }
-
     /// Accepts a CONNECT that passed [`check_connect`](super::handshake::check_connect)
     /// and whose clientId is set. Takes over any connection with the same
     /// clientId, attaches the session Clean Start asks for, and queues the

@@ -320,8 +320,13 @@ fn disconnect() -> Packet {
 
 /// Subscribes a fresh clean client to `filter` and discards its SUBACK.
 fn subscriber(h: &mut Harness, id: &str, filter: &str) -> Client {
-    let (c, _) = h.connect(connect(id, true, 0));
-    h.send(c, subscribe(filter, QoS::AtLeastOnce));
+    subscribed(h, connect(id, true, 0), subscribe(filter, QoS::AtLeastOnce))
+}
+
+/// Connects with `c`, sends `sub`, and discards its SUBACK.
+fn subscribed(h: &mut Harness, c: Connect, sub: Packet) -> Client {
+    let (c, _) = h.connect(c);
+    h.send(c, sub);
     let mut packets = h.recv(c);
     assert!(
         matches!(packets.first(), Some(Packet::SubAck(_))),

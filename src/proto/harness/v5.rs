@@ -59,20 +59,6 @@ fn publish_props(
     p
 }
 
-/// Connects a 5.0 client, subscribes it with `opts`, and drops the SUBACK.
-fn v5_subscriber(h: &mut Harness, c: Connect, sub: Packet) -> Client {
-    let (c, _) = h.connect(c);
-    h.send(c, sub);
-    let mut packets = h.recv(c);
-    assert!(
-        matches!(packets.first(), Some(Packet::SubAck(_))),
-        "{packets:?}"
-    );
-    packets.remove(0);
-    h.requeue(c, packets);
-    c
-}
-
 fn publishes_of(packets: Vec<Packet>) -> Vec<Publish> {
     packets
         .into_iter()
@@ -236,7 +222,7 @@ fn v5_with_will(id: &str, expiry: u32, delay: u32) -> Connect {
 #[test]
 fn will_waits_for_its_delay_with_its_properties_mqtt_3_1_3_9() {
     let mut h = Harness::new(2);
-    let watcher = v5_subscriber(
+    let watcher = subscribed(
         &mut h,
         v5("watcher", true, 0),
         subscribe("will/t", QoS::AtMostOnce),
@@ -352,7 +338,7 @@ fn shutdown_tells_clients_0x8b_and_3_1_1_clients_get_no_disconnect() {
 #[test]
 fn client_receive_maximum_bounds_what_is_in_flight_mqtt_3_3_4_7() {
     let mut h = Harness::new(1);
-    let c = v5_subscriber(
+    let c = subscribed(
         &mut h,
         Connect {
             properties: props(|p| p.receive_maximum = Some(2)),
@@ -392,7 +378,7 @@ fn too_many_qos2_awaiting_pubrel_is_0x93_mqtt_3_3_4_9() {
 #[test]
 fn nothing_larger_than_the_clients_maximum_packet_size_mqtt_3_1_2_25() {
     let mut h = Harness::new(1);
-    let small = v5_subscriber(
+    let small = subscribed(
         &mut h,
         Connect {
             properties: props(|p| p.maximum_packet_size = Some(64)),
@@ -400,7 +386,7 @@ fn nothing_larger_than_the_clients_maximum_packet_size_mqtt_3_1_2_25() {
         },
         subscribe("t", QoS::AtLeastOnce),
     );
-    let big = v5_subscriber(&mut h, v5("big", true, 0), subscribe("t", QoS::AtLeastOnce));
+    let big = subscribed(&mut h, v5("big", true, 0), subscribe("t", QoS::AtLeastOnce));
     let (p, _) = h.connect(v5("pub", true, 0));
     h.send(p, publish("t", "a", QoS::AtLeastOnce, false, Some(1)));
     h.send(
@@ -476,7 +462,7 @@ fn client_topic_aliases_set_used_and_refused_mqtt_3_3_2_9_to_12() {
 #[test]
 fn server_topic_aliases_replace_repeated_topics() {
     let mut h = Harness::new(1);
-    let s = v5_subscriber(
+    let s = subscribed(
         &mut h,
         Connect {
             properties: props(|p| p.topic_alias_maximum = Some(1)),
@@ -516,7 +502,7 @@ fn server_topic_aliases_replace_repeated_topics() {
 #[test]
 fn server_topic_aliases_save_bytes_on_the_wire() {
     let mut h = Harness::new(1);
-    let aliased = v5_subscriber(
+    let aliased = subscribed(
         &mut h,
         Connect {
             properties: props(|p| p.topic_alias_maximum = Some(10)),
@@ -524,7 +510,7 @@ fn server_topic_aliases_save_bytes_on_the_wire() {
         },
         subscribe("fleet/#", QoS::AtMostOnce),
     );
-    let plain = v5_subscriber(
+    let plain = subscribed(
         &mut h,
         v5("plain", true, 0),
         subscribe("fleet/#", QoS::AtMostOnce),
@@ -612,7 +598,7 @@ fn retained_message_expires_mqtt_3_3_2_5() {
 #[test]
 fn properties_forwarded_unchanged_mqtt_3_3_2_17_and_18() {
     let mut h = Harness::new(3);
-    let s = v5_subscriber(&mut h, v5("s", true, 0), subscribe("req", QoS::AtMostOnce));
+    let s = subscribed(&mut h, v5("s", true, 0), subscribe("req", QoS::AtMostOnce));
     let old = subscriber(&mut h, "old3", "req");
     let (p, _) = h.connect(v5("pub", true, 0));
     h.send(
@@ -797,7 +783,7 @@ fn shared_subscription_delivers_each_message_to_one_member_across_shards_mqtt_4_
             } else {
                 v5(id, true, 0)
             };
-            v5_subscriber(&mut h, c, subscribe("$share/g/jobs/+", QoS::AtLeastOnce))
+            subscribed(&mut h, c, subscribe("$share/g/jobs/+", QoS::AtLeastOnce))
         })
         .collect();
     let plain = subscriber(&mut h, &ids[3], "jobs/+");
@@ -837,7 +823,7 @@ fn shared_group_passes_over_a_member_whose_window_is_full() {
     let mut h = Harness::new(shards);
     let ids = ids_on_shards("win", shards);
     // `slow` takes one message at a time and never acknowledges.
-    let slow = v5_subscriber(
+    let slow = subscribed(
         &mut h,
         Connect {
             properties: props(|p| p.receive_maximum = Some(1)),
@@ -845,7 +831,7 @@ fn shared_group_passes_over_a_member_whose_window_is_full() {
         },
         subscribe("$share/g/jobs", QoS::AtLeastOnce),
     );
-    let fast = v5_subscriber(
+    let fast = subscribed(
         &mut h,
         v5(&ids[1], true, 0),
         subscribe("$share/g/jobs", QoS::AtLeastOnce),
@@ -883,13 +869,13 @@ fn shared_group_prefers_connected_members_and_sends_no_retained() {
     let mut h = Harness::new(2);
     let (p, _) = h.connect(v5("producer", true, 0));
     h.send(p, publish("jobs/r", "old", QoS::AtMostOnce, true, None));
-    let a = v5_subscriber(
+    let a = subscribed(
         &mut h,
         v5_expiring("a", true, 600),
         subscribe("$share/g/jobs/#", QoS::AtLeastOnce),
     );
     assert!(h.recv(a).is_empty(), "no retained on a shared subscription");
-    let b = v5_subscriber(
+    let b = subscribed(
         &mut h,
         v5("b", true, 0),
         subscribe("$share/g/jobs/#", QoS::AtLeastOnce),
