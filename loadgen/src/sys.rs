@@ -95,6 +95,20 @@ pub fn proc_sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// The machine's kernel slab memory (`Slab:` in /proc/meminfo), bytes:
+/// every process's sockets, dentries, inodes and the rest together.
+pub fn slab_bytes() -> Option<u64> {
+    meminfo_kb(&std::fs::read_to_string("/proc/meminfo").ok()?, "Slab").map(|kb| kb * 1024)
+}
+
+/// The kB figure of `key` in /proc/meminfo's text (`Slab:   256668 kB`).
+fn meminfo_kb(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// The kernel release, as `uname -r` prints it.
 pub fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -138,6 +152,15 @@ mod tests {
         assert_eq!(source_ip(0), Ipv4Addr::new(127, 1, 0, 1));
         assert_eq!(source_ip(253), Ipv4Addr::new(127, 1, 0, 254));
         assert_eq!(source_ip(254), Ipv4Addr::new(127, 1, 1, 1));
+    }
+
+    #[test]
+    fn meminfo_kb_finds_the_exact_key() {
+        let text =
+            "MemTotal:       16384 kB\nSlab:             256668 kB\nSReclaimable:     100 kB\n";
+        assert_eq!(meminfo_kb(text, "Slab"), Some(256_668));
+        assert_eq!(meminfo_kb(text, "Reclaimable"), None);
+        assert!(slab_bytes().is_some_and(|b| b > 0));
     }
 
     #[test]

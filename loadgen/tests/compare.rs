@@ -156,6 +156,15 @@ fn compare_without_mosquitto_or_with_bad_arguments_says_one_line_and_exits_2() {
             vec!["compare", "--brokers", "null", "--broker-cpu", "100000"],
             "--broker-cpu",
         ),
+        (vec!["compare", "--io", "kqueue"], "--io"),
+        (
+            vec!["compare", "--brokers", "null", "--io", "uring"],
+            "--io",
+        ),
+        (
+            vec!["compare", "--brokers", "null", "--syscalls"],
+            "--syscalls",
+        ),
     ] {
         let out = run(&args, Duration::from_secs(10));
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -250,4 +259,113 @@ fn compare_pubsub_gives_coremq_a_row_and_the_null_broker_n_a() {
     assert!(cmd.contains("--source-skip"), "{cmd}");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+/// strace must be here and allowed to trace a child: a test that needs it
+/// fails without it, never skips (scripts/test.sh's tools include it).
+fn assert_strace_works() {
+    let ok = Command::new("strace")
+        .args(["-f", "-c", "-o", "/dev/null", "--", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "strace is missing or may not trace here (ptrace refused)"
+    );
+}
+
+#[test]
+fn compare_io_loops_side_by_side_counts_their_syscalls() {
+    let coremq = coremq_bin();
+    assert_strace_works();
+    let cpus = allowed_cpus();
+    let broker_cpu = cpus.get(1).copied().unwrap_or(cpus[0]).to_string();
+    let loadgen_cpu = cpus[0].to_string();
+    let dir = std::env::temp_dir().join(format!("loadgen-compare-io-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let md = dir.join("c.md");
+    let json = dir.join("c.json");
+    let start = Instant::now();
+    let out = run(
+        &[
+            "compare",
+            "--coremq",
+            coremq.to_str().unwrap(),
+            "--brokers",
+            "null,coremq",
+            "--io",
+            "epoll,uring",
+            "--syscalls",
+            "--scenarios",
+            "churn",
+            "--runs",
+            "1",
+            "--duration",
+            "1",
+            "--churn-concurrency",
+            "4",
+            "--broker-cpu",
+            &broker_cpu,
+            "--loadgen-cpu",
+            &loadgen_cpu,
+            "--markdown",
+            md.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    let took = start.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let row = |name: &str| {
+        stdout
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("broker "))
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} row in:\n{stdout}"))
+            .to_string()
+    };
+    // Both loops have a row; under strace their CPU is not a figure.
+    for name in ["coremq-epoll", "coremq-uring"] {
+        let r = row(name);
+        assert!(r.contains("(strace)") && r.contains("0/1"), "{name}: {r}");
+    }
+    assert!(row("null").contains("n/a"), "null has no syscall count");
+    assert!(stdout.contains("syscalls/cycle"), "{stdout}");
+    for label in ["coremq-epoll/null", "coremq-uring/null", "uring/epoll"] {
+        assert!(stdout.contains(label), "no {label} ratio:\n{stdout}");
+    }
+    assert!(
+        row("syscalls/cycle").contains('×'),
+        "uring/epoll of syscalls:\n{stdout}"
+    );
+    let md = std::fs::read_to_string(&md).unwrap();
+    assert!(md.contains("| **coremq-uring** |"), "{md}");
+    assert!(md.contains("coremq-uring = --io uring"), "{md}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    for r in runs.iter().filter(|r| r["broker"] != "null") {
+        let cmd = r["broker_command"].to_string();
+        assert!(cmd.contains("strace") && cmd.contains("--io"), "{cmd}");
+        let sc = &r["syscalls"];
+        assert!(sc["total"].as_u64().unwrap() > 0, "{sc}");
+        let top = sc["top"].as_array().unwrap();
+        assert!(!top.is_empty() && top.len() <= 5, "{sc}");
+    }
+    let med = &doc["medians"]["churn"]["coremq-uring"];
+    assert!(med["syscalls_per_unit"].as_f64().unwrap() > 0.0, "{med}");
+    assert!(med.get("cpu_per_cycle").is_none(), "{med}");
+    assert_eq!(doc["args"]["io"], serde_json::json!(["epoll", "uring"]));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(took < Duration::from_secs(30), "took {took:?}");
 }

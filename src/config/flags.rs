@@ -43,6 +43,16 @@ pub(super) struct RunArgs {
     /// Number of shards, one thread pinned per core, 1..=1024 [default: number of CPUs]
     #[arg(long, value_name = "N")]
     shards: Option<String>,
+    /// Socket loop: uring (io_uring with multishot accept/recv and a provided-buffer
+    /// ring), epoll, or auto (io_uring when the kernel offers every operation the
+    /// loop uses, else epoll, saying why in one log line) [default: auto]
+    #[arg(long, value_name = "uring|epoll|auto")]
+    io: Option<String>,
+    /// io_uring: 4 KiB buffers in each shard's provided-buffer ring, a power
+    /// of two up to 32768: the reads one turn of a shard's loop can take
+    /// before it re-arms the rest [default: 1024]
+    #[arg(long, value_name = "N")]
+    ring_buffers: Option<String>,
     /// mosquitto-format password file (write one with `coremq passwd`) [default: none]
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
@@ -214,12 +224,14 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
             })?;
         }
     }
-    let flags: [(Key, Option<Raw<'_>>); 18] = [
+    let flags: [(Key, Option<Raw<'_>>); 20] = [
         (
             Key::Listen,
             (!args.listen.is_empty()).then(|| Raw::List(args.listen.clone())),
         ),
         (Key::Shards, args.shards.map(Raw::Str)),
+        (Key::Io, args.io.map(Raw::Str)),
+        (Key::RingBuffers, args.ring_buffers.map(Raw::Str)),
         (Key::PasswordFile, args.password_file.map(Raw::Path)),
         (Key::AclFile, args.acl_file.map(Raw::Path)),
         (Key::AllowAnonymous, args.allow_anonymous.map(Raw::Str)),

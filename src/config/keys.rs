@@ -8,6 +8,10 @@ pub enum Key {
     Listen,
     /// `shards`
     Shards,
+    /// `io`
+    Io,
+    /// `ring_buffers`
+    RingBuffers,
     /// `password_file`
     PasswordFile,
     /// `acl_file`
@@ -44,9 +48,11 @@ pub enum Key {
 
 impl Key {
     /// Every setting, in `--help` order.
-    pub const ALL: [Key; 18] = [
+    pub const ALL: [Key; 20] = [
         Key::Listen,
         Key::Shards,
+        Key::Io,
+        Key::RingBuffers,
         Key::PasswordFile,
         Key::AclFile,
         Key::AllowAnonymous,
@@ -70,6 +76,8 @@ impl Key {
         match self {
             Key::Listen => "listen",
             Key::Shards => "shards",
+            Key::Io => "io",
+            Key::RingBuffers => "ring_buffers",
             Key::PasswordFile => "password_file",
             Key::AclFile => "acl_file",
             Key::AllowAnonymous => "allow_anonymous",
@@ -111,6 +119,8 @@ impl Key {
                 Some((0, None))
             }
             Key::ConnectTimeout => Some((1, None)),
+            // The kernel's limit for one provided-buffer ring.
+            Key::RingBuffers => Some((1, Some(32_768))),
             // 2 bytes is the smallest packet (PINGREQ); 268_435_455 is the
             // largest Remaining Length plus a 5-byte fixed header (MQTT 2.2.3).
             Key::MaxPacketSize => Some((2, Some(268_435_460))),
@@ -118,6 +128,7 @@ impl Key {
             Key::MaxKeepalive | Key::MaxTopicAlias => Some((0, Some(i64::from(u16::MAX)))),
             Key::MaxSessionExpiry => Some((0, Some(i64::from(u32::MAX)))),
             Key::Listen
+            | Key::Io
             | Key::PasswordFile
             | Key::AclFile
             | Key::AllowAnonymous

@@ -9,6 +9,7 @@
 //! ```toml
 //! listen = ["127.0.0.1:1883", "[::1]:1883"]   # or one string
 //! shards = 2
+//! io = "auto"                                 # uring, epoll or auto
 //! password_file = "passwords"                 # relative to this file's folder
 //! acl_file = "acl"                            # mosquitto's acl_file format
 //! allow_anonymous = false
@@ -46,6 +47,44 @@ pub const DEFAULT_PORT: u16 = 1883;
 /// mosquitto_passwd's default, so files stay interchangeable.
 pub const DEFAULT_PASSWD_ITERATIONS: u32 = 101;
 
+/// The socket loop a shard runs (`--io`): both drive the same sans-IO
+/// broker; they differ in how bytes reach it (see `shard::poller` and
+/// `shard::uring`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// io_uring when the kernel offers every operation the loop uses (probed
+    /// at start), else epoll with one log line saying why.
+    #[default]
+    Auto,
+    /// io_uring, or refuse to start when the kernel cannot.
+    Uring,
+    /// epoll and one system call per socket operation.
+    Epoll,
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<IoMode, String> {
+        match s.trim() {
+            "auto" => Ok(IoMode::Auto),
+            "uring" | "io_uring" | "io-uring" => Ok(IoMode::Uring),
+            "epoll" => Ok(IoMode::Epoll),
+            other => Err(format!("must be uring, epoll or auto, got {other:?}")),
+        }
+    }
+}
+
+impl fmt::Display for IoMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IoMode::Auto => "auto",
+            IoMode::Uring => "uring",
+            IoMode::Epoll => "epoll",
+        })
+    }
+}
+
 /// Everything the broker needs to start; built by [`parse_args`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -55,6 +94,11 @@ pub struct Config {
     /// Number of shards (executor threads, one pinned per core), 1..=1024.
     /// Default: the number of CPUs this process may run on.
     pub shards: usize,
+    /// Which socket loop the shards run (see [`IoMode`]). Default: `auto`.
+    pub io: IoMode,
+    /// io_uring: buffers (4 KiB each) in each shard's provided-buffer ring,
+    /// a power of two, 1..=32768. Default: 1024.
+    pub ring_buffers: u16,
     /// mosquitto-format password file (see [`crate::auth`]). Default: none.
     pub password_file: Option<PathBuf>,
     /// mosquitto-format ACL file (see [`crate::proto::acl`]); with one, what
@@ -114,6 +158,8 @@ impl Default for Config {
                 DEFAULT_PORT,
             )],
             shards: cpus.clamp(1, 1024),
+            io: IoMode::Auto,
+            ring_buffers: 1024,
             password_file: None,
             acl_file: None,
             allow_anonymous: true,
@@ -141,8 +187,9 @@ impl Config {
         let fail =
             |key: Key, problem: String| ConfigError::Invalid(format!("{}: {problem}", key.flag()));
         check_listen(&self.listen).map_err(|p| fail(Key::Listen, p))?;
-        let numbers: [(Key, u64); 11] = [
+        let numbers: [(Key, u64); 12] = [
             (Key::Shards, self.shards as u64),
+            (Key::RingBuffers, u64::from(self.ring_buffers)),
             (Key::MaxConnections, self.max_connections as u64),
             // Rounded up: 0.5 s is a valid (if odd) timeout set in code.
             (
@@ -161,6 +208,10 @@ impl Config {
         for (key, value) in numbers {
             let value = i64::try_from(value).unwrap_or(i64::MAX);
             key.check_range(value).map_err(|p| fail(key, p))?;
+        }
+        if !self.ring_buffers.is_power_of_two() {
+            let problem = format!("must be a power of two, got {}", self.ring_buffers);
+            return Err(fail(Key::RingBuffers, problem));
         }
         check_log_level(&self.log_level).map_err(|p| fail(Key::LogLevel, p))?;
         Ok(())

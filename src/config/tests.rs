@@ -558,3 +558,34 @@ fn connection_ceiling_keeps_a_reserve() {
     };
     assert_eq!(c.connection_ceiling(20_000), 20_000 - reserve as usize);
 }
+
+#[test]
+fn io_loop_and_ring_buffers_from_flags_and_file() {
+    let d = run(&[]);
+    assert_eq!((d.io, d.ring_buffers), (IoMode::Auto, 1024));
+    let c = run(&["--io", "epoll", "--ring-buffers", "4"]);
+    assert_eq!((c.io, c.ring_buffers), (IoMode::Epoll, 4));
+    assert_eq!(run(&["--io", "uring"]).io, IoMode::Uring);
+    let f = TempFile::new("io", "io = \"uring\"\nring-buffers = 32768\n");
+    let c = run(&["--config", f.arg()]);
+    assert_eq!((c.io, c.ring_buffers), (IoMode::Uring, 32768));
+    // The flag wins over the file.
+    assert_eq!(run(&["--config", f.arg(), "--io", "auto"]).io, IoMode::Auto);
+    assert_eq!(
+        err(&["--io", "kqueue"]),
+        "--io: must be uring, epoll or auto, got \"kqueue\""
+    );
+    assert_eq!(
+        err(&["--ring-buffers", "1000"]),
+        "--ring-buffers: must be a power of two, got 1000"
+    );
+    assert_eq!(
+        err(&["--ring-buffers", "0"]),
+        "--ring-buffers: must be between 1 and 32768, got 0"
+    );
+    let bad = Config {
+        ring_buffers: 3,
+        ..Config::default()
+    };
+    assert!(bad.validate().is_err());
+}

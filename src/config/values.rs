@@ -168,6 +168,14 @@ impl Builder {
                 c.listen = addrs;
             }
             Key::Shards => c.shards = int(&raw)? as usize,
+            Key::Io => c.io = raw.string()?.parse()?,
+            Key::RingBuffers => {
+                let n = int(&raw)?;
+                if !(n as u64).is_power_of_two() {
+                    return Err(format!("must be a power of two, got {n}"));
+                }
+                c.ring_buffers = n as u16;
+            }
             Key::PasswordFile => {
                 let p = raw.path()?;
                 if p.as_os_str().is_empty() {

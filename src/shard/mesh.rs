@@ -70,7 +70,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -110,46 +110,76 @@ pub struct Handoff {
     pub rest: BytesMut,
 }
 
-/// An eventfd written only when its owner has armed it before blocking.
+/// How a doorbell wakes its owner, which depends on the loop the shards run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// An eventfd in the owner's epoll set, written by the ringer.
+    Eventfd,
+    /// A completion the ringer posts into the owner's io_uring with
+    /// `IORING_OP_MSG_RING` from its own ring: no eventfd, and no system
+    /// call of its own (it goes with the ringer's next `io_uring_enter`).
+    Ring,
+}
+
+/// Which of a shard's two bells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bell {
+    /// Messages arrived in the shard's inbox.
+    Data,
+    /// A peer took messages from its inbox: room for our overflow.
+    Room,
+}
+
+/// A wake-up written only when its owner has armed it before blocking.
 #[derive(Debug)]
 pub struct Doorbell {
     armed: AtomicBool,
-    efd: OwnedFd,
+    /// [`Wake::Eventfd`]: the eventfd in the owner's epoll set.
+    efd: Option<OwnedFd>,
+    /// [`Wake::Ring`]: the owner's io_uring descriptor, the target of
+    /// MSG_RING; -1 until the owner's ring exists and once it is gone.
+    ring_fd: AtomicI32,
 }
 
 impl Doorbell {
-    fn new() -> io::Result<Arc<Doorbell>> {
-        // SAFETY: plain eventfd creation; the result is checked and owned.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    fn new(wake: Wake) -> io::Result<Arc<Doorbell>> {
+        let efd = match wake {
+            Wake::Ring => None,
+            Wake::Eventfd => {
+                // SAFETY: plain eventfd creation; the result is checked and owned.
+                let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: fresh descriptor from eventfd.
+                Some(unsafe { OwnedFd::from_raw_fd(fd) })
+            }
+        };
         Ok(Arc::new(Doorbell {
             armed: AtomicBool::new(false),
-            // SAFETY: fresh descriptor from eventfd.
-            efd: unsafe { OwnedFd::from_raw_fd(fd) },
+            efd,
+            ring_fd: AtomicI32::new(-1),
         }))
     }
 
-    /// Wakes the owner if it is blocked (or about to block) on this bell.
-    /// Call after the state it waits for has changed.
-    pub fn ring(&self) {
+    /// Takes the owner's arming, if it armed the bell before blocking (or is
+    /// about to block): true means the ringer must wake it. Call after the
+    /// state it waits for has changed.
+    fn take_armed(&self) -> bool {
         // Pairs with the fence in `arm`: either the owner sees our change
         // when it re-checks, or we see its `armed`.
         fence(Ordering::SeqCst);
-        if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::Relaxed) {
-            self.write();
-        }
+        self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::Relaxed)
     }
 
-    fn write(&self) {
+    fn write(&self, efd: &OwnedFd) {
         let one = 1u64;
         // SAFETY: an 8-byte write from a valid u64 to our eventfd. It can only
         // fail if the counter would overflow, which one write per arming
         // cannot.
         unsafe {
             libc::write(
-                self.efd.as_raw_fd(),
+                efd.as_raw_fd(),
                 (&one as *const u64).cast(),
                 std::mem::size_of::<u64>(),
             )
@@ -157,7 +187,8 @@ impl Doorbell {
     }
 
     /// Arms the bell, then reports whether `ready` already holds (in which
-    /// case the owner must not block). Dekker-style with [`Doorbell::ring`].
+    /// case the owner must not block). Dekker-style with
+    /// [`Doorbell::take_armed`].
     fn arm(&self, ready: impl Fn() -> bool) -> bool {
         self.armed.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
@@ -168,14 +199,16 @@ impl Doorbell {
         self.armed.store(false, Ordering::Relaxed);
     }
 
-    /// Resets the eventfd after it woke the owner.
+    /// Resets the eventfd after it woke the owner (a ring's completion was
+    /// consumed when it was read).
     fn clear(&self) {
+        let Some(efd) = &self.efd else { return };
         let mut count = 0u64;
         // SAFETY: an 8-byte read into a valid u64 from our non-blocking
         // eventfd; EAGAIN (already clear) is fine.
         unsafe {
             libc::read(
-                self.efd.as_raw_fd(),
+                efd.as_raw_fd(),
                 (&mut count as *mut u64).cast(),
                 std::mem::size_of::<u64>(),
             )
@@ -191,8 +224,9 @@ pub struct MeshEnds {
     room_bells: Vec<Arc<Doorbell>>,
 }
 
-/// Creates the mesh of `shards` shards: one inbox and two bells per shard.
-pub fn build(shards: usize) -> io::Result<Vec<MeshEnds>> {
+/// Creates the mesh of `shards` shards: one inbox and two bells per shard,
+/// rung the `wake` way.
+pub fn build(shards: usize, wake: Wake) -> io::Result<Vec<MeshEnds>> {
     let mut senders = Vec::with_capacity(shards);
     let mut receivers = Vec::with_capacity(shards);
     for _ in 0..shards {
@@ -201,10 +235,10 @@ pub fn build(shards: usize) -> io::Result<Vec<MeshEnds>> {
         receivers.push(rx);
     }
     let data_bells = (0..shards)
-        .map(|_| Doorbell::new())
+        .map(|_| Doorbell::new(wake))
         .collect::<io::Result<Vec<_>>>()?;
     let room_bells = (0..shards)
-        .map(|_| Doorbell::new())
+        .map(|_| Doorbell::new(wake))
         .collect::<io::Result<Vec<_>>>()?;
     Ok(receivers
         .into_iter()
@@ -225,6 +259,9 @@ pub struct Mesh {
     /// number of them bound for each peer.
     overflow: RefCell<VecDeque<(ShardId, MeshMsg)>>,
     overflow_per_peer: RefCell<Vec<usize>>,
+    /// [`Wake::Ring`]: bells to ring with MSG_RING from this shard's ring
+    /// at the end of its loop's turn, as (the peer's ring, which bell).
+    ring_later: RefCell<Vec<(RawFd, Bell)>>,
 }
 
 impl Mesh {
@@ -236,17 +273,53 @@ impl Mesh {
             ends,
             overflow: RefCell::new(VecDeque::new()),
             overflow_per_peer: RefCell::new(vec![0; peers]),
+            ring_later: RefCell::new(Vec::new()),
         }
     }
 
-    /// The eventfd rung when messages arrive for this shard.
-    pub fn data_bell_fd(&self) -> RawFd {
-        self.ends.data_bells[self.id.0 as usize].efd.as_raw_fd()
+    /// [`Wake::Eventfd`]: the eventfd rung when messages arrive for this
+    /// shard, and the one rung when a peer took messages from its inbox.
+    pub fn bell_fds(&self) -> Option<(RawFd, RawFd)> {
+        let me = self.id.0 as usize;
+        let data = self.ends.data_bells[me].efd.as_ref()?;
+        let room = self.ends.room_bells[me].efd.as_ref()?;
+        Some((data.as_raw_fd(), room.as_raw_fd()))
     }
 
-    /// The eventfd rung when a peer took messages from its inbox.
-    pub fn room_bell_fd(&self) -> RawFd {
-        self.ends.room_bells[self.id.0 as usize].efd.as_raw_fd()
+    /// [`Wake::Ring`]: where peers post this shard's bells (its ring), or -1
+    /// when it is gone and they must post nothing.
+    pub fn set_ring_fd(&self, fd: RawFd) {
+        let me = self.id.0 as usize;
+        self.ends.data_bells[me].ring_fd.store(fd, Ordering::SeqCst);
+        self.ends.room_bells[me].ring_fd.store(fd, Ordering::SeqCst);
+    }
+
+    /// Wakes `peer` through its `bell` if it armed it.
+    fn ring(&self, peer: usize, bell: Bell) {
+        let doorbell = match bell {
+            Bell::Data => &self.ends.data_bells[peer],
+            Bell::Room => &self.ends.room_bells[peer],
+        };
+        if !doorbell.take_armed() {
+            return;
+        }
+        match &doorbell.efd {
+            Some(efd) => doorbell.write(efd),
+            None => {
+                let fd = doorbell.ring_fd.load(Ordering::SeqCst);
+                if fd >= 0 {
+                    self.ring_later.borrow_mut().push((fd, bell));
+                }
+            }
+        }
+    }
+
+    /// [`Wake::Ring`]: the bells this turn rang, as (peer ring, bell), for
+    /// the loop to post with MSG_RING before it enters the kernel.
+    pub fn take_rings(&self, mut post: impl FnMut(RawFd, Bell)) {
+        for (fd, bell) in self.ring_later.borrow_mut().drain(..) {
+            post(fd, bell);
+        }
     }
 
     /// Sends `msg` to shard `to`. Never blocks and never drops: a full inbox
@@ -254,7 +327,7 @@ impl Mesh {
     pub fn send(&self, to: ShardId, msg: MeshMsg) {
         if self.overflow.borrow().is_empty() {
             match self.ends.inboxes[to.0 as usize].try_send(msg) {
-                Ok(()) => self.ends.data_bells[to.0 as usize].ring(),
+                Ok(()) => self.ring(to.0 as usize, Bell::Data),
                 Err(TrySendError::Full(msg)) => self.push_overflow(to, msg),
                 Err(TrySendError::Disconnected(_)) => {} // shutting down
             }
@@ -291,7 +364,7 @@ impl Mesh {
             match self.ends.inboxes[to.0 as usize].try_send(msg) {
                 Ok(()) => {
                     self.overflow_per_peer.borrow_mut()[to.0 as usize] -= 1;
-                    self.ends.data_bells[to.0 as usize].ring();
+                    self.ring(to.0 as usize, Bell::Data);
                 }
                 Err(TrySendError::Full(msg)) => {
                     overflow.push_front((to, msg));
@@ -319,9 +392,9 @@ impl Mesh {
             }
         }
         if taken > 0 {
-            for (peer, bell) in self.ends.room_bells.iter().enumerate() {
+            for peer in 0..self.ends.room_bells.len() {
                 if peer != self.id.0 as usize {
-                    bell.ring();
+                    self.ring(peer, Bell::Room);
                 }
             }
         }
@@ -379,7 +452,7 @@ mod tests {
     /// neither loses it nor spins on "room" that it never uses.
     #[test]
     fn overflow_moves_on_when_room_appeared_without_a_bell() {
-        let mut ends = build(2).unwrap().into_iter();
+        let mut ends = build(2, Wake::Eventfd).unwrap().into_iter();
         let a = Mesh::new(ShardId(0), ends.next().unwrap());
         let b = Mesh::new(ShardId(1), ends.next().unwrap());
         for _ in 0..MESH_CHANNEL_CAPACITY + 3 {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::auth::Authenticator;
-use crate::config::Config;
+use crate::config::{Config, IoMode};
 use crate::metrics::Counters;
 use bytes::Bytes;
 
@@ -36,10 +36,22 @@ pub mod listener;
 pub mod mesh;
 pub mod net;
 pub mod poller;
+mod ring_loop;
+pub mod uring;
 
-use mesh::{Mesh, MeshEnds, MeshMsg};
+use mesh::{Mesh, MeshEnds, MeshMsg, Wake};
 use net::Net;
 use poller::Epoll;
+use uring::Uring;
+
+/// What carries a shard's bytes (`--io`, resolved at start).
+pub(crate) enum Io {
+    /// One epoll set, one system call per socket operation.
+    Epoll(Epoll),
+    /// One io_uring, one `io_uring_enter` per turn of the loop (boxed: the
+    /// ring's handle is some 300 bytes, an epoll set's is a descriptor).
+    Uring(Box<RefCell<Uring>>),
+}
 
 /// Bytes read from a socket at once into the shard's shared scratch buffer.
 const SCRATCH_SIZE: usize = 64 * 1024;
@@ -69,8 +81,9 @@ pub struct Shard {
     pub connection_ceiling: u64,
     /// The protocol state machine of this shard.
     pub broker: RefCell<Broker>,
-    /// Every socket of this shard: listeners, handshakes, connections.
-    epoll: Epoll,
+    /// What every socket of this shard (listeners, handshakes,
+    /// connections) is watched and driven with.
+    io: Io,
     /// Broker messages for each other shard, sent at the end of the loop's
     /// turn ([`Shard::flush_outbox`]).
     outbox: RefCell<Vec<Vec<ShardMsg>>>,
@@ -294,7 +307,13 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
     // shards, so their clocks must agree.
     let started = Instant::now();
     let cpus = crate::sys::allowed_cpus();
-    let mut mesh_ends = mesh::build(if shards > 1 { shards } else { 0 })?.into_iter();
+    let use_uring = choose_io(config.io)?;
+    // Two completions per connection per turn at most (its recv and its
+    // send), for this shard's share of the sockets and some slack for
+    // uneven spreading; the kernel's overflow list takes any excess.
+    let cq_entries = u32::try_from(socket_ceiling / shards as u64 * 4).unwrap_or(u32::MAX);
+    let wake = if use_uring { Wake::Ring } else { Wake::Eventfd };
+    let mut mesh_ends = mesh::build(if shards > 1 { shards } else { 0 }, wake)?.into_iter();
     let mut handles = Vec::with_capacity(shards);
     for i in 0..shards {
         // Pin one shard per core; with more shards than cores (tests run
@@ -322,6 +341,15 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
             // measured, it doubled an idle shard's wakeups.
             .preempt_timer(Duration::from_secs(60))
             .spawn(move || async move {
+                // Made on the shard's own thread: the ring is SINGLE_ISSUER.
+                let io = if use_uring {
+                    Io::Uring(Box::new(RefCell::new(Uring::new(
+                        cq_entries,
+                        config.ring_buffers,
+                    )?)))
+                } else {
+                    Io::Epoll(Epoll::new()?)
+                };
                 let mesh = ends.map(|e| Mesh::new(ShardId(i as u16), e));
                 let mut listeners = Vec::new();
                 for addr in &config.listen {
@@ -359,7 +387,7 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                     nonce,
                     socket_ceiling,
                     connection_ceiling,
-                    epoll: Epoll::new()?,
+                    io,
                     outbox: RefCell::new(vec![Vec::new(); shards]),
                     net: RefCell::new(Net::new(listeners)),
                     scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
@@ -390,14 +418,59 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
     result
 }
 
+/// Resolves `--io`: true for the io_uring loop. `auto` falls back to epoll
+/// with one log line saying why; `uring` refuses to start without it.
+fn choose_io(mode: IoMode) -> io::Result<bool> {
+    resolve_io(mode, uring::probe)
+}
+
+/// [`choose_io`] with the kernel's answer given by `probe`.
+fn resolve_io(mode: IoMode, probe: impl FnOnce() -> Result<(), String>) -> io::Result<bool> {
+    match mode {
+        IoMode::Epoll => Ok(false),
+        IoMode::Uring => probe()
+            .map(|()| true)
+            .map_err(|why| io::Error::other(format!("--io uring: io_uring unavailable: {why}"))),
+        IoMode::Auto => match probe() {
+            Ok(()) => Ok(true),
+            Err(why) => {
+                tracing::warn!("io_uring unavailable ({why}); using the epoll loop");
+                Ok(false)
+            }
+        },
+    }
+}
+
 async fn shard_main(shard: Rc<Shard>) -> io::Result<()> {
     if shard.id.0 == 0 {
         tracing::info!(
             shards = shard.shards,
+            io = if matches!(shard.io, Io::Uring(_)) { "uring" } else { "epoll" },
             listen = ?shard.config.listen,
             "coremq {} ready",
             env!("CARGO_PKG_VERSION")
         );
     }
     net::run(shard).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_auto_falls_back_to_epoll_and_uring_refuses_without_io_uring() {
+        let refused = || Err("io_uring_setup: Operation not permitted".to_string());
+        assert!(!resolve_io(IoMode::Auto, refused).unwrap());
+        let e = resolve_io(IoMode::Uring, refused).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--io uring: io_uring unavailable: io_uring_setup: Operation not permitted"
+        );
+        assert!(resolve_io(IoMode::Auto, || Ok(())).unwrap());
+        assert!(resolve_io(IoMode::Uring, || Ok(())).unwrap());
+        assert!(!resolve_io(IoMode::Epoll, || panic!("epoll asks nothing")).unwrap());
+        // This kernel has everything the loop uses (CI must run both loops).
+        assert_eq!(uring::probe(), Ok(()));
+    }
 }

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,7 @@ use bytes::{Buf, BytesMut};
 use super::listener;
 use super::mesh::{Handoff, MeshMsg};
 use super::poller::{self, Event, READ, READ_WRITE};
-use super::{Shard, TICK};
+use super::{Io, Shard, TICK};
 use crate::metrics::{bump, drop_one, get};
 use crate::proto::broker::MAX_PENDING_OUTGOING;
 use crate::proto::codec::{reason, return_code, Connect, ProtocolVersion};
@@ -55,11 +55,12 @@ const MESH_BATCH: usize = 256;
 /// socket is closed regardless.
 const CLOSE_LINGER_MS: u64 = 5_000;
 
-/// What an epoll token refers to: bits 62–63 the kind, bits 32–61 a
-/// generation, bits 0–31 an index.
+/// What an epoll token or an io_uring operation's user data refers to:
+/// bits 61–63 the kind, bits 32–60 a generation, bits 0–31 an index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
-    /// A connection, by its broker [`ConnId`].
+pub(crate) enum Token {
+    /// A connection, by its broker [`ConnId`] (epoll: its readiness;
+    /// io_uring: its multishot recv).
     Conn(ConnId),
     /// A socket still in the handshake: slot index and generation.
     Pending { index: u32, generation: u32 },
@@ -69,34 +70,43 @@ enum Token {
     DataBell,
     /// The mesh doorbell rung when a full peer inbox has room again.
     RoomBell,
+    /// io_uring: a connection's send.
+    Send(ConnId),
+    /// io_uring: an operation whose completion needs nothing (a cancel or
+    /// close that failed, which only the log hears of).
+    Internal,
 }
 
-const KIND_SHIFT: u32 = 62;
-const GEN_MASK: u64 = (1 << 30) - 1;
+const KIND_SHIFT: u32 = 61;
+const GEN_MASK: u64 = (1 << 29) - 1;
 
 impl Token {
-    fn encode(self) -> u64 {
+    pub(crate) fn encode(self) -> u64 {
         let (kind, generation, index) = match self {
             Token::Conn(id) => (0u64, id.generation, id.index),
             Token::Pending { index, generation } => (1, generation, index),
             Token::Listener(n) => (2, 0, n),
             Token::DataBell => (3, 0, 0),
             Token::RoomBell => (3, 0, 1),
+            Token::Send(id) => (4, id.generation, id.index),
+            Token::Internal => (5, 0, 0),
         };
         (kind << KIND_SHIFT) | ((u64::from(generation) & GEN_MASK) << 32) | u64::from(index)
     }
 
-    /// Decodes a token; a connection's generation comes back truncated to
-    /// 30 bits, so compare it with [`same_generation`].
-    fn decode(raw: u64) -> Token {
+    /// Decodes a token; a generation comes back truncated to 29 bits, so
+    /// compare it with [`same_generation`].
+    pub(crate) fn decode(raw: u64) -> Token {
         let index = raw as u32;
         let generation = ((raw >> 32) & GEN_MASK) as u32;
         match raw >> KIND_SHIFT {
             0 => Token::Conn(ConnId { index, generation }),
             1 => Token::Pending { index, generation },
             2 => Token::Listener(index),
-            _ if index == 0 => Token::DataBell,
-            _ => Token::RoomBell,
+            3 if index == 0 => Token::DataBell,
+            3 => Token::RoomBell,
+            4 => Token::Send(ConnId { index, generation }),
+            _ => Token::Internal,
         }
     }
 }
@@ -108,21 +118,37 @@ fn same_generation(full: u32, from_token: u32) -> bool {
 /// Buffers a connection needs only while a packet is partial or the socket
 /// is full.
 #[derive(Default)]
-struct SockBufs {
+pub(crate) struct SockBufs {
     /// Bytes of a packet not yet whole.
     partial: BytesMut,
     /// Bytes the socket did not take yet; more wait in the broker.
     unsent: BytesMut,
 }
 
+/// io_uring: where a connection's multishot recv is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recv {
+    /// Nothing armed (epoll, or io_uring between a recv's end and its
+    /// re-arming).
+    Off,
+    /// Armed: completions bring the connection's bytes.
+    Armed,
+    /// A cancel is on its way (reading paused); its last completion turns
+    /// it [`Recv::Off`].
+    Cancelling,
+}
+
 /// One connection's socket.
-struct Sock {
+pub(crate) struct Sock {
     fd: OwnedFd,
     generation: u32,
-    /// EPOLLOUT armed: `bufs.unsent` is not empty.
+    /// `bufs.unsent` is not empty: epoll watches for room (EPOLLOUT);
+    /// io_uring has a send of it in flight.
     writing: bool,
     /// The broker closed it: write what is left, then close the socket.
     closing: bool,
+    /// io_uring only.
+    recv: Recv,
     bufs: Option<Box<SockBufs>>,
 }
 
@@ -144,11 +170,11 @@ impl Sock {
 }
 
 /// A socket accepted but not yet past its CONNECT.
-struct Pending {
+pub(crate) struct Pending {
     fd: OwnedFd,
     buf: BytesMut,
-    /// Registered in the epoll set (it did not send its CONNECT with the
-    /// first read).
+    /// epoll: registered in the set (it did not send its CONNECT with the
+    /// first read). io_uring: a recv is in flight on it.
     registered: bool,
 }
 
@@ -173,11 +199,22 @@ pub(crate) struct Net {
     spare: Option<OwnedFd>,
     /// Listeners not watched until the next tick (accept kept failing).
     paused_listeners: Vec<u32>,
+    /// io_uring: the buffers of sends still in flight on connections that
+    /// are gone, kept until their completions say the kernel is done with
+    /// them.
+    orphaned_sends: hashbrown::HashMap<ConnId, Box<SockBufs>>,
+    /// io_uring: whether each listener's multishot accept is armed.
+    accepting: Vec<bool>,
+    /// io_uring: connections and handshake sockets whose recv the buffer
+    /// ring ran dry for (ENOBUFS), re-armed once the turn gave its buffers
+    /// back.
+    rearm: Vec<Token>,
 }
 
 impl Net {
     pub(crate) fn new(listeners: Vec<OwnedFd>) -> Net {
         Net {
+            accepting: vec![false; listeners.len()],
             listeners,
             socks: Vec::new(),
             pending: Vec::new(),
@@ -186,6 +223,8 @@ impl Net {
             close_deadlines: VecDeque::new(),
             spare: listener::open_spare(),
             paused_listeners: Vec::new(),
+            orphaned_sends: hashbrown::HashMap::new(),
+            rearm: Vec::new(),
         }
     }
 
@@ -197,6 +236,23 @@ impl Net {
             index,
             generation: sock.generation,
         })
+    }
+
+    /// [`Net::resolve`] for a connection id taken from a token.
+    pub(crate) fn resolve_conn(&self, from_token: ConnId) -> Option<ConnId> {
+        self.resolve(from_token.index, from_token.generation)
+    }
+
+    /// How many listeners the shard opened.
+    pub(crate) fn listener_count(&self) -> usize {
+        self.accepting.len()
+    }
+
+    /// io_uring: records whether listener `n`'s accept is armed.
+    pub(crate) fn set_accepting(&mut self, n: u32, armed: bool) {
+        if let Some(a) = self.accepting.get_mut(n as usize) {
+            *a = armed;
+        }
     }
 
     fn sock_mut(&mut self, id: ConnId) -> Option<&mut Sock> {
@@ -224,6 +280,7 @@ impl Net {
             generation: id.generation,
             writing: false,
             closing: false,
+            recv: Recv::Off,
             bufs: None,
         });
     }
@@ -292,27 +349,74 @@ const SHUTDOWN_DRAIN_MS: u64 = 1_000;
 
 /// Where a shard is in a shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stopping {
+pub(crate) enum Stopping {
     /// Wills published; subscribers still open.
     Wills { until: Instant },
     /// Every connection closing; waiting for them to drain.
     Closing { until: Instant },
 }
 
-/// Registers the listeners and doorbells and runs the shard until shutdown.
+/// Runs the shard's socket loop until shutdown: the io_uring one or the
+/// epoll one, as `--io` decided at start.
 pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
-    for (n, fd) in shard.net.borrow().listeners.iter().enumerate() {
-        shard
-            .epoll
-            .add(fd.as_raw_fd(), READ, Token::Listener(n as u32).encode())?;
+    match &shard.io {
+        Io::Uring(_) => super::ring_loop::run(shard).await,
+        Io::Epoll(_) => run_epoll(shard).await,
     }
+}
+
+/// What both loops do at the end of every turn: take what other shards
+/// sent, tick when it is time, and step through a shutdown. True once the
+/// shard is done.
+pub(crate) fn end_of_turn(
+    shard: &Shard,
+    next_tick: &mut Instant,
+    stopping: &mut Option<Stopping>,
+) -> bool {
     if let Some(mesh) = &shard.mesh {
-        shard
-            .epoll
-            .add(mesh.data_bell_fd(), READ, Token::DataBell.encode())?;
-        shard
-            .epoll
-            .add(mesh.room_bell_fd(), READ, Token::RoomBell.encode())?;
+        mesh.receive(MESH_BATCH, |msg| shard.handle_mesh_msg(msg));
+    }
+    let now = Instant::now();
+    if now >= *next_tick {
+        *next_tick = (*next_tick + TICK).max(now);
+        shard.tick();
+    }
+    *stopping = match *stopping {
+        None if shard.is_shutting_down() => {
+            shard.begin_shutdown();
+            Some(Stopping::Wills {
+                until: now + Duration::from_millis(SHUTDOWN_WILLS_MS),
+            })
+        }
+        Some(Stopping::Wills { until }) if now >= until => {
+            shard.close_everything();
+            Some(Stopping::Closing {
+                until: now + Duration::from_millis(SHUTDOWN_DRAIN_MS),
+            })
+        }
+        Some(Stopping::Closing { until }) if now >= until || shard.net.borrow().is_empty() => {
+            if shard.id.0 == 0 {
+                tracing::info!("shutting down; final stats {}", shard.counters);
+            }
+            return true;
+        }
+        other => other,
+    };
+    false
+}
+
+/// Registers the listeners and doorbells in the epoll set and runs the
+/// shard until shutdown.
+async fn run_epoll(shard: Rc<Shard>) -> io::Result<()> {
+    let Io::Epoll(epoll) = &shard.io else {
+        unreachable!("run picks the loop by shard.io")
+    };
+    for (n, fd) in shard.net.borrow().listeners.iter().enumerate() {
+        epoll.add(fd.as_raw_fd(), READ, Token::Listener(n as u32).encode())?;
+    }
+    if let Some((data, room)) = shard.mesh.as_ref().and_then(|m| m.bell_fds()) {
+        epoll.add(data, READ, Token::DataBell.encode())?;
+        epoll.add(room, READ, Token::RoomBell.encode())?;
     }
     let mut events: Vec<Event> = Vec::with_capacity(EVENT_BATCH);
     let mut next_tick = Instant::now() + TICK;
@@ -331,7 +435,7 @@ pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
                 timeout_ms = 0;
             }
         }
-        shard.epoll.wait(&mut events, timeout_ms)?;
+        epoll.wait(&mut events, timeout_ms)?;
         if let Some(mesh) = &shard.mesh {
             mesh.disarm();
         }
@@ -357,37 +461,12 @@ pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
                         mesh.drain_overflow();
                     }
                 }
+                Token::Send(_) | Token::Internal => {}
             }
         }
-        if let Some(mesh) = &shard.mesh {
-            mesh.receive(MESH_BATCH, |msg| shard.handle_mesh_msg(msg));
+        if end_of_turn(&shard, &mut next_tick, &mut stopping) {
+            return Ok(());
         }
-        let now = Instant::now();
-        if now >= next_tick {
-            next_tick = (next_tick + TICK).max(now);
-            shard.tick();
-        }
-        stopping = match stopping {
-            None if shard.is_shutting_down() => {
-                shard.begin_shutdown();
-                Some(Stopping::Wills {
-                    until: now + Duration::from_millis(SHUTDOWN_WILLS_MS),
-                })
-            }
-            Some(Stopping::Wills { until }) if now >= until => {
-                shard.close_everything();
-                Some(Stopping::Closing {
-                    until: now + Duration::from_millis(SHUTDOWN_DRAIN_MS),
-                })
-            }
-            Some(Stopping::Closing { until }) if now >= until || shard.net.borrow().is_empty() => {
-                if shard.id.0 == 0 {
-                    tracing::info!("shutting down; final stats {}", shard.counters);
-                }
-                return Ok(());
-            }
-            other => other,
-        };
         glommio::yield_if_needed().await;
     }
 }
@@ -448,131 +527,188 @@ fn send_fd(fd: RawFd, data: &[u8]) -> io::Result<usize> {
 }
 
 fn accept_ready(shard: &Shard, n: u32) {
-    let Some(listener_fd) = shard
-        .net
-        .borrow()
-        .listeners
-        .get(n as usize)
-        .map(|fd| fd.as_raw_fd())
-    else {
+    let Some(listener_fd) = shard.listener_fd(n) else {
         return;
     };
     for _ in 0..ACCEPT_BATCH {
         match listener::accept_now(listener_fd) {
             None => return,
-            Some(Ok(fd)) => {
-                if get(&shard.counters.sockets_current) >= shard.socket_ceiling {
-                    bump(&shard.counters.accept_refused);
-                    drop(fd);
-                    continue;
-                }
-                bump(&shard.counters.sockets_current);
-                start_handshake(shard, fd);
-            }
-            Some(Err(e)) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                // Out of descriptors: the kernel keeps the connection queued
-                // and the listener stays readable, so refuse it explicitly
-                // with the spare descriptor (counted).
-                bump(&shard.counters.accept_refused);
-                let mut net = shard.net.borrow_mut();
-                drop(net.spare.take());
-                listener::refuse_one(listener_fd);
-                net.spare = listener::open_spare();
-                if net.spare.is_none() {
-                    // Not one descriptor free (another shard took the one
-                    // we freed): the listener would stay readable and the
-                    // loop spin, so stop watching it until the next tick.
-                    drop(net);
-                    shard.pause_listener(n, listener_fd);
+            Some(Ok(fd)) => accepted(shard, fd),
+            Some(Err(e)) => {
+                if !accept_failed(shard, n, listener_fd, &e) {
                     return;
                 }
-            }
-            Some(Err(e)) => {
-                tracing::warn!(shard = shard.id.0, error = %e, "accept failed");
-                shard.pause_listener(n, listener_fd);
-                return;
             }
         }
     }
 }
 
-/// A fresh socket: its CONNECT has often arrived with it, so read once
-/// before paying for an epoll registration.
+/// A socket accepted from a listener (either loop): counted, or refused at
+/// the socket ceiling.
+pub(crate) fn accepted(shard: &Shard, fd: OwnedFd) {
+    if get(&shard.counters.sockets_current) >= shard.socket_ceiling {
+        bump(&shard.counters.accept_refused);
+        drop(fd);
+        return;
+    }
+    bump(&shard.counters.sockets_current);
+    start_handshake(shard, fd);
+}
+
+/// Accepting on listener `n` failed with `e`. Returns whether accepting may
+/// go on at once; otherwise the listener is paused until the next tick.
+pub(crate) fn accept_failed(shard: &Shard, n: u32, listener_fd: RawFd, e: &io::Error) -> bool {
+    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+        // Out of descriptors: the kernel keeps the connection queued and
+        // the listener stays readable, so refuse it explicitly with the
+        // spare descriptor (counted).
+        bump(&shard.counters.accept_refused);
+        let mut net = shard.net.borrow_mut();
+        drop(net.spare.take());
+        listener::refuse_one(listener_fd);
+        net.spare = listener::open_spare();
+        if net.spare.is_some() {
+            return true;
+        }
+        // Not one descriptor free (another shard took the one we freed):
+        // the listener would stay readable and the loop spin, so stop
+        // watching it until the next tick.
+        drop(net);
+    } else {
+        tracing::warn!(shard = shard.id.0, error = %e, "accept failed");
+    }
+    shard.pause_listener(n, listener_fd);
+    false
+}
+
+/// A fresh socket. epoll: its CONNECT has often arrived with it, so read
+/// once before paying for an epoll registration. io_uring: a one-shot recv
+/// (not a multishot one: the socket may move to another shard after its
+/// CONNECT, with nothing armed on it here).
 fn start_handshake(shard: &Shard, fd: OwnedFd) {
     let mut pending = Pending {
         fd,
         buf: BytesMut::new(),
         registered: false,
     };
+    if let Io::Uring(ring) = &shard.io {
+        let raw = pending.fd.as_raw_fd();
+        pending.registered = true;
+        let (index, generation) = shard.add_pending(pending);
+        ring.borrow_mut()
+            .recv_once(raw, Token::Pending { index, generation }.encode());
+        return;
+    }
     match recv_into(shard, pending.fd.as_raw_fd(), &mut pending.buf) {
-        Ok(0) => return close_socket(shard, pending.fd),
+        Ok(0) => return close_socket(shard, pending.fd, false),
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(_) => return close_socket(shard, pending.fd),
+        Err(_) => return close_socket(shard, pending.fd, false),
     }
     match handshake::read_first_packet(&mut pending.buf, shard.config.max_packet_size) {
         FirstPacket::Incomplete => {
-            let deadline = Millis(shard.now().0 + shard.config.connect_timeout.as_millis() as u64);
             let raw = pending.fd.as_raw_fd();
-            let mut net = shard.net.borrow_mut();
-            let (index, generation) = net.insert_pending(pending);
-            net.connect_deadlines
-                .push_back((index, generation, deadline));
+            let (index, generation) = shard.add_pending(pending);
             let token = Token::Pending { index, generation }.encode();
-            if shard.epoll.add(raw, READ, token).is_ok() {
+            let Io::Epoll(epoll) = &shard.io else {
+                unreachable!("io_uring returned above")
+            };
+            let mut net = shard.net.borrow_mut();
+            if epoll.add(raw, READ, token).is_ok() {
                 if let Some(p) = net.pending_mut(index, generation) {
                     p.registered = true;
                 }
             } else if let Some(p) = net.take_pending(index, generation) {
                 drop(net);
-                close_socket(shard, p.fd);
+                close_socket(shard, p.fd, false);
             }
         }
         other => first_packet(shard, pending, other),
     }
 }
 
+/// What one read of a handshake socket gave.
+pub(crate) enum PendingRead<'a> {
+    /// Bytes.
+    Data(&'a [u8]),
+    /// Nothing yet (epoll: the read would block).
+    Nothing,
+    /// EOF or an error: the socket is done.
+    Closed,
+}
+
 fn pending_ready(shard: &Shard, index: u32, generation: u32) {
+    let Some(raw) = shard
+        .net
+        .borrow_mut()
+        .pending_mut(index, generation)
+        .map(|p| p.fd.as_raw_fd())
+    else {
+        return;
+    };
+    let mut scratch = BytesMut::new();
+    let read = match recv_into(shard, raw, &mut scratch) {
+        Ok(0) => PendingRead::Closed,
+        Ok(_) => PendingRead::Data(&scratch),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => PendingRead::Nothing,
+        Err(_) => PendingRead::Closed,
+    };
+    pending_input(shard, index, generation, read);
+}
+
+/// Feeds what a handshake socket sent (either loop) to the CONNECT reader:
+/// waits for more, closes, or goes on to [`first_packet`].
+pub(crate) fn pending_input(shard: &Shard, index: u32, generation: u32, read: PendingRead<'_>) {
     let mut net = shard.net.borrow_mut();
     let Some(p) = net.pending_mut(index, generation) else {
         return;
     };
-    let raw = p.fd.as_raw_fd();
-    let mut buf = std::mem::take(&mut p.buf);
-    let read = recv_into(shard, raw, &mut buf);
     let first = match read {
-        Ok(0) => None,
-        Ok(_) => Some(handshake::read_first_packet(
-            &mut buf,
-            shard.config.max_packet_size,
-        )),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(FirstPacket::Incomplete),
-        Err(_) => None,
+        PendingRead::Closed => None,
+        PendingRead::Nothing => Some(FirstPacket::Incomplete),
+        PendingRead::Data(bytes) => {
+            p.buf.extend_from_slice(bytes);
+            Some(handshake::read_first_packet(
+                &mut p.buf,
+                shard.config.max_packet_size,
+            ))
+        }
     };
     match first {
         Some(FirstPacket::Incomplete) => {
-            if let Some(p) = net.pending_mut(index, generation) {
-                p.buf = buf;
+            if let Io::Uring(ring) = &shard.io {
+                // The last recv has completed: the next one.
+                p.registered = true;
+                let raw = p.fd.as_raw_fd();
+                ring.borrow_mut()
+                    .recv_once(raw, Token::Pending { index, generation }.encode());
             }
         }
         None => {
             // Closed or failed before a whole CONNECT.
             let p = net.take_pending(index, generation).expect("found above");
             drop(net);
-            close_socket(shard, p.fd);
+            close_socket(shard, p.fd, false);
         }
         Some(other) => {
-            let mut p = net.take_pending(index, generation).expect("found above");
+            let p = net.take_pending(index, generation).expect("found above");
             drop(net);
-            p.buf = buf;
             first_packet(shard, p, other);
         }
     }
 }
 
-/// Closes a socket this shard counted.
-fn close_socket(shard: &Shard, fd: OwnedFd) {
-    drop(fd);
+/// Closes a socket this shard counted. epoll: now. io_uring: as an SQE,
+/// after cancelling what is still `armed` on it (a recv or a send in
+/// flight holds the socket open).
+fn close_socket(shard: &Shard, fd: OwnedFd, armed: bool) {
+    match &shard.io {
+        Io::Epoll(_) => drop(fd),
+        Io::Uring(ring) => {
+            ring.borrow_mut()
+                .close(fd.into_raw_fd(), armed, Token::Internal.encode());
+        }
+    }
     drop_one(&shard.counters.sockets_current);
 }
 
@@ -614,7 +750,7 @@ fn refuse(shard: &Shard, fd: OwnedFd, version: ProtocolVersion, code: u8) {
             _ => break,
         }
     }
-    close_socket(shard, fd);
+    close_socket(shard, fd, false);
 }
 
 /// The first packet of a socket is whole (or proved not to be a CONNECT).
@@ -632,7 +768,7 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
             }
             match connack {
                 Some(code) => refuse(shard, pending.fd, version, code),
-                None => close_socket(shard, pending.fd),
+                None => close_socket(shard, pending.fd, false),
             }
             return;
         }
@@ -687,10 +823,15 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
         };
         return refuse(shard, pending.fd, version, code);
     }
-    if pending.registered {
-        // The descriptor stays open on the owner shard, so closing it will
-        // not take it out of this shard's set: do it now.
-        let _ = shard.epoll.delete(pending.fd.as_raw_fd());
+    match &shard.io {
+        Io::Epoll(epoll) if pending.registered => {
+            // The descriptor stays open on the owner shard, so closing it
+            // will not take it out of this shard's set: do it now.
+            let _ = epoll.delete(pending.fd.as_raw_fd());
+        }
+        // io_uring: the handshake's one-shot recv has completed; nothing
+        // is armed on the socket here.
+        _ => {}
     }
     // The owner counts the socket from its arrival there.
     drop_one(&shard.counters.sockets_current);
@@ -735,12 +876,20 @@ fn admit(
         .connect_assigned(connect, assigned, now);
     let raw = fd.as_raw_fd();
     let token = Token::Conn(id).encode();
-    let watched = if registered {
-        shard.epoll.modify(raw, READ, token)
-    } else {
-        shard.epoll.add(raw, READ, token)
+    let watched = match &shard.io {
+        Io::Epoll(epoll) if registered => epoll.modify(raw, READ, token),
+        Io::Epoll(epoll) => epoll.add(raw, READ, token),
+        Io::Uring(_) => Ok(()),
     };
     shard.net.borrow_mut().insert_sock(id, fd);
+    if let Io::Uring(ring) = &shard.io {
+        // Armed once for the connection's life (re-armed only when the
+        // buffer ring ran dry or reading was paused).
+        ring.borrow_mut().recv_multi(raw, token);
+        if let Some(sock) = shard.net.borrow_mut().sock_mut(id) {
+            sock.recv = Recv::Armed;
+        }
+    }
     if watched.is_err() {
         shard.lost(id);
     } else if !rest.is_empty() {
@@ -762,22 +911,38 @@ impl Shard {
         }
     }
 
-    fn read_ready(&self, id: ConnId) {
+    /// The partial packet `id` left (or an empty buffer) to read into, and
+    /// its descriptor; `None` when it is gone or closing (nothing a client
+    /// sends after its close counts, MQTT-3.14.4-2).
+    pub(crate) fn read_buf(&self, id: ConnId) -> Option<(RawFd, BytesMut)> {
         let mut net = self.net.borrow_mut();
-        let Some(sock) = net.sock_mut(id) else { return };
+        let sock = net.sock_mut(id)?;
         if sock.closing {
-            return;
+            return None;
         }
-        let raw = sock.fd.as_raw_fd();
-        let mut buf = match sock.bufs.as_mut() {
+        let buf = match sock.bufs.as_mut() {
             Some(b) => std::mem::take(&mut b.partial),
             None => BytesMut::new(),
         };
         sock.release_empty_bufs();
-        drop(net);
+        Some((sock.fd.as_raw_fd(), buf))
+    }
+
+    /// Bytes read from `id` (either loop), appended to its partial packet:
+    /// to the broker, then carry out what it asked for.
+    pub(crate) fn conn_read(&self, id: ConnId, mut buf: BytesMut) {
+        self.feed(id, &mut buf);
+        self.dispatch();
+        self.pause_reading_if_backlogged(id);
+    }
+
+    fn read_ready(&self, id: ConnId) {
+        let Some((raw, mut buf)) = self.read_buf(id) else {
+            return;
+        };
         match recv_into(self, raw, &mut buf) {
             Ok(0) => self.lost(id),
-            Ok(_) => self.feed(id, &mut buf),
+            Ok(_) => return self.conn_read(id, buf),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if !buf.is_empty() {
                     if let Some(sock) = self.net.borrow_mut().sock_mut(id) {
@@ -788,7 +953,6 @@ impl Shard {
             Err(_) => self.lost(id),
         }
         self.dispatch();
-        self.pause_reading_if_backlogged(id);
     }
 
     /// Stops reading a client whose replies pile up because it does not read
@@ -796,7 +960,9 @@ impl Shard {
     /// its PINGRESPs or PUBACKs): what it owes us waits in its own socket
     /// buffers, and our memory for it stays under
     /// [`MAX_PENDING_OUTGOING`] plus one read's replies. Reading resumes
-    /// when the socket drains ([`Shard::write_ready`]).
+    /// when the socket drains ([`Shard::write_ready`], or
+    /// [`Shard::send_done`] on io_uring, which cancels the connection's
+    /// recv here and arms it again then).
     fn pause_reading_if_backlogged(&self, id: ConnId) {
         let broker_bytes = self.broker.borrow().outgoing_len(id);
         let mut net = self.net.borrow_mut();
@@ -805,17 +971,101 @@ impl Shard {
             return;
         }
         let unsent = sock.bufs.as_ref().map_or(0, |b| b.unsent.len());
-        if broker_bytes + unsent > MAX_PENDING_OUTGOING {
-            let raw = sock.fd.as_raw_fd();
-            let _ = self
-                .epoll
-                .modify(raw, libc::EPOLLOUT as u32, Token::Conn(id).encode());
-            drop(net);
-            bump(&self.counters.reads_paused);
+        if broker_bytes + unsent <= MAX_PENDING_OUTGOING {
+            return;
+        }
+        let raw = sock.fd.as_raw_fd();
+        match &self.io {
+            Io::Epoll(epoll) => {
+                let _ = epoll.modify(raw, libc::EPOLLOUT as u32, Token::Conn(id).encode());
+            }
+            Io::Uring(ring) => {
+                if sock.recv != Recv::Armed {
+                    return;
+                }
+                sock.recv = Recv::Cancelling;
+                ring.borrow_mut()
+                    .cancel(Token::Conn(id).encode(), Token::Internal.encode());
+            }
+        }
+        drop(net);
+        bump(&self.counters.reads_paused);
+    }
+
+    /// io_uring: arms `id`'s multishot recv again if nothing is armed and
+    /// it should read: not closing, not paused for a backlog.
+    pub(crate) fn resume_reading(&self, id: ConnId) {
+        let Io::Uring(ring) = &self.io else { return };
+        let mut net = self.net.borrow_mut();
+        let Some(sock) = net.sock_mut(id) else { return };
+        if sock.recv != Recv::Off || sock.closing {
+            return;
+        }
+        if sock.writing {
+            let unsent = sock.bufs.as_ref().map_or(0, |b| b.unsent.len());
+            if self.broker.borrow().outgoing_len(id) + unsent > MAX_PENDING_OUTGOING {
+                return;
+            }
+        }
+        sock.recv = Recv::Armed;
+        ring.borrow_mut()
+            .recv_multi(sock.fd.as_raw_fd(), Token::Conn(id).encode());
+    }
+
+    /// io_uring: `id`'s multishot recv ended (EOF, error, cancel, an empty
+    /// buffer ring, or the kernel's own limit): what to do about it.
+    pub(crate) fn recv_ended(&self, id: ConnId, result: i32) {
+        {
+            let mut net = self.net.borrow_mut();
+            let Some(sock) = net.sock_mut(id) else { return };
+            sock.recv = Recv::Off;
+            if sock.closing {
+                // Only draining what it was sent; nothing more is read.
+                return;
+            }
+            if result == -libc::ENOBUFS {
+                // The bytes wait in the socket; re-armed once the turn's
+                // buffers are back.
+                net.rearm.push(Token::Conn(id));
+                bump(&self.counters.ring_empty);
+                return;
+            }
+        }
+        if result == 0 || (result < 0 && result != -libc::ECANCELED) {
+            // EOF or a socket error.
+            self.lost(id);
+            self.dispatch();
+        } else {
+            // A paused read's cancel, or a multishot the kernel ended.
+            self.resume_reading(id);
+        }
+    }
+
+    /// Re-arms the recvs the buffer ring ran dry for (after the turn gave
+    /// its buffers back).
+    pub(crate) fn rearm_recvs(&self) {
+        let Io::Uring(ring) = &self.io else { return };
+        let rearm = std::mem::take(&mut self.net.borrow_mut().rearm);
+        for token in rearm {
+            match token {
+                Token::Conn(id) => self.resume_reading(id),
+                Token::Pending { index, generation } => {
+                    let mut net = self.net.borrow_mut();
+                    if let Some(p) = net.pending_mut(index, generation) {
+                        if !p.registered {
+                            p.registered = true;
+                            ring.borrow_mut()
+                                .recv_once(p.fd.as_raw_fd(), token.encode());
+                        }
+                    }
+                }
+                _ => {}
+            }
         }
     }
 
     fn write_ready(&self, id: ConnId) {
+        let Io::Epoll(epoll) = &self.io else { return };
         let flushed = {
             let mut net = self.net.borrow_mut();
             let Some(sock) = net.sock_mut(id) else { return };
@@ -831,7 +1081,7 @@ impl Shard {
                         sock.writing = false;
                         sock.release_empty_bufs();
                         if !sock.closing {
-                            let _ = self.epoll.modify(raw, READ, Token::Conn(id).encode());
+                            let _ = epoll.modify(raw, READ, Token::Conn(id).encode());
                         }
                         Ok(true)
                     } else {
@@ -850,10 +1100,11 @@ impl Shard {
         self.dispatch();
     }
 
-    /// Writes what the broker has for `id`. A socket that takes only part
-    /// of it keeps the rest and is watched for room; until it drains, new
-    /// bytes stay in the broker, which bounds them (and drops QoS 0 for a
-    /// stuck subscriber).
+    /// Writes what the broker has for `id`. epoll: a socket that takes only
+    /// part of it keeps the rest and is watched for room. io_uring: the
+    /// bytes go to the kernel as one send, kept until its completion. Until
+    /// the socket drains, new bytes stay in the broker, which bounds them
+    /// (and drops QoS 0 for a stuck subscriber).
     pub(crate) fn transmit(&self, id: ConnId) {
         let raw = {
             let mut net = self.net.borrow_mut();
@@ -866,21 +1117,46 @@ impl Shard {
         let out = self.broker.borrow_mut().take_outgoing(id);
         let closing = self.broker.borrow().is_closing(id);
         if !out.is_empty() {
-            match send_some(self, raw, &out) {
+            let sent = match &self.io {
+                Io::Epoll(_) => send_some(self, raw, &out),
+                // Nothing went yet: the whole of it goes to the ring below.
+                Io::Uring(_) => Ok(0),
+            };
+            match sent {
                 Ok(n) if n == out.len() => {}
                 Ok(n) => {
                     let mut net = self.net.borrow_mut();
                     let sock = net.sock_mut(id).expect("looked up above");
                     let mut out = out;
                     out.advance(n);
-                    sock.bufs().unsent = out;
                     sock.writing = true;
-                    let interest = if sock.closing || closing {
-                        libc::EPOLLOUT as u32
-                    } else {
-                        READ_WRITE
-                    };
-                    let _ = self.epoll.modify(raw, interest, Token::Conn(id).encode());
+                    match &self.io {
+                        Io::Epoll(epoll) => {
+                            let interest = if sock.closing || closing {
+                                libc::EPOLLOUT as u32
+                            } else {
+                                READ_WRITE
+                            };
+                            let _ = epoll.modify(raw, interest, Token::Conn(id).encode());
+                            sock.bufs().unsent = out;
+                        }
+                        Io::Uring(ring) => {
+                            let unsent = &mut sock.bufs().unsent;
+                            *unsent = out;
+                            // SAFETY: `unsent` is neither changed nor dropped
+                            // until the send completes: `writing` keeps every
+                            // other write out, and a connection that goes
+                            // first hands the buffer to `orphaned_sends`.
+                            unsafe {
+                                ring.borrow_mut().send(
+                                    raw,
+                                    unsent.as_ptr(),
+                                    unsent.len(),
+                                    Token::Send(id).encode(),
+                                );
+                            }
+                        }
+                    }
                     if sock.closing {
                         let deadline = Millis(self.now().0 + CLOSE_LINGER_MS);
                         net.close_deadlines.push_back((id, deadline));
@@ -900,6 +1176,53 @@ impl Shard {
         }
     }
 
+    /// io_uring: the send of `token_id` (a truncated generation) completed
+    /// with `result`: continue a partial send, or take the next bytes, or
+    /// free the buffer of a connection that has gone meanwhile.
+    pub(crate) fn send_done(&self, token_id: ConnId, result: i32) {
+        let Io::Uring(ring) = &self.io else { return };
+        let mut net = self.net.borrow_mut();
+        let live = net
+            .resolve(token_id.index, token_id.generation)
+            .filter(|id| net.sock_mut(*id).is_some_and(|s| s.writing));
+        let Some(id) = live else {
+            net.orphaned_sends.remove(&orphan_key(token_id));
+            return;
+        };
+        if result < 0 {
+            drop(net);
+            self.lost(id);
+            self.dispatch();
+            return;
+        }
+        self.bytes_out.set(self.bytes_out.get() + result as u64);
+        let sock = net.sock_mut(id).expect("resolved above");
+        let raw = sock.fd.as_raw_fd();
+        let unsent = &mut sock.bufs().unsent;
+        unsent.advance((result as usize).min(unsent.len()));
+        if !unsent.is_empty() {
+            // SAFETY: as in `transmit`: the rest of the same buffer, kept
+            // until this send completes.
+            unsafe {
+                ring.borrow_mut().send(
+                    raw,
+                    unsent.as_ptr(),
+                    unsent.len(),
+                    Token::Send(id).encode(),
+                );
+            }
+            return;
+        }
+        sock.writing = false;
+        sock.release_empty_bufs();
+        drop(net);
+        // Drained: reading resumes if it was paused, and what the broker
+        // queued meanwhile goes next (or the close it was waiting for).
+        self.resume_reading(id);
+        self.transmit(id);
+        self.dispatch();
+    }
+
     /// The broker closed `id`: write what is pending, then close the socket
     /// and free the broker's slot.
     pub(crate) fn close_conn(&self, id: ConnId) {
@@ -917,11 +1240,12 @@ impl Shard {
             sock.closing = true;
             if sock.writing {
                 // Wait for room, and no longer read: nothing a client sends
-                // after its close counts (MQTT-3.14.4-2).
-                let raw = sock.fd.as_raw_fd();
-                let _ = self
-                    .epoll
-                    .modify(raw, libc::EPOLLOUT as u32, Token::Conn(id).encode());
+                // after its close counts (MQTT-3.14.4-2). io_uring: the send
+                // in flight goes on; what the recv still brings is ignored.
+                if let Io::Epoll(epoll) = &self.io {
+                    let raw = sock.fd.as_raw_fd();
+                    let _ = epoll.modify(raw, libc::EPOLLOUT as u32, Token::Conn(id).encode());
+                }
                 let deadline = Millis(self.now().0 + CLOSE_LINGER_MS);
                 net.close_deadlines.push_back((id, deadline));
                 return;
@@ -932,14 +1256,30 @@ impl Shard {
         self.transmit(id);
     }
 
+    /// Closes the socket of a connection taken out of the table. epoll:
+    /// dropping the descriptor closes the socket (FIN after what we wrote)
+    /// and takes it out of the epoll set; an explicit shutdown first would
+    /// cost a syscall per connection for nothing. io_uring: a send still in
+    /// flight keeps its buffer (in `orphaned_sends`) until it completes, and
+    /// whatever is armed is cancelled before the close.
+    fn close_sock(&self, id: ConnId, mut sock: Sock) {
+        let armed = sock.recv != Recv::Off || sock.writing;
+        if matches!(self.io, Io::Uring(_)) && sock.writing {
+            if let Some(bufs) = sock.bufs.take() {
+                self.net
+                    .borrow_mut()
+                    .orphaned_sends
+                    .insert(orphan_key(id), bufs);
+            }
+        }
+        close_socket(self, sock.fd, armed);
+    }
+
     /// Closes `id`'s socket and frees its broker slot.
     fn finish_close(&self, id: ConnId) {
         let sock = self.net.borrow_mut().take_sock(id);
         if let Some(sock) = sock {
-            // Dropping the descriptor closes the socket (FIN after what we
-            // wrote) and takes it out of the epoll set; an explicit shutdown
-            // first would cost a syscall per connection for nothing.
-            close_socket(self, sock.fd);
+            self.close_sock(id, sock);
         }
         self.broker.borrow_mut().release(id);
     }
@@ -949,31 +1289,119 @@ impl Shard {
     pub(crate) fn lost(&self, id: ConnId) {
         let sock = self.net.borrow_mut().take_sock(id);
         if let Some(sock) = sock {
-            close_socket(self, sock.fd);
+            self.close_sock(id, sock);
         }
         let now = self.now();
         self.broker.borrow_mut().connection_lost(id, now);
     }
 
+    /// Listener `n`'s descriptor, while it is open.
+    pub(crate) fn listener_fd(&self, n: u32) -> Option<RawFd> {
+        self.net
+            .borrow()
+            .listeners
+            .get(n as usize)
+            .map(|fd| fd.as_raw_fd())
+    }
+
+    /// io_uring: arms listener `n`'s multishot accept unless it is armed,
+    /// paused or closed.
+    pub(crate) fn arm_accept(&self, n: u32) {
+        let Io::Uring(ring) = &self.io else { return };
+        let mut net = self.net.borrow_mut();
+        if net.paused_listeners.contains(&n) {
+            return;
+        }
+        let Some(fd) = net.listeners.get(n as usize).map(|fd| fd.as_raw_fd()) else {
+            return;
+        };
+        let Some(armed) = net.accepting.get_mut(n as usize) else {
+            return;
+        };
+        if !*armed {
+            *armed = true;
+            ring.borrow_mut().accept(fd, Token::Listener(n).encode());
+        }
+    }
+
+    /// io_uring: listener `n`'s multishot accept ended; armed again unless
+    /// the listener is paused (the tick re-arms it) or closed.
+    pub(crate) fn accept_ended(&self, n: u32) {
+        self.net.borrow_mut().set_accepting(n, false);
+        self.arm_accept(n);
+    }
+
+    /// Adds a handshake socket to the table with its connect deadline.
+    fn add_pending(&self, pending: Pending) -> (u32, u32) {
+        let deadline = Millis(self.now().0 + self.config.connect_timeout.as_millis() as u64);
+        let mut net = self.net.borrow_mut();
+        let (index, generation) = net.insert_pending(pending);
+        net.connect_deadlines
+            .push_back((index, generation, deadline));
+        (index, generation)
+    }
+
+    /// io_uring: the handshake socket's one-shot recv completed with
+    /// `result` (bytes are in `data`).
+    pub(crate) fn pending_recv_done(&self, index: u32, generation: u32, result: i32, data: &[u8]) {
+        {
+            let mut net = self.net.borrow_mut();
+            let Some(p) = net.pending_mut(index, generation) else {
+                return;
+            };
+            p.registered = false;
+            if result == -libc::ENOBUFS {
+                net.rearm.push(Token::Pending { index, generation });
+                bump(&self.counters.ring_empty);
+                return;
+            }
+        }
+        let read = if result > 0 {
+            PendingRead::Data(data)
+        } else {
+            PendingRead::Closed
+        };
+        pending_input(self, index, generation, read);
+    }
+
     /// Stops watching listener `n` until the next tick: accept is failing in
     /// a way a retry right away would not fix.
     fn pause_listener(&self, n: u32, fd: RawFd) {
-        let _ = self.epoll.modify(fd, 0, Token::Listener(n).encode());
+        match &self.io {
+            Io::Epoll(epoll) => {
+                let _ = epoll.modify(fd, 0, Token::Listener(n).encode());
+            }
+            Io::Uring(ring) => {
+                // A multishot accept that failed has usually ended; if it
+                // has not, it is cancelled (its end re-arms nothing while
+                // the listener is paused).
+                if self.net.borrow().accepting.get(n as usize) == Some(&true) {
+                    ring.borrow_mut()
+                        .cancel(Token::Listener(n).encode(), Token::Internal.encode());
+                }
+            }
+        }
         self.net.borrow_mut().paused_listeners.push(n);
     }
 
     /// Watches paused listeners again (each tick).
     pub(crate) fn resume_listeners(&self) {
-        let mut net = self.net.borrow_mut();
-        for n in std::mem::take(&mut net.paused_listeners) {
-            if let Some(fd) = net.listeners.get(n as usize) {
-                let _ = self
-                    .epoll
-                    .modify(fd.as_raw_fd(), READ, Token::Listener(n).encode());
+        let paused = {
+            let mut net = self.net.borrow_mut();
+            if net.spare.is_none() {
+                net.spare = listener::open_spare();
             }
-        }
-        if net.spare.is_none() {
-            net.spare = listener::open_spare();
+            std::mem::take(&mut net.paused_listeners)
+        };
+        for n in paused {
+            match &self.io {
+                Io::Epoll(epoll) => {
+                    if let Some(fd) = self.listener_fd(n) {
+                        let _ = epoll.modify(fd, READ, Token::Listener(n).encode());
+                    }
+                }
+                Io::Uring(_) => self.arm_accept(n),
+            }
         }
     }
 
@@ -981,7 +1409,17 @@ impl Shard {
     /// new connections at once) and publish every client's will.
     pub(crate) fn begin_shutdown(&self) {
         let listeners = std::mem::take(&mut self.net.borrow_mut().listeners);
-        drop(listeners);
+        match &self.io {
+            Io::Epoll(_) => drop(listeners),
+            Io::Uring(ring) => {
+                // The armed accept holds the listener open: cancel it, then
+                // close, so the port is free as soon as the ring has run.
+                let mut ring = ring.borrow_mut();
+                for fd in listeners {
+                    ring.close(fd.into_raw_fd(), true, Token::Internal.encode());
+                }
+            }
+        }
         self.broker.borrow_mut().publish_all_wills();
         self.dispatch();
     }
@@ -1009,7 +1447,7 @@ impl Shard {
                 .collect()
         };
         for p in pending {
-            close_socket(self, p.fd);
+            close_socket(self, p.fd, p.registered);
         }
     }
 
@@ -1028,7 +1466,7 @@ impl Shard {
             if let Some(p) = net.take_pending(index, generation) {
                 drop(net);
                 bump(&self.counters.connect_timeouts);
-                close_socket(self, p.fd);
+                close_socket(self, p.fd, p.registered);
             }
         }
         loop {
@@ -1049,6 +1487,15 @@ impl Shard {
     }
 }
 
+/// The key of an orphaned send: a connection's index and its generation as
+/// a completion's token carries it (truncated).
+fn orphan_key(id: ConnId) -> ConnId {
+    ConnId {
+        index: id.index,
+        generation: (u64::from(id.generation) & GEN_MASK) as u32,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1065,14 +1512,22 @@ mod tests {
             generation: 5,
         };
         assert_eq!(Token::decode(p.encode()), p);
-        assert_eq!(
-            Token::decode(Token::Listener(2).encode()),
-            Token::Listener(2)
-        );
-        // A generation past 30 bits is compared truncated.
+        for t in [
+            Token::Listener(2),
+            Token::DataBell,
+            Token::RoomBell,
+            Token::Internal,
+            Token::Send(ConnId {
+                index: 9,
+                generation: 4,
+            }),
+        ] {
+            assert_eq!(Token::decode(t.encode()), t);
+        }
+        // A generation past 29 bits is compared truncated.
         let big = ConnId {
             index: 1,
-            generation: (1 << 30) + 9,
+            generation: (1 << 29) + 9,
         };
         match Token::decode(Token::Conn(big).encode()) {
             Token::Conn(id) => {

@@ -131,8 +131,8 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts `coremq --listen 127.0.0.1:PORT --shards 4 --log-level info
-    /// --stats-interval 1 EXTRA...` and waits (up to 10 s) until it says it
+    /// Starts `coremq --listen 127.0.0.1:PORT --shards 4 [--io $COREMQ_TEST_IO]
+    /// --log-level info --stats-interval 1 EXTRA...` and waits (up to 10 s) until it says it
     /// is ready and accepts a TCP connection.
     pub fn start(extra_args: &[&str]) -> Broker {
         Broker::start_with(&[], extra_args)
@@ -153,6 +153,13 @@ impl Broker {
             &["--shards", "4"][..]
         };
         argv.extend(shards.iter().map(|s| s.to_string()));
+        // The socket loop under test: scripts/test.sh runs the suite once
+        // per loop (COREMQ_TEST_IO=uring, then epoll).
+        if let Ok(io) = std::env::var("COREMQ_TEST_IO") {
+            if !extra_args.contains(&"--io") {
+                argv.extend(["--io".to_string(), io]);
+            }
+        }
         for a in [
             "--listen",
             &listen,

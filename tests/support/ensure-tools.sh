@@ -7,6 +7,7 @@
 #   - mosquitto, mosquitto_pub, mosquitto_sub   (apt: mosquitto mosquitto-clients)
 #   - Python paho-mqtt 2.x                       in tests/.venv (pip)
 #   - MQTT.js 5 (npm package mqtt)               in tests/node/node_modules (npm ci)
+#   - strace                                     (apt: strace; loadgen compare --syscalls)
 #
 # On success stdout carries only KEY=VALUE lines for the tests to read:
 #   MOSQUITTO=/usr/sbin/mosquitto  MOSQUITTO_PUB=...  MOSQUITTO_SUB=...
@@ -121,7 +122,9 @@ install_node() {
     node_ok || die "mqtt 5.x not found in $NODE_DIR/node_modules after install"
 }
 
-if ! { mosquitto_ok && venv_ok && node_ok; }; then
+strace_ok() { find_tool strace >/dev/null; }
+
+if ! { mosquitto_ok && venv_ok && node_ok && strace_ok; }; then
     # Test binaries may run this at the same time; one installs, the others
     # wait and then find everything there.
     lock="${TMPDIR:-/tmp}/coremq-ensure-tools-$(echo "$TESTS_DIR" | cksum | cut -d' ' -f1).lock"
@@ -130,6 +133,8 @@ if ! { mosquitto_ok && venv_ok && node_ok; }; then
     mosquitto_ok || install_mosquitto
     venv_ok || install_venv
     node_ok || install_node
+    strace_ok || apt_install strace
+    strace_ok || die "strace installed but not found"
     exec 9>&-
 fi
 

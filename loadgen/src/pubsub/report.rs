@@ -45,6 +45,8 @@ pub(super) fn write(
             children_cpu_s: 0.0,
             protocol: a.common.protocol,
             pubsub: Some(ps),
+            // pubsub holds no steady population of connections to divide by.
+            slab: (None, None),
         },
         &[wr],
         samples,

@@ -1,0 +1,558 @@
+//! A shard's io_uring: the ring, its provided-buffer ring, and the
+//! operations the `--io uring` loop ([`super::net`]) submits on it.
+//!
+//! What moves the bytes, and why each piece (figures in BENCHMARKS.md):
+//!
+//! - **Multishot accept** on each listener: one SQE accepts every connection
+//!   until it fails; each new socket is a completion, not an `accept4`.
+//! - **Multishot recv with a provided-buffer ring**: one SQE per connection
+//!   for its whole life, armed at CONNECT. The kernel picks a buffer from
+//!   the shard's ring only when bytes arrive, so an idle connection holds no
+//!   buffer of ours; the loop copies the bytes into the connection's packet
+//!   buffer (as the epoll loop copies from its scratch buffer) and gives the
+//!   buffer back at once. An empty ring ends a multishot recv with ENOBUFS:
+//!   the loop re-arms it after the turn has given its buffers back, and the
+//!   bytes wait in the socket meanwhile, so none are lost.
+//! - **Sends and closes as SQEs**: one send in flight per connection keeps
+//!   its writes in order; a partial send is continued from where it
+//!   stopped. A close first cancels what is still armed on the socket (an
+//!   armed recv holds a reference to it: closing the descriptor alone would
+//!   leave the TCP connection open), hard-linked so the close runs even when
+//!   there was nothing left to cancel.
+//! - **One `io_uring_enter` per loop turn**: it submits what the turn
+//!   queued and waits for the next completion, at most until the next tick.
+//!   The ring is `SINGLE_ISSUER | DEFER_TASKRUN`, so completions are posted
+//!   only inside that call: nothing interrupts the shard while it works.
+//! - **Doorbells with `IORING_OP_MSG_RING`**: a shard that gives a parked
+//!   peer messages posts a completion into the peer's ring from its own
+//!   (see [`super::mesh::Wake::Ring`]); the messages stay on the crossbeam
+//!   channels.
+//!
+//! Plain descriptors, not registered ("direct") ones: a hand-off passes the
+//! socket to another shard as an ordinary descriptor, and a refusal answers
+//! with a plain `send`; direct descriptors would need MSG_RING descriptor
+//! passing and a second path for both, for the ~6 % of churn CPU the bare
+//! servers measured. Not used either, for lack of a measured gain at MQTT's
+//! packet sizes: registered buffers (sends come from the broker's
+//! `BytesMut`), SEND_ZC (worth it above ~10 KiB per send), recv bundles.
+//!
+//! The completion queue is sized from the shard's share of the socket
+//! ceiling (two completions per connection per turn at most: its recv and
+//! its send), within the kernel's 65,536; beyond that the kernel keeps
+//! completions on its overflow list (`IORING_FEAT_NODROP`) and hands them
+//! over at the next enter. A completion the kernel had to drop is counted
+//! (`cq_overflow` in the stats) and logged: nothing is lost silently.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use io_uring::types::{BufRingEntry, CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+
+/// The buffer group of the shard's provided-buffer ring.
+const BUF_GROUP: u16 = 0;
+
+/// Bytes per provided buffer: a whole QoS 1 telemetry PUBLISH fits in one;
+/// a bigger packet arrives in several completions, as it would in several
+/// `recv` calls. With `--ring-buffers` 1024 (how many reads one turn of the
+/// loop can take before the ring runs dry), 4 MiB per shard, whatever the
+/// number of connections.
+pub const RING_BUFFER_SIZE: u32 = 4096;
+
+/// Submission queue entries: a turn that queues more submits early (one
+/// extra `io_uring_enter`), which a burst can afford.
+const SQ_ENTRIES: u32 = 4096;
+
+/// The kernel's largest completion queue.
+const MAX_CQ_ENTRIES: u32 = 65_536;
+
+/// `IORING_ENTER_GETEVENTS`: wait for (and, with DEFER_TASKRUN, post)
+/// completions.
+const ENTER_GETEVENTS: u32 = 1;
+/// `IORING_ENTER_EXT_ARG`: the argument is an `io_uring_getevents_arg`
+/// (our timeout).
+const ENTER_EXT_ARG: u32 = 8;
+
+/// What `--io auto` needs from the kernel, checked once at start by
+/// building a ring like the shards' and asking it: `Ok` or why not (e.g.
+/// "io_uring_setup: Operation not permitted", a container's seccomp
+/// profile).
+pub fn probe() -> Result<(), String> {
+    let ring = Uring::new(64, 2).map_err(|e| e.to_string())?;
+    let mut probe = io_uring::Probe::new();
+    ring.ring
+        .submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("IORING_REGISTER_PROBE: {e}"))?;
+    let needed = [
+        ("ACCEPT", opcode::AcceptMulti::CODE),
+        ("RECV", opcode::RecvMulti::CODE),
+        ("SEND", opcode::Send::CODE),
+        ("CLOSE", opcode::Close::CODE),
+        ("ASYNC_CANCEL", opcode::AsyncCancel2::CODE),
+        ("MSG_RING", opcode::MsgRingData::CODE),
+    ];
+    for (name, code) in needed {
+        if !probe.is_supported(code) {
+            return Err(format!("the kernel lacks IORING_OP_{name}"));
+        }
+    }
+    Ok(())
+}
+
+/// A completion, copied out of the ring so that handling it may submit.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    /// The token the operation was submitted with.
+    pub user_data: u64,
+    /// Its result: bytes, a descriptor, or a negated errno.
+    pub result: i32,
+    /// `IORING_CQE_F_*`.
+    pub flags: u32,
+}
+
+impl Completion {
+    /// A multishot operation will post more completions.
+    pub fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+
+    /// The provided buffer the bytes are in, if any.
+    pub fn buffer(&self) -> Option<u16> {
+        cqueue::buffer_select(self.flags)
+    }
+}
+
+/// The shard's provided-buffer ring: `count` buffers the kernel picks from
+/// for multishot recvs, given back by the loop after it copied their bytes.
+struct BufRing {
+    /// Buffers, a power of two.
+    count: u16,
+    /// The ring of `io_uring_buf` entries (page-aligned, shared with the
+    /// kernel); its tail is in the first entry.
+    entries: *mut BufRingEntry,
+    /// The buffers themselves, one allocation.
+    memory: *mut u8,
+    /// Our tail, published to the kernel by [`BufRing::publish`].
+    tail: u16,
+}
+
+impl BufRing {
+    fn entries_len(count: u16) -> usize {
+        usize::from(count) * std::mem::size_of::<BufRingEntry>()
+    }
+
+    fn memory_len(count: u16) -> usize {
+        usize::from(count) * RING_BUFFER_SIZE as usize
+    }
+
+    /// Maps both regions (the buffers only cost memory once written) and
+    /// registers the ring of `count` buffers (a power of two) as group
+    /// [`BUF_GROUP`].
+    fn new(ring: &IoUring, count: u16) -> io::Result<BufRing> {
+        let entries = mmap(Self::entries_len(count))?.cast::<BufRingEntry>();
+        let memory = match mmap(Self::memory_len(count)) {
+            Ok(m) => m,
+            Err(e) => {
+                // SAFETY: mapped above with this length, not yet shared.
+                unsafe { libc::munmap(entries.cast(), Self::entries_len(count)) };
+                return Err(e);
+            }
+        };
+        let mut bufs = BufRing {
+            count,
+            entries,
+            memory,
+            tail: 0,
+        };
+        for bid in 0..count {
+            bufs.give_back(bid);
+        }
+        bufs.publish();
+        // SAFETY: the entries stay mapped until after the ring is gone
+        // (Uring's Drop unregisters the group first).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(entries as u64, count, BUF_GROUP, 0)
+        }
+        .map_err(|e| io::Error::new(e.kind(), format!("IORING_REGISTER_PBUF_RING: {e}")))?;
+        Ok(bufs)
+    }
+
+    /// The first `len` bytes of buffer `bid`.
+    fn bytes(&self, bid: u16, len: usize) -> &[u8] {
+        let len = len.min(RING_BUFFER_SIZE as usize);
+        let bid = bid % self.count;
+        // SAFETY: buffer `bid` lies inside `memory`; the kernel wrote `len`
+        // bytes into it and will not touch it again until it is given back.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.memory
+                    .add(usize::from(bid) * RING_BUFFER_SIZE as usize),
+                len,
+            )
+        }
+    }
+
+    /// Puts buffer `bid` back at the tail (seen by the kernel once
+    /// published).
+    fn give_back(&mut self, bid: u16) {
+        let slot = usize::from(self.tail % self.count);
+        // SAFETY: `slot` is inside the entries mapping; the kernel only reads
+        // entries between its head and the published tail, and this one is
+        // past the tail.
+        let entry = unsafe { &mut *self.entries.add(slot) };
+        entry.set_addr(self.memory as u64 + u64::from(bid) * u64::from(RING_BUFFER_SIZE));
+        entry.set_len(RING_BUFFER_SIZE);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the buffers given back visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: the tail lives in the first entry of our mapping; a
+        // release store orders the entries written before it.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries).cast_mut();
+            (*tail.cast::<std::sync::atomic::AtomicU16>())
+                .store(self.tail, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: both were mapped by `new` with these lengths; the ring's
+        // owner unregistered the group before dropping us.
+        unsafe {
+            libc::munmap(self.entries.cast(), Self::entries_len(self.count));
+            libc::munmap(self.memory.cast(), Self::memory_len(self.count));
+        }
+    }
+}
+
+fn mmap(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: an anonymous private mapping; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+/// A shard's ring and its buffers.
+pub struct Uring {
+    ring: IoUring,
+    bufs: BufRing,
+    /// Completions the kernel reported dropping, as last seen.
+    dropped_seen: u32,
+}
+
+impl Uring {
+    /// A ring whose completion queue holds `cq_entries` (rounded up to a
+    /// power of two, at least twice the submission queue, at most 65,536),
+    /// with `buffers` provided buffers (a power of two, at most 32,768).
+    pub fn new(cq_entries: u32, buffers: u16) -> io::Result<Uring> {
+        let sq = SQ_ENTRIES.min(cq_entries.max(64).next_power_of_two());
+        let cq = cq_entries
+            .max(sq * 2)
+            .checked_next_power_of_two()
+            .unwrap_or(MAX_CQ_ENTRIES)
+            .min(MAX_CQ_ENTRIES);
+        let ring = IoUring::builder()
+            .setup_cqsize(cq)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_submit_all()
+            .build(sq)
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup: {e}")))?;
+        if !ring.params().is_feature_nodrop() {
+            return Err(io::Error::other("the kernel lacks IORING_FEAT_NODROP"));
+        }
+        let bufs = BufRing::new(&ring, buffers)?;
+        Ok(Uring {
+            ring,
+            bufs,
+            dropped_seen: 0,
+        })
+    }
+
+    /// The ring's descriptor: where peers post MSG_RING doorbells.
+    pub fn fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// Queues `sqe` for the next enter; a full submission queue is
+    /// submitted first.
+    fn push(&mut self, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: every entry built in this module points only at memory
+            // that outlives its operation: the buffer ring, a connection's
+            // in-flight send buffer (kept until its completion, see
+            // `net::Net::in_flight`), or nothing.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) {
+                    tracing::warn!(error = %e, "io_uring submit failed");
+                }
+            }
+        }
+    }
+
+    /// Arms a multishot accept on listener `fd`. Accepted sockets come
+    /// non-blocking (a refusal answers them with plain `send`/`recv`).
+    pub fn accept(&mut self, fd: RawFd, token: u64) {
+        let sqe = opcode::AcceptMulti::new(Fd(fd))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(token);
+        self.push(sqe);
+    }
+
+    /// Arms a multishot recv on connection `fd` into the buffer ring.
+    pub fn recv_multi(&mut self, fd: RawFd, token: u64) {
+        let sqe = opcode::RecvMulti::new(Fd(fd), BUF_GROUP)
+            .build()
+            .user_data(token);
+        self.push(sqe);
+    }
+
+    /// One recv into the buffer ring: a socket still in its handshake,
+    /// which may yet move to another shard with nothing armed on it.
+    pub fn recv_once(&mut self, fd: RawFd, token: u64) {
+        let sqe = opcode::Recv::new(Fd(fd), std::ptr::null_mut(), RING_BUFFER_SIZE)
+            .buf_group(BUF_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(token);
+        self.push(sqe);
+    }
+
+    /// Sends `len` bytes at `data` on `fd`.
+    ///
+    /// # Safety
+    ///
+    /// The bytes must stay where they are, unchanged, until the send's
+    /// completion arrives.
+    pub unsafe fn send(&mut self, fd: RawFd, data: *const u8, len: usize, token: u64) {
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        let sqe = opcode::Send::new(Fd(fd), data, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(token);
+        self.push(sqe);
+    }
+
+    /// Cancels the first operation submitted with `token` (its completion
+    /// then ends with ECANCELED, or it already ended).
+    pub fn cancel(&mut self, token: u64, ignored: u64) {
+        let sqe = opcode::AsyncCancel2::new(CancelBuilder::user_data(token))
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(ignored);
+        self.push(sqe);
+    }
+
+    /// Closes `fd`, first cancelling every operation still armed on it when
+    /// `armed` (the hard link runs the close even when the cancel found
+    /// nothing). The descriptor must not be used after this.
+    pub fn close(&mut self, fd: RawFd, armed: bool, ignored: u64) {
+        if armed {
+            let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all())
+                .build()
+                .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+                .user_data(ignored);
+            self.push(cancel);
+        }
+        let close = opcode::Close::new(Fd(fd))
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(ignored);
+        self.push(close);
+    }
+
+    /// Posts a completion carrying `token` into the ring `ring_fd` (a peer
+    /// shard's doorbell).
+    pub fn msg_ring(&mut self, ring_fd: RawFd, token: u64, ignored: u64) {
+        let sqe = opcode::MsgRingData::new(Fd(ring_fd), 0, token, None)
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(ignored);
+        self.push(sqe);
+    }
+
+    /// The bytes of a recv completion that used buffer `bid`.
+    pub fn bytes(&self, bid: u16, len: usize) -> &[u8] {
+        self.bufs.bytes(bid, len)
+    }
+
+    /// Gives buffer `bid` back to the ring (visible to the kernel at the next
+    /// [`Uring::enter`]).
+    pub fn give_back(&mut self, bid: u16) {
+        self.bufs.give_back(bid);
+    }
+
+    /// The turn's one system call: publishes the buffers given back,
+    /// submits what was queued and, when `wait`, waits up to `timeout` for
+    /// a completion. Then moves every completion into `out`; returns how
+    /// many completions the kernel reported dropping since the last call.
+    pub fn enter(
+        &mut self,
+        wait: bool,
+        timeout: Duration,
+        out: &mut Vec<Completion>,
+    ) -> io::Result<u32> {
+        self.bufs.publish();
+        let ts = Timespec::from(timeout);
+        let args = SubmitArgs::new().timespec(&ts);
+        let to_submit = self.ring.submission().len() as u32;
+        // SAFETY: `args` is a valid io_uring_getevents_arg (SubmitArgs is
+        // transparent over it) that outlives the call, as does `ts`.
+        let entered = unsafe {
+            self.ring.submitter().enter(
+                to_submit,
+                u32::from(wait),
+                ENTER_GETEVENTS | ENTER_EXT_ARG,
+                Some(&args),
+            )
+        };
+        match entered {
+            Ok(_) => {}
+            // Timed out, interrupted, or completions waiting to be read
+            // first (EBUSY): read them; the rest goes next turn.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        let mut cq = self.ring.completion();
+        out.extend(cq.by_ref().map(|c| Completion {
+            user_data: c.user_data(),
+            result: c.result(),
+            flags: c.flags(),
+        }));
+        let dropped = cq.overflow();
+        drop(cq);
+        let newly_dropped = dropped.wrapping_sub(self.dropped_seen);
+        if newly_dropped != 0 {
+            tracing::error!(
+                dropped = newly_dropped,
+                "io_uring completion queue overflowed and the kernel dropped completions"
+            );
+            self.dropped_seen = dropped;
+        }
+        Ok(newly_dropped)
+    }
+
+    /// Submits what is queued (closes at shutdown) without waiting.
+    pub fn flush(&mut self) {
+        self.bufs.publish();
+        let _ = self.ring.submit();
+    }
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        // Before the buffer memory goes: the kernel must not pick from it.
+        let _ = self.ring.submitter().unregister_buf_ring(BUF_GROUP);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    fn wait_for(ring: &mut Uring, n: usize) -> Vec<Completion> {
+        let mut out = Vec::new();
+        for _ in 0..50 {
+            ring.enter(true, Duration::from_millis(100), &mut out)
+                .unwrap();
+            if out.len() >= n {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The operations the loop relies on, end to end on this kernel: a
+    /// multishot accept, a multishot recv into the buffer ring (bytes
+    /// intact, buffer given back), a send, and a close that cancels the
+    /// armed recv so that the peer sees EOF (closing alone would not).
+    #[test]
+    fn accept_recv_send_and_close_with_cancel_reach_the_peer() {
+        if let Err(why) = probe() {
+            panic!("io_uring unavailable here: {why}");
+        }
+        let mut ring = Uring::new(256, 16).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        ring.accept(listener.as_raw_fd(), 1);
+        let mut client = TcpStream::connect(addr).unwrap();
+        let accepted = wait_for(&mut ring, 1);
+        assert_eq!(accepted[0].user_data, 1);
+        assert!(accepted[0].more(), "multishot accept stays armed");
+        let fd = accepted[0].result;
+        assert!(fd >= 0, "accept: {}", accepted[0].result);
+
+        ring.recv_multi(fd, 2);
+        client.write_all(b"hello").unwrap();
+        let got = wait_for(&mut ring, 1);
+        assert_eq!((got[0].user_data, got[0].result), (2, 5));
+        assert!(got[0].more(), "multishot recv stays armed");
+        let bid = got[0].buffer().expect("a provided buffer");
+        assert_eq!(ring.bytes(bid, 5), b"hello");
+        ring.give_back(bid);
+
+        let reply = b"world".to_vec();
+        // SAFETY: `reply` outlives the wait for the send's completion.
+        unsafe { ring.send(fd, reply.as_ptr(), reply.len(), 3) };
+        let sent = wait_for(&mut ring, 1);
+        assert_eq!((sent[0].user_data, sent[0].result), (3, 5));
+        let mut buf = [0u8; 5];
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"world");
+
+        ring.close(fd, true, 9);
+        let ended = wait_for(&mut ring, 1);
+        let recv_end = ended.iter().find(|c| c.user_data == 2).expect("recv ended");
+        assert_eq!(recv_end.result, -libc::ECANCELED);
+        assert!(!recv_end.more());
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        assert_eq!(client.read(&mut buf).unwrap(), 0, "the peer sees EOF");
+    }
+
+    /// MSG_RING posts a completion with the sender's token into another
+    /// ring: the doorbell between shards.
+    #[test]
+    fn msg_ring_posts_a_completion_into_the_target_ring() {
+        let mut a = Uring::new(64, 2).unwrap();
+        let mut b = Uring::new(64, 2).unwrap();
+        a.msg_ring(b.fd(), 77, 0);
+        let mut out = Vec::new();
+        a.enter(false, Duration::ZERO, &mut out).unwrap();
+        assert!(
+            out.is_empty(),
+            "a successful MSG_RING posts nothing to the sender"
+        );
+        let got = wait_for(&mut b, 1);
+        assert_eq!(got[0].user_data, 77);
+    }
+}
