@@ -14,8 +14,9 @@
 //!   - [`proto::shared`]: shared subscription groups (`$share/...`), each on one owner shard.
 //!   - [`proto::interest`]: which shards want a topic, so a PUBLISH goes only there.
 //! - [`shard`]: the glommio shell: executors, the tick, dispatching the broker's events.
-//!   - [`shard::net`]: accept, the CONNECT handshake, hand-off, reading and writing sockets.
-//!   - [`shard::poller`]: the shard's epoll set and how its readiness reaches io_uring.
+//!   - [`shard::net`]: accept, the CONNECT handshake, hand-off, reading and writing sockets; the epoll loop.
+//!   - [`shard::uring`]: the shard's io_uring, its provided-buffer ring, and why each operation.
+//!   - [`shard::poller`]: the epoll loop's epoll set, and the history of both loops.
 //!   - [`shard::mesh`]: messages between shards and how they travel.
 //! - [`metrics`]: process-wide counters and the periodic summary line.
 //! - [`config`]: CLI flags + optional TOML file → a validated `Config`.

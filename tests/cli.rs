@@ -24,6 +24,7 @@ fn help_exits_0_and_explains_every_flag_with_its_default() {
         ("--shards", "[default: number of CPUs]"),
         ("--io", "[default: auto]"),
         ("--ring-buffers", "[default: 1024]"),
+        ("--ring-batch-usec", "[default: 0]"),
         ("--password-file", "[default: none]"),
         (
             "--allow-anonymous",

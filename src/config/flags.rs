@@ -53,6 +53,11 @@ pub(super) struct RunArgs {
     /// before it re-arms the rest [default: 1024]
     #[arg(long, value_name = "N")]
     ring_buffers: Option<String>,
+    /// io_uring: once a shard has waited this many microseconds, it wakes for
+    /// the first completion; before that, only for a batch of them (kernel
+    /// 6.12+; 0 wakes for every completion) [default: 0]
+    #[arg(long, value_name = "USECS")]
+    ring_batch_usec: Option<String>,
     /// mosquitto-format password file (write one with `coremq passwd`) [default: none]
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
@@ -224,7 +229,7 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
             })?;
         }
     }
-    let flags: [(Key, Option<Raw<'_>>); 20] = [
+    let flags: [(Key, Option<Raw<'_>>); 21] = [
         (
             Key::Listen,
             (!args.listen.is_empty()).then(|| Raw::List(args.listen.clone())),
@@ -232,6 +237,7 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
         (Key::Shards, args.shards.map(Raw::Str)),
         (Key::Io, args.io.map(Raw::Str)),
         (Key::RingBuffers, args.ring_buffers.map(Raw::Str)),
+        (Key::RingBatchUsec, args.ring_batch_usec.map(Raw::Str)),
         (Key::PasswordFile, args.password_file.map(Raw::Path)),
         (Key::AclFile, args.acl_file.map(Raw::Path)),
         (Key::AllowAnonymous, args.allow_anonymous.map(Raw::Str)),

@@ -12,6 +12,8 @@ pub enum Key {
     Io,
     /// `ring_buffers`
     RingBuffers,
+    /// `ring_batch_usec`
+    RingBatchUsec,
     /// `password_file`
     PasswordFile,
     /// `acl_file`
@@ -48,11 +50,12 @@ pub enum Key {
 
 impl Key {
     /// Every setting, in `--help` order.
-    pub const ALL: [Key; 20] = [
+    pub const ALL: [Key; 21] = [
         Key::Listen,
         Key::Shards,
         Key::Io,
         Key::RingBuffers,
+        Key::RingBatchUsec,
         Key::PasswordFile,
         Key::AclFile,
         Key::AllowAnonymous,
@@ -78,6 +81,7 @@ impl Key {
             Key::Shards => "shards",
             Key::Io => "io",
             Key::RingBuffers => "ring_buffers",
+            Key::RingBatchUsec => "ring_batch_usec",
             Key::PasswordFile => "password_file",
             Key::AclFile => "acl_file",
             Key::AllowAnonymous => "allow_anonymous",
@@ -121,6 +125,9 @@ impl Key {
             Key::ConnectTimeout => Some((1, None)),
             // The kernel's limit for one provided-buffer ring.
             Key::RingBuffers => Some((1, Some(32_768))),
+            // Past 10 ms a batch would hold a reply back longer than a
+            // client's round trip is worth.
+            Key::RingBatchUsec => Some((0, Some(10_000))),
             // 2 bytes is the smallest packet (PINGREQ); 268_435_455 is the
             // largest Remaining Length plus a 5-byte fixed header (MQTT 2.2.3).
             Key::MaxPacketSize => Some((2, Some(268_435_460))),

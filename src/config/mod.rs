@@ -99,6 +99,10 @@ pub struct Config {
     /// io_uring: buffers (4 KiB each) in each shard's provided-buffer ring,
     /// a power of two, 1..=32768. Default: 1024.
     pub ring_buffers: u16,
+    /// io_uring: microseconds a shard's wait collects completions before it
+    /// wakes for fewer than a batch, 0..=10000 (0: wake for each). Needs
+    /// kernel 6.12+ (ignored before). Default: 0.
+    pub ring_batch_usec: u32,
     /// mosquitto-format password file (see [`crate::auth`]). Default: none.
     pub password_file: Option<PathBuf>,
     /// mosquitto-format ACL file (see [`crate::proto::acl`]); with one, what
@@ -160,6 +164,7 @@ impl Default for Config {
             shards: cpus.clamp(1, 1024),
             io: IoMode::Auto,
             ring_buffers: 1024,
+            ring_batch_usec: 0,
             password_file: None,
             acl_file: None,
             allow_anonymous: true,
@@ -187,9 +192,10 @@ impl Config {
         let fail =
             |key: Key, problem: String| ConfigError::Invalid(format!("{}: {problem}", key.flag()));
         check_listen(&self.listen).map_err(|p| fail(Key::Listen, p))?;
-        let numbers: [(Key, u64); 12] = [
+        let numbers: [(Key, u64); 13] = [
             (Key::Shards, self.shards as u64),
             (Key::RingBuffers, u64::from(self.ring_buffers)),
+            (Key::RingBatchUsec, u64::from(self.ring_batch_usec)),
             (Key::MaxConnections, self.max_connections as u64),
             // Rounded up: 0.5 s is a valid (if odd) timeout set in code.
             (

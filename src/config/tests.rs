@@ -562,9 +562,26 @@ fn connection_ceiling_keeps_a_reserve() {
 #[test]
 fn io_loop_and_ring_buffers_from_flags_and_file() {
     let d = run(&[]);
-    assert_eq!((d.io, d.ring_buffers), (IoMode::Auto, 1024));
-    let c = run(&["--io", "epoll", "--ring-buffers", "4"]);
-    assert_eq!((c.io, c.ring_buffers), (IoMode::Epoll, 4));
+    assert_eq!(
+        (d.io, d.ring_buffers, d.ring_batch_usec),
+        (IoMode::Auto, 1024, 0)
+    );
+    let c = run(&[
+        "--io",
+        "epoll",
+        "--ring-buffers",
+        "4",
+        "--ring-batch-usec",
+        "200",
+    ]);
+    assert_eq!(
+        (c.io, c.ring_buffers, c.ring_batch_usec),
+        (IoMode::Epoll, 4, 200)
+    );
+    assert_eq!(
+        err(&["--ring-batch-usec", "10001"]),
+        "--ring-batch-usec: must be between 0 and 10000, got 10001"
+    );
     assert_eq!(run(&["--io", "uring"]).io, IoMode::Uring);
     let f = TempFile::new("io", "io = \"uring\"\nring-buffers = 32768\n");
     let c = run(&["--config", f.arg()]);

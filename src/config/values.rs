@@ -176,6 +176,7 @@ impl Builder {
                 }
                 c.ring_buffers = n as u16;
             }
+            Key::RingBatchUsec => c.ring_batch_usec = int(&raw)? as u32,
             Key::PasswordFile => {
                 let p = raw.path()?;
                 if p.as_os_str().is_empty() {

@@ -1,11 +1,15 @@
 //! Cross-shard messages and how they travel.
 //!
 //! Each shard has one inbox: a bounded crossbeam channel every peer pushes
-//! into, paired with a [`Doorbell`] — an eventfd in the shard's epoll set, so
-//! a push wakes a shard that is blocked waiting for its sockets (a crossbeam
-//! send alone would not; see architecture.md). The bell is written only when
-//! the shard has armed it before blocking, so a busy shard costs its peers no
-//! syscall per message.
+//! into, paired with two [`Doorbell`]s (data arrived; a full inbox has room)
+//! so that a push wakes a shard that is blocked waiting for its sockets (a
+//! crossbeam send alone would not; see architecture.md). How a bell wakes its
+//! owner depends on the loop ([`Wake`]): on the io_uring loop the ringer
+//! posts a completion into the owner's ring with `IORING_OP_MSG_RING` from
+//! its own ring, with its next `io_uring_enter` (no eventfd, no system call
+//! of its own); on the epoll loop it writes an eventfd in the owner's epoll
+//! set. Either way the bell is rung only when the owner has armed it before
+//! blocking, so a busy shard costs its peers nothing per message.
 //!
 //! A full inbox never drops a message: [`Mesh::send`] moves it, and every
 //! message after it, to a local overflow queue that the shard drains when its
@@ -15,9 +19,10 @@
 //! ordering per topic).
 //!
 //! The figures below chose crossbeam + eventfd over glommio's mesh when the
-//! shard parked in io_uring and read its bell through the ring. The shard now
-//! blocks in epoll (see [`super::poller`]), where an eventfd is the natural
-//! bell and `channel_mesh`, which only wakes a ring, cannot be used at all.
+//! shard parked in glommio's io_uring and read its bell through the ring.
+//! Neither socket loop parks in glommio's ring now (see [`super::poller`]
+//! and [`super::uring`]), so `channel_mesh`, which only wakes that ring,
+//! cannot be used at all; the choice of crossbeam stands on the figures.
 //!
 //! Why this and not glommio's `channel_mesh`: measured side by side — a
 //! bounded crossbeam-channel per ordered pair with an eventfd doorbell read

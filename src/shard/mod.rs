@@ -2,11 +2,13 @@
 //! are enough cores, each accepting on every listen address (SO_REUSEPORT),
 //! owning the connections and sessions whose clientId hashes to it.
 //!
-//! A shard runs one loop ([`net`]): every client socket, listener and mesh
-//! doorbell in one epoll set, messages from other shards ([`mesh`]), and a
-//! tick every 100 ms (keep-alive, connect timeouts, stats). Each calls into
-//! the shard's sans-IO [`Broker`] and then [`Shard::dispatch`], which carries
-//! out what it asks for at once.
+//! A shard runs one loop: its sockets on its own io_uring ([`uring`], the
+//! loop in `ring_loop`) or, with `--io epoll` or a kernel without io_uring,
+//! in one epoll set ([`poller`]); messages from other shards ([`mesh`]); and
+//! a tick every 100 ms (keep-alive, connect timeouts, stats). Both loops
+//! share the socket table and CONNECT handshake ([`net`]); each event calls
+//! into the shard's sans-IO [`Broker`] and then [`Shard::dispatch`], which
+//! carries out what it asks for at once.
 //!
 //! Everything shard-local is `Rc`/`RefCell` (`!Send`): only [`mesh::MeshMsg`]
 //! crosses threads. This module is the only place that reads the clock.
@@ -334,8 +336,9 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
             // Sockets need no DMA buffers; glommio's default pins 10 MiB per ring.
             .io_memory(64 * 1024)
             .ring_depth(1024)
-            // The shard is one task that blocks in epoll_wait; nothing else
-            // runs on its executor, so there is nobody to preempt it for.
+            // The shard is one task that blocks in its own ring or in
+            // epoll_wait; nothing else runs on its executor, so there is
+            // nobody to preempt it for.
             // glommio's default 100 ms timer would interrupt that wait ten
             // times a second (EINTR, then two io_uring_enter to re-arm):
             // measured, it doubled an idle shard's wakeups.
@@ -346,6 +349,7 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                     Io::Uring(Box::new(RefCell::new(Uring::new(
                         cq_entries,
                         config.ring_buffers,
+                        config.ring_batch_usec,
                     )?)))
                 } else {
                     Io::Epoll(Epoll::new()?)

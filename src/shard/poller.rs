@@ -1,27 +1,36 @@
-//! One epoll set per shard holding every client socket, listener and mesh
-//! doorbell, which the shard blocks on when it has nothing to do.
+//! The `--io epoll` loop's poller: one epoll set per shard holding every
+//! client socket, listener and mesh doorbell, which the shard blocks on when
+//! it has nothing to do. It is the loop `--io auto` falls back to when the
+//! kernel lacks what the io_uring loop ([`super::uring`]) needs, and the one
+//! the io_uring loop is measured against (BENCHMARKS.md, "io_uring against
+//! epoll").
 //!
-//! Why not one glommio `TcpStream` and one task per connection: glommio arms
-//! a fresh io_uring poll per read, and each pending poll is a 472-byte
-//! `Source` allocation, beside the task's own ~500 bytes. An idle connection
-//! then costs about a kilobyte of user memory before the broker stores
-//! anything about it — measured at 2,008 B per held connection (see
-//! BENCHMARKS.md), four times the 512 B we aim for. An epoll registration
-//! lives in the kernel (an `epitem`, counted with the socket's kernel
-//! memory), is made once per connection, and stays armed: an idle connection
-//! costs the shard nothing but the broker's own records.
+//! History, and why this loop once replaced io_uring: the first shard gave
+//! each connection a glommio `TcpStream` and a task. glommio arms a fresh
+//! io_uring poll per read, and each pending poll is a 472-byte `Source`
+//! allocation beside the task's own ~500 bytes: 2,008 B per held connection
+//! (BENCHMARKS.md), four times the 512 B we aim for. An epoll registration
+//! lives in the kernel (an `epitem`, ~135 B), is made once per connection
+//! and stays armed: an idle connection costs the shard nothing but the
+//! broker's own records. Parking in glommio's ring until the epoll
+//! descriptor was readable cost 39.8 µs of broker CPU per connect/disconnect
+//! cycle against 29.7 µs blocking in `epoll_wait` (every wake-up through
+//! glommio costs a turn of its executor: an `io_uring_enter` to install its
+//! preemption timer and another to park).
 //!
-//! Why the shard blocks in `epoll_wait` rather than parking in glommio's
-//! ring until the epoll descriptor is readable (which we built first, by
-//! letting a glommio stream arm an io_uring poll on it): every wake-up
-//! through glommio costs a turn of its executor loop — an `io_uring_enter`
-//! to install its preemption timer and another to park — and a connection
-//! cycle wakes the shard two or three times. Measured side by side on this
-//! machine (`loadgen churn -c 50`, `--shards 1` pinned, same build): 39.8 µs
-//! of broker CPU per connect/disconnect cycle parking in io_uring, against
-//! 29.7 µs blocking in epoll, which is the null broker's figure (29.9 µs).
-//! glommio still runs the shard: its executor thread, CPU pinning and task
-//! queue; the socket loop is its one task and yields to it between batches.
+//! That compared epoll with glommio's way of using io_uring (one poll per
+//! operation, one task per socket), not with io_uring as the kernel now
+//! offers it. The io_uring loop keeps what made epoll cheap (nothing per
+//! idle connection but an armed operation in the kernel, one blocking call
+//! per turn) and drops what made it cost: the multishot accept and recv
+//! replace `accept4`, `recv` and the epoll registration, sends and closes
+//! are submissions, and the turn's one `io_uring_enter` both submits and
+//! waits. An armed multishot recv costs more kernel memory than an
+//! `epitem`; see BENCHMARKS.md for both loops' figures.
+//!
+//! glommio runs the shard either way: its executor thread, CPU pinning and
+//! task queue; the socket loop is its one task and yields to it between
+//! batches.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
