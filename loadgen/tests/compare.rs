@@ -2,6 +2,7 @@
 //! only, one one-second run each. Every broker it starts, compare stops by
 //! its PID; the test itself has a wall-clock limit.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -53,51 +54,65 @@ fn run(args: &[&str], limit: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
-#[test]
-fn compare_null_and_coremq_churn_prints_both_rows_and_the_ratio() {
-    let coremq = coremq_bin();
+/// A short `loadgen compare` churn run against null and coremq with
+/// `extra` arguments, broker and loadgen pinned apart, Markdown and JSON
+/// written into `dir`. Returns the output, the two files' paths and how
+/// long it took; fails the test unless it exits 0.
+fn compare_churn(
+    coremq: &Path,
+    dir: &Path,
+    extra: &[&str],
+) -> (String, PathBuf, PathBuf, Duration) {
     let cpus = allowed_cpus();
     let broker_cpu = cpus.get(1).copied().unwrap_or(cpus[0]).to_string();
     let loadgen_cpu = cpus[0].to_string();
-    let dir = std::env::temp_dir().join(format!("loadgen-compare-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
     let md = dir.join("c.md");
     let json = dir.join("c.json");
+    let mut args = vec![
+        "compare",
+        "--coremq",
+        coremq.to_str().unwrap(),
+        "--brokers",
+        "null,coremq",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "--scenarios",
+        "churn",
+        "--runs",
+        "1",
+        "--duration",
+        "1",
+        "--churn-concurrency",
+        "4",
+        "--broker-cpu",
+        &broker_cpu,
+        "--loadgen-cpu",
+        &loadgen_cpu,
+        "--markdown",
+        md.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let start = Instant::now();
-    let out = run(
-        &[
-            "compare",
-            "--coremq",
-            coremq.to_str().unwrap(),
-            "--brokers",
-            "null,coremq",
-            "--scenarios",
-            "churn",
-            "--runs",
-            "1",
-            "--duration",
-            "1",
-            "--churn-concurrency",
-            "4",
-            "--broker-cpu",
-            &broker_cpu,
-            "--loadgen-cpu",
-            &loadgen_cpu,
-            "--markdown",
-            md.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        Duration::from_secs(60),
-    );
+    let out = run(&args, Duration::from_secs(60));
     let took = start.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
         Some(0),
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
+    (stdout, md, json, took)
+}
+
+#[test]
+fn compare_null_and_coremq_churn_prints_both_rows_and_the_ratio() {
+    let coremq = coremq_bin();
+    let dir = std::env::temp_dir().join(format!("loadgen-compare-test-{}", std::process::id()));
+    let (stdout, md, json, took) = compare_churn(&coremq, &dir, &[]);
     // The scenario's table starts at its header row ("broker  cycles/s ...").
     let table: Vec<&str> = stdout
         .lines()
@@ -280,51 +295,9 @@ fn assert_strace_works() {
 fn compare_io_loops_side_by_side_counts_their_syscalls() {
     let coremq = coremq_bin();
     assert_strace_works();
-    let cpus = allowed_cpus();
-    let broker_cpu = cpus.get(1).copied().unwrap_or(cpus[0]).to_string();
-    let loadgen_cpu = cpus[0].to_string();
     let dir = std::env::temp_dir().join(format!("loadgen-compare-io-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let md = dir.join("c.md");
-    let json = dir.join("c.json");
-    let start = Instant::now();
-    let out = run(
-        &[
-            "compare",
-            "--coremq",
-            coremq.to_str().unwrap(),
-            "--brokers",
-            "null,coremq",
-            "--io",
-            "epoll,uring",
-            "--syscalls",
-            "--scenarios",
-            "churn",
-            "--runs",
-            "1",
-            "--duration",
-            "1",
-            "--churn-concurrency",
-            "4",
-            "--broker-cpu",
-            &broker_cpu,
-            "--loadgen-cpu",
-            &loadgen_cpu,
-            "--markdown",
-            md.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-        ],
-        Duration::from_secs(60),
-    );
-    let took = start.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let (stdout, md, json, took) =
+        compare_churn(&coremq, &dir, &["--io", "epoll,uring", "--syscalls"]);
     let row = |name: &str| {
         stdout
             .lines()

@@ -20,6 +20,7 @@
 //! FIFO queues walked by the shard's tick; the timeouts are fixed, so arrival
 //! order is deadline order and no timer is set per socket.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -31,6 +32,7 @@ use bytes::{Buf, BytesMut};
 use super::listener;
 use super::mesh::{Handoff, MeshMsg};
 use super::poller::{self, Event, READ, READ_WRITE};
+use super::uring::Uring;
 use super::{Io, Shard, TICK};
 use crate::metrics::{bump, drop_one, get};
 use crate::proto::broker::MAX_PENDING_OUTGOING;
@@ -1158,20 +1160,8 @@ impl Shard {
                             sock.bufs().unsent = out;
                         }
                         Io::Uring(ring) => {
-                            let unsent = &mut sock.bufs().unsent;
-                            *unsent = out;
-                            // SAFETY: `unsent` is neither changed nor dropped
-                            // until the send completes: `writing` keeps every
-                            // other write out, and a connection that goes
-                            // first hands the buffer to `orphaned_sends`.
-                            unsafe {
-                                ring.borrow_mut().send(
-                                    raw,
-                                    unsent.as_ptr(),
-                                    unsent.len(),
-                                    Token::Send(id).encode(),
-                                );
-                            }
+                            sock.bufs().unsent = out;
+                            submit_unsent(ring, id, sock);
                         }
                     }
                     if sock.closing {
@@ -1214,20 +1204,11 @@ impl Shard {
         }
         self.bytes_out.set(self.bytes_out.get() + result as u64);
         let sock = net.sock_mut(id).expect("resolved above");
-        let raw = sock.fd.as_raw_fd();
         let unsent = &mut sock.bufs().unsent;
         unsent.advance((result as usize).min(unsent.len()));
         if !unsent.is_empty() {
-            // SAFETY: as in `transmit`: the rest of the same buffer, kept
-            // until this send completes.
-            unsafe {
-                ring.borrow_mut().send(
-                    raw,
-                    unsent.as_ptr(),
-                    unsent.len(),
-                    Token::Send(id).encode(),
-                );
-            }
+            // The rest of the same buffer.
+            submit_unsent(ring, id, sock);
             return;
         }
         sock.writing = false;
@@ -1511,6 +1492,22 @@ impl Shard {
                 self.finish_close(id);
             }
         }
+    }
+}
+
+/// io_uring: submits the send of what `sock.bufs.unsent` holds, as `id`'s
+/// one send in flight (`writing` set).
+fn submit_unsent(ring: &RefCell<Uring>, id: ConnId, sock: &mut Sock) {
+    sock.writing = true;
+    let raw = sock.fd.as_raw_fd();
+    let unsent = &sock.bufs().unsent;
+    // SAFETY: the bytes are neither changed nor dropped until the send
+    // completes: `writing` keeps every other write out of `unsent` (only
+    // `send_done` touches it, on the completion), and a connection that goes
+    // first hands its buffers to `orphaned_sends` (`close_sock`).
+    unsafe {
+        ring.borrow_mut()
+            .send(raw, unsent.as_ptr(), unsent.len(), Token::Send(id).encode());
     }
 }
 
