@@ -33,18 +33,25 @@
 //!
 //! Plain descriptors, not registered ("direct") ones: a hand-off passes the
 //! socket to another shard as an ordinary descriptor, and a refusal answers
-//! with a plain `send`; direct descriptors would need MSG_RING descriptor
-//! passing and a second path for both, for the ~6 % of churn CPU the bare
-//! servers measured. Not used either, for lack of a measured gain at MQTT's
-//! packet sizes: registered buffers (sends come from the broker's
-//! `BytesMut`), SEND_ZC (worth it above ~10 KiB per send), recv bundles.
+//! with a plain `send`. Direct descriptors were tried (accept into a sparse
+//! file table, operations by slot, FIXED_FD_INSTALL before a refusal or a
+//! hand-off) and measured no gain on churn or pings within this machine's
+//! noise (BENCHMARKS.md), against the ~6 % the bare servers of issue 10
+//! measured: not worth a second path for hand-offs and refusals.
+//!
+//! Not tried, because MQTT's packets are small: registered buffers (sends
+//! come from the broker's `BytesMut`, and would be copied into them),
+//! SEND_ZC (it pays above ~10 KiB per send and adds a notification
+//! completion to each), recv bundles (one completion for several buffers:
+//! a read rarely fills one 4 KiB buffer).
 //!
 //! The completion queue is sized from the shard's share of the socket
 //! ceiling (two completions per connection per turn at most: its recv and
-//! its send), within the kernel's 65,536; beyond that the kernel keeps
-//! completions on its overflow list (`IORING_FEAT_NODROP`) and hands them
-//! over at the next enter. A completion the kernel had to drop is counted
-//! (`cq_overflow` in the stats) and logged: nothing is lost silently.
+//! its send, with slack for uneven spreading), within the kernel's 65,536;
+//! beyond that the kernel keeps completions on its overflow list
+//! (`IORING_FEAT_NODROP`) and hands them over at the next enter. A
+//! completion the kernel had to drop is counted (`cq_dropped` in the stats)
+//! and logged: nothing is lost silently.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
