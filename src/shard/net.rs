@@ -722,13 +722,9 @@ fn close_socket(shard: &Shard, fd: OwnedFd, armed: &[Token]) {
     drop_one(&shard.counters.sockets_current);
 }
 
-/// The operations armed on a handshake socket: its recv, if in flight.
-fn pending_armed(p: &Pending, index: u32, generation: u32) -> Vec<Token> {
-    if p.registered {
-        vec![Token::Pending { index, generation }]
-    } else {
-        Vec::new()
-    }
+/// The operation armed on a handshake socket: its recv, if in flight.
+fn pending_armed(p: &Pending, index: u32, generation: u32) -> Option<Token> {
+    p.registered.then_some(Token::Pending { index, generation })
 }
 
 /// The 3.x return code whose counter a CONNACK code is tallied under (5.0
@@ -1261,13 +1257,15 @@ impl Shard {
     /// flight keeps its buffer (in `orphaned_sends`) until it completes, and
     /// whatever is armed is cancelled before the close.
     fn close_sock(&self, id: ConnId, mut sock: Sock) {
-        let mut armed = Vec::new();
-        if sock.recv != Recv::Off {
-            armed.push(Token::Conn(id));
-        }
-        if sock.writing {
-            armed.push(Token::Send(id));
-        }
+        // What is armed, without an allocation on every close: the recv
+        // (first) and the send in flight (second).
+        let both = [Token::Conn(id), Token::Send(id)];
+        let armed: &[Token] = match (sock.recv != Recv::Off, sock.writing) {
+            (true, true) => &both,
+            (true, false) => &both[..1],
+            (false, true) => &both[1..],
+            (false, false) => &[],
+        };
         if matches!(self.io, Io::Uring(_)) && sock.writing {
             if let Some(bufs) = sock.bufs.take() {
                 self.net
@@ -1276,7 +1274,7 @@ impl Shard {
                     .insert(orphan_key(id), bufs);
             }
         }
-        close_socket(self, sock.fd, &armed);
+        close_socket(self, sock.fd, armed);
     }
 
     /// Closes `id`'s socket and frees its broker slot.
@@ -1454,7 +1452,7 @@ impl Shard {
         };
         for (index, generation, p) in pending {
             let armed = pending_armed(&p, index, generation);
-            close_socket(self, p.fd, &armed);
+            close_socket(self, p.fd, armed.as_slice());
         }
     }
 
@@ -1474,7 +1472,7 @@ impl Shard {
                 drop(net);
                 bump(&self.counters.connect_timeouts);
                 let armed = pending_armed(&p, index, generation);
-                close_socket(self, p.fd, &armed);
+                close_socket(self, p.fd, armed.as_slice());
             }
         }
         loop {
