@@ -304,6 +304,8 @@ fn publish() -> ShardMsg {
         retain: false,
         props: None,
         expires_at: None,
+        ticket: None,
+        uid: 0,
     })
 }
 

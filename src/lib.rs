@@ -13,11 +13,13 @@
 //!   - [`proto::retained`]: retained messages, each topic on one owner shard.
 //!   - [`proto::shared`]: shared subscription groups (`$share/...`), each on one owner shard.
 //!   - [`proto::interest`]: which shards want a topic, so a PUBLISH goes only there.
+//!   - [`proto::persist`]: `--data-dir` records: framing, CRC, scanning a log, replaying it.
 //! - [`shard`]: the glommio shell: executors, the tick, dispatching the broker's events.
 //!   - [`shard::net`]: accept, the CONNECT handshake, hand-off, reading and writing sockets; the epoll loop.
 //!   - [`shard::uring`]: the shard's io_uring, its provided-buffer ring, and why each operation.
 //!   - [`shard::poller`]: the epoll loop's epoll set, and the history of both loops.
 //!   - [`shard::mesh`]: messages between shards and how they travel.
+//!   - [`shard::store`]: `--data-dir` files: lock, format, start-up replay and re-homing, each shard's log and snapshots.
 //! - [`metrics`]: process-wide counters and the periodic summary line.
 //! - [`config`]: CLI flags + optional TOML file → a validated `Config`.
 //! - [`auth`]: the mosquitto-format password file and the CONNECT credentials check.

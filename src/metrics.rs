@@ -76,6 +76,15 @@ pub struct Counters {
     /// io_uring: completions the kernel dropped because the completion
     /// queue and its overflow list were full (should stay 0; logged).
     pub cq_dropped: AtomicU64,
+    /// `--data-dir`: log commits (one write, and one fdatasync unless
+    /// `--fsync never`, per loop turn that produced records).
+    pub log_commits: AtomicU64,
+    /// `--data-dir`: bytes of records appended to the shards' logs.
+    pub log_bytes: AtomicU64,
+    /// `--data-dir`: snapshots written (each replaces a shard's log).
+    pub log_snapshots: AtomicU64,
+    /// `--data-dir`: logs whose torn or corrupt tail was cut off at start.
+    pub log_tails_dropped: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -170,7 +179,7 @@ impl fmt::Display for Counters {
              keepalive_expiries={} connect_timeouts={} malformed={} accept_refused={} \
              publishes_in={} publishes_out={} dropped={} acl_denied={} reads_paused={} \
              retained={} expired={} oversize_dropped={} sessions_expired={} ring_empty={} \
-             cq_dropped={}",
+             cq_dropped={} log_commits={} log_bytes={} log_snapshots={} log_tails_dropped={}",
             get(&self.connections_current),
             get(&self.sockets_current),
             get(&self.sessions_current),
@@ -198,6 +207,10 @@ impl fmt::Display for Counters {
             get(&self.sessions_expired),
             get(&self.ring_empty),
             get(&self.cq_dropped),
+            get(&self.log_commits),
+            get(&self.log_bytes),
+            get(&self.log_snapshots),
+            get(&self.log_tails_dropped),
         )
     }
 }

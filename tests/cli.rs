@@ -37,6 +37,9 @@ fn help_exits_0_and_explains_every_flag_with_its_default() {
         ("--max-inflight", "[default: 20]"),
         ("--max-queued", "[default: 1000]"),
         ("--acl-file", "[default: none]"),
+        ("--data-dir", "[default: none: nothing is kept]"),
+        ("--fsync", "[default: batch]"),
+        ("--snapshot-mib", "[default: 64]"),
         ("--sys-interval", "[default: 10]"),
         ("--log-level", "[default: info]"),
     ] {
@@ -73,6 +76,8 @@ fn bad_flags_exit_2_with_one_line() {
     assert_one_line_error(&["--io", "kqueue"], "--io");
     assert_one_line_error(&["--ring-buffers", "1000"], "--ring-buffers");
     assert_one_line_error(&["--ring-buffers", "65536"], "--ring-buffers");
+    assert_one_line_error(&["--fsync", "sometimes"], "--fsync");
+    assert_one_line_error(&["--snapshot-mib", "0"], "--snapshot-mib");
     assert_one_line_error(&["--no-such-flag"], "--no-such-flag");
 }
 

@@ -64,6 +64,22 @@ pub(super) struct RunArgs {
     /// mosquitto-format ACL file: once given, only what it grants is allowed [default: none]
     #[arg(long, value_name = "FILE")]
     acl_file: Option<PathBuf>,
+    /// Keep persistent sessions, the QoS 1/2 messages owed to them and
+    /// retained messages in this directory (one log per shard), across
+    /// restarts and crashes; acknowledgements then wait for the disk
+    /// [default: none: nothing is kept]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// With --data-dir: always (one fdatasync per client read that wrote
+    /// records), batch (one fdatasync per loop turn for every client's records
+    /// of that turn), never (write, no fdatasync: a machine crash may lose what
+    /// the OS had not written; a process crash loses nothing) [default: batch]
+    #[arg(long, value_name = "always|batch|never")]
+    fsync: Option<String>,
+    /// With --data-dir: a shard snapshots its state and drops its log once the
+    /// log has grown by this many MiB since the last snapshot, 1..=65536 [default: 64]
+    #[arg(long, value_name = "MIB")]
+    snapshot_mib: Option<String>,
     /// Let clients without a username connect (true|false; alone means true)
     /// [default: true without --password-file, false with one]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -229,7 +245,7 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
             })?;
         }
     }
-    let flags: [(Key, Option<Raw<'_>>); 21] = [
+    let flags: [(Key, Option<Raw<'_>>); 24] = [
         (
             Key::Listen,
             (!args.listen.is_empty()).then(|| Raw::List(args.listen.clone())),
@@ -240,6 +256,9 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
         (Key::RingBatchUsec, args.ring_batch_usec.map(Raw::Str)),
         (Key::PasswordFile, args.password_file.map(Raw::Path)),
         (Key::AclFile, args.acl_file.map(Raw::Path)),
+        (Key::DataDir, args.data_dir.map(Raw::Path)),
+        (Key::Fsync, args.fsync.map(Raw::Str)),
+        (Key::SnapshotMib, args.snapshot_mib.map(Raw::Str)),
         (Key::AllowAnonymous, args.allow_anonymous.map(Raw::Str)),
         (Key::MaxConnections, args.max_connections.map(Raw::Str)),
         (Key::ConnectTimeout, args.connect_timeout.map(Raw::Str)),

@@ -18,6 +18,12 @@ pub enum Key {
     PasswordFile,
     /// `acl_file`
     AclFile,
+    /// `data_dir`
+    DataDir,
+    /// `fsync`
+    Fsync,
+    /// `snapshot_mib`
+    SnapshotMib,
     /// `allow_anonymous`
     AllowAnonymous,
     /// `max_connections`
@@ -50,7 +56,7 @@ pub enum Key {
 
 impl Key {
     /// Every setting, in `--help` order.
-    pub const ALL: [Key; 21] = [
+    pub const ALL: [Key; 24] = [
         Key::Listen,
         Key::Shards,
         Key::Io,
@@ -58,6 +64,9 @@ impl Key {
         Key::RingBatchUsec,
         Key::PasswordFile,
         Key::AclFile,
+        Key::DataDir,
+        Key::Fsync,
+        Key::SnapshotMib,
         Key::AllowAnonymous,
         Key::MaxConnections,
         Key::ConnectTimeout,
@@ -84,6 +93,9 @@ impl Key {
             Key::RingBatchUsec => "ring_batch_usec",
             Key::PasswordFile => "password_file",
             Key::AclFile => "acl_file",
+            Key::DataDir => "data_dir",
+            Key::Fsync => "fsync",
+            Key::SnapshotMib => "snapshot_mib",
             Key::AllowAnonymous => "allow_anonymous",
             Key::MaxConnections => "max_connections",
             Key::ConnectTimeout => "connect_timeout",
@@ -134,10 +146,14 @@ impl Key {
             Key::MaxInflight | Key::ReceiveMaximum => Some((1, Some(i64::from(u16::MAX)))),
             Key::MaxKeepalive | Key::MaxTopicAlias => Some((0, Some(i64::from(u16::MAX)))),
             Key::MaxSessionExpiry => Some((0, Some(i64::from(u32::MAX)))),
+            // 1 MiB .. 64 GiB of log between snapshots.
+            Key::SnapshotMib => Some((1, Some(65_536))),
             Key::Listen
             | Key::Io
             | Key::PasswordFile
             | Key::AclFile
+            | Key::DataDir
+            | Key::Fsync
             | Key::AllowAnonymous
             | Key::ResponseInformation
             | Key::LogLevel => None,

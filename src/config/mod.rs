@@ -13,6 +13,8 @@
 //! password_file = "passwords"                 # relative to this file's folder
 //! acl_file = "acl"                            # mosquitto's acl_file format
 //! allow_anonymous = false
+//! data_dir = "/var/lib/coremq"                # keep sessions across restarts
+//! fsync = "batch"                             # always, batch or never
 //! connect_timeout = 10                        # seconds
 //! ```
 //!
@@ -46,6 +48,46 @@ pub const DEFAULT_PORT: u16 = 1883;
 /// The PBKDF2 iteration count `coremq passwd` uses unless told otherwise:
 /// mosquitto_passwd's default, so files stay interchangeable.
 pub const DEFAULT_PASSWD_ITERATIONS: u32 = 101;
+
+/// When the `--data-dir` log is flushed to the device (`--fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsyncMode {
+    /// One write and fdatasync for each socket read that produced records
+    /// (no batching across clients): the most fsyncs, the shortest wait
+    /// for a lone publisher.
+    Always,
+    /// One write and fdatasync per loop turn for all of that turn's
+    /// records, whichever clients they came from (group commit).
+    #[default]
+    Batch,
+    /// Records are written but never flushed: acknowledgements wait for the
+    /// write only, and a crash of the machine (not of the process) may lose
+    /// what the OS had not written yet.
+    Never,
+}
+
+impl std::str::FromStr for FsyncMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<FsyncMode, String> {
+        match s.trim() {
+            "always" => Ok(FsyncMode::Always),
+            "batch" => Ok(FsyncMode::Batch),
+            "never" => Ok(FsyncMode::Never),
+            other => Err(format!("must be always, batch or never, got {other:?}")),
+        }
+    }
+}
+
+impl fmt::Display for FsyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FsyncMode::Always => "always",
+            FsyncMode::Batch => "batch",
+            FsyncMode::Never => "never",
+        })
+    }
+}
 
 /// The socket loop a shard runs (`--io`): both drive the same sans-IO
 /// broker; they differ in how bytes reach it (see `shard::poller` and
@@ -108,6 +150,14 @@ pub struct Config {
     /// mosquitto-format ACL file (see [`crate::proto::acl`]); with one, what
     /// it does not grant is refused. Default: none (everything allowed).
     pub acl_file: Option<PathBuf>,
+    /// Where persistent sessions, queued messages and retained messages are
+    /// kept (see `shard::store`); `None` keeps nothing. Default: none.
+    pub data_dir: Option<PathBuf>,
+    /// When the data dir's log is flushed. Default: batch.
+    pub fsync: FsyncMode,
+    /// MiB of log growth after which a shard writes a snapshot and drops
+    /// its log, 1..=65536. Default: 64.
+    pub snapshot_mib: u32,
     /// Whether a client that sends no username may connect. Default: true
     /// without a password file, false with one.
     pub allow_anonymous: bool,
@@ -167,6 +217,9 @@ impl Default for Config {
             ring_batch_usec: 0,
             password_file: None,
             acl_file: None,
+            data_dir: None,
+            fsync: FsyncMode::Batch,
+            snapshot_mib: 64,
             allow_anonymous: true,
             max_connections: 0,
             connect_timeout: Duration::from_secs(10),
@@ -192,7 +245,7 @@ impl Config {
         let fail =
             |key: Key, problem: String| ConfigError::Invalid(format!("{}: {problem}", key.flag()));
         check_listen(&self.listen).map_err(|p| fail(Key::Listen, p))?;
-        let numbers: [(Key, u64); 13] = [
+        let numbers: [(Key, u64); 14] = [
             (Key::Shards, self.shards as u64),
             (Key::RingBuffers, u64::from(self.ring_buffers)),
             (Key::RingBatchUsec, u64::from(self.ring_batch_usec)),
@@ -210,6 +263,7 @@ impl Config {
             (Key::MaxSessionExpiry, u64::from(self.max_session_expiry)),
             (Key::MaxTopicAlias, u64::from(self.max_topic_alias)),
             (Key::ReceiveMaximum, u64::from(self.receive_maximum)),
+            (Key::SnapshotMib, u64::from(self.snapshot_mib)),
         ];
         for (key, value) in numbers {
             let value = i64::try_from(value).unwrap_or(i64::MAX);

@@ -606,3 +606,42 @@ fn io_loop_and_ring_buffers_from_flags_and_file() {
     };
     assert!(bad.validate().is_err());
 }
+
+#[test]
+fn data_dir_fsync_and_snapshot_size_from_flags_and_file() {
+    let d = run(&[]);
+    assert_eq!(
+        (d.data_dir.clone(), d.fsync, d.snapshot_mib),
+        (None, FsyncMode::Batch, 64)
+    );
+    let c = run(&[
+        "--data-dir",
+        "/var/lib/coremq",
+        "--fsync",
+        "always",
+        "--snapshot-mib",
+        "8",
+    ]);
+    assert_eq!(
+        (c.data_dir, c.fsync, c.snapshot_mib),
+        (Some(PathBuf::from("/var/lib/coremq")), FsyncMode::Always, 8)
+    );
+    // A relative data_dir in a file is relative to the file's folder.
+    let f = TempFile::new("data", "data_dir = \"state\"\nfsync = \"never\"\n");
+    let c = run(&["--config", f.arg()]);
+    let folder = std::path::Path::new(f.arg()).parent().unwrap();
+    assert_eq!(c.data_dir, Some(folder.join("state")));
+    assert_eq!(c.fsync, FsyncMode::Never);
+    assert_eq!(
+        err(&["--fsync", "sometimes"]),
+        "--fsync: must be always, batch or never, got \"sometimes\""
+    );
+    assert_eq!(
+        err(&["--snapshot-mib", "0"]),
+        "--snapshot-mib: must be between 1 and 65536, got 0"
+    );
+    assert_eq!(
+        err(&["--data-dir", ""]),
+        "a value is required for '--data-dir <DIR>' but none was supplied"
+    );
+}

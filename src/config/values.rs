@@ -191,6 +191,15 @@ impl Builder {
                 }
                 c.acl_file = Some(p);
             }
+            Key::DataDir => {
+                let p = raw.path()?;
+                if p.as_os_str().is_empty() {
+                    return Err("must not be empty".into());
+                }
+                c.data_dir = Some(p);
+            }
+            Key::Fsync => c.fsync = raw.string()?.parse()?,
+            Key::SnapshotMib => c.snapshot_mib = int(&raw)? as u32,
             Key::AllowAnonymous => self.allow_anonymous = Some(raw.boolean()?),
             Key::MaxConnections => c.max_connections = to_usize(int(&raw)?),
             Key::ConnectTimeout => c.connect_timeout = Duration::from_secs(int(&raw)? as u64),

@@ -16,6 +16,15 @@
 //!
 //! A connection is owned by the shard that owns its clientId, so a takeover is
 //! always local: the old and the new connection meet here.
+//!
+//! With `--data-dir` ([`BrokerConfig::persist`]) the broker also writes what
+//! a restart needs as records ([`super::persist`]) into a buffer the shell
+//! drains each turn ([`Broker::take_log`]) and reports durable
+//! ([`Broker::committed`]). An acknowledgement that promises a stored copy
+//! waits for it: the publish is routed under a ticket, every shard it
+//! reaches answers [`ShardMsg::Stored`] once its own copy is durable (at
+//! once if it stored none), and the PUBACK / PUBREC goes when the local
+//! records and every answer are in, in the client's order.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -32,9 +41,10 @@ use super::codec::{
 };
 use super::interest::{Interest, ShardSet, MAX_ROUTED_SHARDS};
 use super::keepalive::{KeepAliveWheel, Secs, Verdict};
+use super::persist::{self, Flow, Recovered, SessionState, StoredWill};
 use super::retained::{retained_owner, RetainedMessage, RetainedStore};
 use super::session::{
-    Inflight, PendingWill, QueuedMessage, Session, SessionKey, SubOpts, NEVER_EXPIRES,
+    AwaitingRel, Inflight, PendingWill, QueuedMessage, Session, SessionKey, SubOpts, NEVER_EXPIRES,
 };
 use super::shared::{self, share_owner, Member, Shared, SharedGroups};
 use super::topic::trie::SubscriptionTrie;
@@ -94,6 +104,15 @@ pub struct BrokerConfig {
     /// Response Information for 5.0 clients that ask for it
     /// (`--response-information`).
     pub response_information: Option<ByteString>,
+    /// `--data-dir` is set: persistent sessions, the QoS 1/2 messages owed
+    /// to them and retained messages are written as records (see
+    /// [`super::persist`]), and an acknowledgement that promises one of them
+    /// waits until its record is durable ([`Broker::take_log`],
+    /// [`Broker::committed`]).
+    pub persist: bool,
+    /// Wall-clock milliseconds (Unix epoch) at `Millis(0)`: stored times are
+    /// wall-clock, so that they mean the same after a restart.
+    pub wall_epoch_ms: u64,
 }
 
 impl BrokerConfig {
@@ -111,6 +130,8 @@ impl BrokerConfig {
             max_topic_alias: u16::MAX,
             receive_maximum: 1024,
             response_information: None,
+            persist: false,
+            wall_epoch_ms: 0,
         }
     }
 }
@@ -133,6 +154,14 @@ pub struct RoutedPublish {
     pub props: Option<Arc<Properties>>,
     /// When it expires (Message Expiry Interval), on the process-wide clock.
     pub expires_at: Option<Millis>,
+    /// With `--data-dir`: the shard that waits to acknowledge it and its
+    /// ticket. The receiver answers [`ShardMsg::Stored`] once whatever it
+    /// stored of the message is durable.
+    pub ticket: Option<(ShardId, u64)>,
+    /// With `--data-dir`, a QoS 2 PUBLISH of a persistent session: its
+    /// inbound id (0: none). A shard that already stored copies under this
+    /// id does not store them again (a resend after a crash).
+    pub uid: u64,
 }
 
 /// A message from one shard's broker to another.
@@ -203,6 +232,17 @@ pub enum ShardMsg {
     },
     /// From a group's owner shard: deliver this to the member it picked.
     ShareDeliver(ShareDelivery),
+    /// The answer to a publish carrying a ticket: what this shard stored of
+    /// it is on disk (or it stored nothing).
+    Stored {
+        /// The publish's ticket.
+        ticket: u64,
+    },
+    /// The QoS 2 flow of inbound id `uid` ended (PUBREL): forget it.
+    Forget {
+        /// The inbound id.
+        uid: u64,
+    },
 }
 
 /// A message for the member of a shared subscription group the group's
@@ -369,6 +409,56 @@ struct Conn {
     /// limit but the protocol's).
     max_packet: u32,
     aliases: Option<Box<Aliases>>,
+    /// With `--data-dir`: acknowledgements waiting for their records to be
+    /// durable, in the order they must be sent (MQTT-4.6.0-2); a ticket
+    /// of 0 waits for nothing but the ones before it. Boxed: 8 bytes in
+    /// every connection instead of a 32-byte empty queue.
+    #[allow(clippy::box_collection)]
+    held: Option<Box<VecDeque<(u64, Packet)>>>,
+}
+
+/// An acknowledgement (or a [`ShardMsg::Stored`]) waiting for records to
+/// be durable here and on other shards.
+#[derive(Debug)]
+struct Held {
+    /// Waits for the local commit of this log generation.
+    local_gen: Option<u64>,
+    /// [`ShardMsg::Stored`] answers still to come.
+    remote_left: u32,
+    then: HeldThen,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum HeldThen {
+    /// Release the connection's held acknowledgements up to this one.
+    Ack(ConnId),
+    /// Answer a publish from another shard.
+    Reply(ShardId, u64),
+    /// A PUBREC: every copy of the QoS 2 message with this packet id of
+    /// this session is durable; then as `Ack`.
+    Rel(ConnId, SessionKey, u16),
+}
+
+/// A step of a stored message's flow, as the log records it.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// In flight with this packet id.
+    Sent(u16),
+    /// QoS 2: its PUBREC came.
+    Released,
+    /// Its flow ended (acknowledged, expired, or not sendable).
+    Done,
+}
+
+/// What happens to one publish while it is routed with a ticket.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    ticket: u64,
+    log_before: usize,
+    fanout: u32,
+    /// A generation to wait for even if nothing new is logged: copies
+    /// stored earlier under the same inbound id, maybe not yet durable.
+    wait_gen: Option<u64>,
 }
 
 enum Slot {
@@ -418,6 +508,23 @@ pub struct Broker {
     /// would make the counters' cache lines the busiest memory in the
     /// process.
     counts: LocalCounts,
+    /// The next message id ([`QueuedMessage::id`]).
+    next_msg_id: u64,
+    /// With `--data-dir`: records not yet handed to the shell.
+    log: BytesMut,
+    /// The generation `log` will be committed as.
+    log_gen: u64,
+    /// Every generation up to this one is durable.
+    committed_gen: u64,
+    /// Tickets waiting for a local commit, by generation (ascending).
+    gen_waiters: VecDeque<(u64, u64)>,
+    /// Acknowledgements and answers waiting for records, by ticket.
+    held: HashMap<u64, Held>,
+    /// The publish being routed with a ticket, if any.
+    hold: Option<Hold>,
+    /// Inbound QoS 2 ids seen here, and whether copies were stored (and an
+    /// `Applied` record written), until their flow ends.
+    applied: HashMap<u64, bool>,
 }
 
 /// Tallies a shard keeps to itself between flushes.
@@ -455,6 +562,14 @@ impl Broker {
             events: VecDeque::new(),
             matches: HashMap::new(),
             counts: LocalCounts::default(),
+            next_msg_id: 1,
+            log: BytesMut::new(),
+            log_gen: 1,
+            committed_gen: 0,
+            gen_waiters: VecDeque::new(),
+            held: HashMap::new(),
+            hold: None,
+            applied: HashMap::new(),
         }
     }
 
@@ -599,6 +714,7 @@ impl Broker {
                 .and_then(|p| p.maximum_packet_size)
                 .unwrap_or(u32::MAX),
             aliases: None,
+            held: None,
         });
 
         // MQTT-3.1.4-2: a client already connected with this id is disconnected.
@@ -639,6 +755,15 @@ impl Broker {
         }
         let conn = self.conn_mut(id).expect("allocated above");
         conn.session = Some(key);
+        if self.persists(key) {
+            self.log_session(key);
+        } else if let Some(s) = self.session_mut(key).filter(|s| s.logged) {
+            // A persistent session resumed with an expiry of 0 now ends
+            // with this connection: it no longer belongs on disk.
+            s.logged = false;
+            let cid = s.client_id.clone();
+            persist::put_session_gone(&mut self.log, &cid);
+        }
         if keep_alive > 0 {
             let deadline = keepalive_tick(Millis(now.0 + u64::from(keep_alive) * 1500));
             self.keepalive.register(id.index, id.generation, deadline);
@@ -751,11 +876,12 @@ impl Broker {
     fn handle_shard_msg(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Publish(publish) => {
-                if publish.retain {
-                    self.store_retained(&publish);
-                }
-                self.deliver_local(&publish, None);
+                let outer = self.hold_begin(publish.ticket.is_some());
+                self.apply_routed(&publish, None);
+                self.answer(outer, publish.ticket);
             }
+            ShardMsg::Stored { ticket } => self.stored(ticket),
+            ShardMsg::Forget { uid } => self.forget_here(uid),
             ShardMsg::RetainedQuery(query) => {
                 let mut messages = Vec::new();
                 let now = self.now;
@@ -803,7 +929,13 @@ impl Broker {
             }
             ShardMsg::ShareOnline { share, member } => self.shared.set_online(&share, &member),
             ShardMsg::ShareDeliver(d) => {
-                self.deliver_shared(&d.share, d.session, &d.client_id, &d.publish)
+                let outer = self.hold_begin(d.publish.ticket.is_some());
+                if !self.seen_before(d.publish.uid) {
+                    let before = self.log.len();
+                    self.deliver_shared(&d.share, d.session, &d.client_id, &d.publish);
+                    self.mark_applied(d.publish.uid, before);
+                }
+                self.answer(outer, d.publish.ticket);
             }
         }
     }
@@ -843,6 +975,7 @@ impl Broker {
                 props: msg.props,
                 expires_at: msg.expires_at,
                 sub_ids: sub_ids(opts),
+                id: 0,
             },
         );
     }
@@ -913,6 +1046,7 @@ impl Broker {
         for key in wills_due {
             if let Some(pending) = self.session_mut(key).and_then(|s| s.pending_will.take()) {
                 self.publish_will(pending.will);
+                self.log_session(key);
             }
         }
         for key in ended {
@@ -957,6 +1091,8 @@ impl Broker {
                 retain: will.retain,
                 props,
                 expires_at,
+                ticket: None,
+                uid: 0,
             },
             None,
         );
@@ -988,43 +1124,55 @@ impl Broker {
         match packet {
             Packet::Publish(publish) => self.handle_publish(conn, publish, now),
             Packet::PubAck(ack) => {
-                self.with_session(conn, |s| {
-                    let f = s.flows_mut();
-                    if matches!(f.inflight.get(&ack.packet_id.get()), Some((_, Inflight::Published(p))) if p.qos == QoS::AtLeastOnce)
-                    {
-                        f.inflight.remove(&ack.packet_id.get());
-                    }
-                    s.release_idle_flows();
-                });
+                let done = self
+                    .with_session(conn, |s| {
+                        let f = s.flows_mut();
+                        let mut done = None;
+                        if matches!(f.inflight.get(&ack.packet_id.get()), Some((_, Inflight::Published(p))) if p.qos == QoS::AtLeastOnce)
+                        {
+                            done = f.inflight.remove(&ack.packet_id.get()).map(|(id, _)| id);
+                        }
+                        s.release_idle_flows();
+                        done
+                    })
+                    .flatten();
+                self.log_conn_flow(conn, done, Step::Done);
                 self.pump_conn_queue(conn);
             }
             Packet::PubRec(ack) => {
-                let known = self
+                let (known, changed) = self
                     .with_session(conn, |s| {
                         // Only a QoS 2 PUBLISH moves on to its release: a PUBREC
                         // for a QoS 1 id is the client's mistake, and must not
                         // turn a flow that awaits PUBACK into one that never ends.
                         let mut known = false;
-                        if let Some((_, entry)) =
+                        let mut changed = None;
+                        if let Some((order, entry)) =
                             s.flows_mut().inflight.get_mut(&ack.packet_id.get())
                         {
                             known = true;
                             if matches!(entry, Inflight::Published(p) if p.qos == QoS::ExactlyOnce)
                             {
+                                let order = *order;
                                 if ack.reason >= 0x80 {
                                     // 5.0: a PUBREC with an error code ends the
                                     // flow (MQTT-4.3.3 / §4.9).
                                     s.flows_mut().inflight.remove(&ack.packet_id.get());
                                     known = false;
+                                    changed = Some((order, Step::Done));
                                 } else {
                                     *entry = Inflight::Released;
+                                    changed = Some((order, Step::Released));
                                 }
                             }
                         }
                         s.release_idle_flows();
-                        known
+                        (known, changed)
                     })
-                    .unwrap_or(false);
+                    .unwrap_or((false, None));
+                if let Some((order, step)) = changed {
+                    self.log_conn_flow(conn, Some(order), step);
+                }
                 if ack.reason >= 0x80 && v5 {
                     self.pump_conn_queue(conn);
                     return;
@@ -1039,31 +1187,47 @@ impl Broker {
                 self.queue_packet(conn, &Packet::PubRel(pub_resp(ack.packet_id, code)));
             }
             Packet::PubRel(rel) => {
-                let known = self
+                let ended = self
                     .with_session(conn, |s| {
-                        let known = s.flows_mut().awaiting_rel.remove(&rel.packet_id.get());
+                        let ended = s.flows_mut().awaiting_rel.remove(&rel.packet_id.get());
                         s.release_idle_flows();
-                        known
+                        ended
                     })
-                    .unwrap_or(false);
+                    .flatten();
+                let known = ended.is_some();
+                if let Some(uid) = ended.map(|e| e.uid).filter(|&u| u != 0) {
+                    self.forget(uid);
+                }
                 let code = if known || !v5 {
                     reason::SUCCESS
                 } else {
                     reason::PACKET_IDENTIFIER_NOT_FOUND
                 };
-                self.queue_packet(conn, &Packet::PubComp(pub_resp(rel.packet_id, code)));
+                // The PUBCOMP waits until the id is known to be free again
+                // on disk: the client may reuse it at once.
+                let outer = self.hold_begin(known);
+                if let (true, Some(key)) = (known, self.conn(conn).and_then(|c| c.session)) {
+                    self.log_rel_done(key, rel.packet_id.get());
+                }
+                let ticket = self.hold_end(outer, HeldThen::Ack(conn));
+                self.send_ack(conn, Packet::PubComp(pub_resp(rel.packet_id, code)), ticket);
             }
             Packet::PubComp(comp) => {
-                self.with_session(conn, |s| {
-                    let f = s.flows_mut();
-                    if matches!(
-                        f.inflight.get(&comp.packet_id.get()),
-                        Some((_, Inflight::Released))
-                    ) {
-                        f.inflight.remove(&comp.packet_id.get());
-                    }
-                    s.release_idle_flows();
-                });
+                let done = self
+                    .with_session(conn, |s| {
+                        let f = s.flows_mut();
+                        let mut done = None;
+                        if matches!(
+                            f.inflight.get(&comp.packet_id.get()),
+                            Some((_, Inflight::Released))
+                        ) {
+                            done = f.inflight.remove(&comp.packet_id.get()).map(|(id, _)| id);
+                        }
+                        s.release_idle_flows();
+                        done
+                    })
+                    .flatten();
+                self.log_conn_flow(conn, done, Step::Done);
                 self.pump_conn_queue(conn);
             }
             Packet::Subscribe(sub) => self.handle_subscribe(conn, sub, now),
@@ -1082,14 +1246,13 @@ impl Broker {
                         });
                     }
                 }
-                self.queue_packet(
-                    conn,
-                    &Packet::UnsubAck(UnsubAck {
-                        packet_id: unsub.packet_id,
-                        codes,
-                        properties: None,
-                    }),
-                );
+                self.log_session(key);
+                let ack = Packet::UnsubAck(UnsubAck {
+                    packet_id: unsub.packet_id,
+                    codes,
+                    properties: None,
+                });
+                self.send_session_ack(conn, key, ack);
             }
             Packet::PingReq => self.queue_packet(conn, &Packet::PingResp),
             Packet::Disconnect(d) => self.handle_disconnect(conn, d, now),
@@ -1172,6 +1335,8 @@ impl Broker {
             retain: publish.retain,
             props,
             expires_at,
+            ticket: None,
+            uid: 0,
         });
         match (publish.qos, publish.packet_id) {
             (QoS::AtMostOnce, _) => {
@@ -1180,33 +1345,35 @@ impl Broker {
                 }
             }
             (QoS::AtLeastOnce, Some(id)) => {
+                // With --data-dir the PUBACK waits until every copy that
+                // had to be stored is (here, and the shards it went to).
+                let outer = self.hold_begin(true);
                 let code = self.route_and_judge(routed, session, v5);
-                self.queue_packet(conn, &Packet::PubAck(self.ack(conn, id, code)));
+                let ticket = self.hold_end(outer, HeldThen::Ack(conn));
+                let ack = Packet::PubAck(self.ack(conn, id, code));
+                self.send_ack(conn, ack, ticket);
             }
             (QoS::ExactlyOnce, Some(id)) => {
                 if routed.is_none() && v5 {
                     // The flow ends with this PUBREC (§4.3.3): no PUBREL follows.
                     let ack = self.ack(conn, id, reason::NOT_AUTHORIZED);
-                    self.queue_packet(conn, &Packet::PubRec(ack));
+                    self.send_ack(conn, Packet::PubRec(ack), None);
                     return;
                 }
                 // MQTT-4.3.3: a PUBLISH resent before PUBREL is acknowledged
                 // again but not delivered again.
                 let receive_maximum = usize::from(self.config.receive_maximum);
-                let (first, over) = self
+                let (entry, over) = self
                     .with_session(conn, |s| {
-                        let waiting = &mut s.flows_mut().awaiting_rel;
-                        let first = !waiting.contains(&id.get());
+                        let waiting = &s.flows_mut().awaiting_rel;
+                        let entry = waiting.get(&id.get()).copied();
                         // MQTT-3.3.4-9 (5.0): no more QoS 2 PUBLISHes
                         // awaiting PUBREL than our Receive Maximum.
-                        let over = v5 && first && waiting.len() >= receive_maximum;
-                        if first && !over {
-                            waiting.insert(id.get());
-                        }
+                        let over = v5 && entry.is_none() && waiting.len() >= receive_maximum;
                         s.release_idle_flows();
-                        (first, over)
+                        (entry, over)
                     })
-                    .unwrap_or((false, false));
+                    .unwrap_or((None, false));
                 if over {
                     bump(&self.counters.malformed_packets);
                     self.close(
@@ -1216,12 +1383,53 @@ impl Broker {
                     );
                     return;
                 }
-                let code = if first {
+                // With --data-dir, a persistent session's message is routed
+                // under an inbound id, recorded with the packet id: a resend
+                // whose copies are not all known durable (a crash came, or
+                // the PUBREC still waits) is routed again under it, and the
+                // shards that stored it already skip it.
+                let (route_it, uid) = match entry {
+                    None => {
+                        let uid = match session {
+                            Some(key) if self.persists(key) => self.next_uid(),
+                            _ => 0,
+                        };
+                        (true, uid)
+                    }
+                    Some(e) => (!e.confirmed, e.uid),
+                };
+                let outer = self.hold_begin(route_it);
+                if entry.is_none() {
+                    self.with_session(conn, |s| {
+                        s.flows_mut().awaiting_rel.insert(
+                            id.get(),
+                            AwaitingRel {
+                                uid,
+                                confirmed: uid == 0,
+                            },
+                        );
+                    });
+                    if let Some(key) = session {
+                        self.log_await_rel(key, id.get(), uid);
+                    }
+                }
+                let code = if route_it {
+                    let routed = routed.map(|r| RoutedPublish { uid, ..r });
                     self.route_and_judge(routed, session, v5)
                 } else {
                     reason::SUCCESS
                 };
-                self.queue_packet(conn, &Packet::PubRec(self.ack(conn, id, code)));
+                let ticket = match session {
+                    Some(key) => self.hold_end(outer, HeldThen::Rel(conn, key, id.get())),
+                    None => self.hold_end(outer, HeldThen::Ack(conn)),
+                };
+                if ticket.is_none() {
+                    if let Some(key) = session {
+                        self.confirm_rel(key, id.get());
+                    }
+                }
+                let ack = Packet::PubRec(self.ack(conn, id, code));
+                self.send_ack(conn, ack, ticket);
             }
             // The codec guarantees an id for QoS > 0 (MQTT-2.3.1-5).
             _ => {
@@ -1376,6 +1584,7 @@ impl Broker {
             codes,
             properties: None,
         };
+        self.log_session(key);
         wait_tickets.sort_unstable();
         wait_tickets.dedup();
         let left = wait_tickets.len()
@@ -1434,7 +1643,7 @@ impl Broker {
         {
             return;
         }
-        self.queue_packet(conn, &Packet::SubAck(suback));
+        self.send_session_ack(conn, key, Packet::SubAck(suback));
         let mut retained = Vec::new();
         for filter in retained_for {
             // Only what the session still subscribes to (an UNSUBSCRIBE may
@@ -1745,6 +1954,7 @@ impl Broker {
                 props: publish.props.clone(),
                 expires_at: publish.expires_at,
                 sub_ids: sub_ids(opts),
+                id: 0,
             },
         );
     }
@@ -1760,6 +1970,8 @@ impl Broker {
                 retain,
                 props: None,
                 expires_at: None,
+                ticket: None,
+                uid: 0,
             },
             None,
         );
@@ -1769,14 +1981,13 @@ impl Broker {
     /// PUBLISHes and wills alike. `origin` is the publishing session (for
     /// No Local). True if a subscription on this shard matched.
     fn route(&mut self, publish: RoutedPublish, origin: Option<SessionKey>) -> bool {
-        if publish.retain {
-            self.store_retained(&publish);
-        }
-        let matched = self.deliver_local(&publish, origin);
+        let matched = self.apply_routed(&publish, origin);
         if self.config.shards == 1 {
             return matched;
         }
+        let mut publish = publish;
         if !self.routed() {
+            self.tag(&mut publish, u32::from(self.config.shards) - 1);
             self.events
                 .push_back(Event::Broadcast(ShardMsg::Publish(publish)));
             return true;
@@ -1789,6 +2000,10 @@ impl Broker {
             to.insert(retained_owner(publish.topic.as_str(), self.config.shards));
         }
         let me = self.config.shard;
+        let copies = to.iter().filter(|&s| s != me).count() as u32;
+        if copies > 0 {
+            self.tag(&mut publish, copies);
+        }
         for shard in to.iter().filter(|&s| s != me) {
             self.events
                 .push_back(Event::SendTo(shard, ShardMsg::Publish(publish.clone())));
@@ -1838,6 +2053,23 @@ impl Broker {
             std::cmp::Ordering::Less => drop_one(&self.counters.retained_current),
             std::cmp::Ordering::Equal => {}
         }
+        if self.config.persist && !is_broker_topic(&publish.topic) {
+            if publish.payload.is_empty() {
+                persist::put_unretain(&mut self.log, publish.topic.as_str());
+            } else {
+                let expires_at = publish.expires_at.map(|t| self.wall(t));
+                persist::put_retain(
+                    &mut self.log,
+                    &persist::StoredRetainedRef {
+                        topic: publish.topic.as_str(),
+                        payload: &publish.payload,
+                        qos: publish.qos,
+                        props: publish.props.as_deref(),
+                        expires_at,
+                    },
+                );
+            }
+        }
     }
 
     /// Delivers `publish` to this shard's matching sessions and to one
@@ -1879,6 +2111,7 @@ impl Broker {
                     props: publish.props.clone(),
                     expires_at: publish.expires_at,
                     sub_ids: fold.ids,
+                    id: 0,
                 },
             );
         }
@@ -1892,13 +2125,15 @@ impl Broker {
                 if member.shard == self.config.shard {
                     self.deliver_shared(&share, member.session, &member.client_id, publish);
                 } else {
+                    let mut publish = publish.clone();
+                    self.tag(&mut publish, 1);
                     self.events.push_back(Event::SendTo(
                         member.shard,
                         ShardMsg::ShareDeliver(ShareDelivery {
                             share,
                             session: member.session,
                             client_id: member.client_id,
-                            publish: publish.clone(),
+                            publish,
                         }),
                     ));
                 }
@@ -1934,9 +2169,13 @@ impl Broker {
     /// Delivers one message to a session: at once when it is connected and
     /// its inflight window has room, else (QoS 1/2) into its queue. The ACL
     /// may hold it back (a `deny` inside a broader grant).
-    fn deliver_to_session(&mut self, key: SessionKey, msg: QueuedMessage) {
+    fn deliver_to_session(&mut self, key: SessionKey, mut msg: QueuedMessage) {
         if self.config.acl.is_some() && !self.may(key, Access::Read, msg.topic.as_str()) {
             return;
+        }
+        if msg.qos != QoS::AtMostOnce {
+            msg.id = self.next_msg_id;
+            self.next_msg_id += 1;
         }
         let max_queued = self.config.max_queued;
         let Some(session) = self.session(key) else {
@@ -1958,14 +2197,18 @@ impl Broker {
             conn.is_none() || session.queue_len() > 0 || session.inflight_len() >= window;
         if !must_wait {
             if let Some(conn) = conn {
+                self.log_message(key, &msg);
                 self.send_now(conn, key, msg);
             }
             return;
         }
         let full = session.queue_len() >= max_queued;
         if !full {
+            self.log_message(key, &msg);
+            let session = self.session_mut(key).expect("looked up above");
             session.flows_mut().queue.push_back(msg);
         }
+        let session = self.session_mut(key).expect("looked up above");
         let newly_busy = conn.is_some() && session.shares && !session.share_busy;
         if full {
             // The queue is full: the newest message is the one dropped, so
@@ -2020,12 +2263,16 @@ impl Broker {
             props,
             expires_at,
             sub_ids,
+            id: msg_id,
         } = msg;
         // MQTT-3.3.2-5: a message whose expiry passed while it waited is not
         // sent; MQTT-3.3.2-6: one that is carries what is left of it.
         let remaining = match expires_at {
             Some(at) if at <= self.now => {
                 bump(&self.counters.messages_expired);
+                if qos != QoS::AtMostOnce {
+                    self.log_flow(key, msg_id, Step::Done);
+                }
                 return;
             }
             Some(at) => Some((at.0 - self.now.0).div_ceil(1000) as u32),
@@ -2033,15 +2280,7 @@ impl Broker {
         };
         let Some(c) = self.conn(conn) else { return };
         let (version, max_packet, pending) = (c.version, c.max_packet, c.outgoing.len());
-        let properties =
-            if version.is_v5() && (props.is_some() || !sub_ids.is_empty() || remaining.is_some()) {
-                let mut p = props.map_or_else(Properties::default, |p| (*p).clone());
-                p.message_expiry_interval = remaining;
-                p.subscription_identifiers = sub_ids;
-                Some(Box::new(p))
-            } else {
-                None
-            };
+        let properties = delivery_properties(props, sub_ids, remaining, version.is_v5());
         let mut publish = Publish {
             dup: false,
             qos,
@@ -2056,6 +2295,9 @@ impl Broker {
         // Packet Size is not sent, as if it had been (nothing goes in flight).
         if max_packet != u32::MAX && publish.encoded_len(version) > max_packet as usize {
             bump(&self.counters.oversize_dropped);
+            if qos != QoS::AtMostOnce {
+                self.log_flow(key, msg_id, Step::Done);
+            }
             return;
         }
         if qos == QoS::AtMostOnce {
@@ -2072,12 +2314,14 @@ impl Broker {
             };
             let Some(id) = session.allocate_packet_id() else {
                 bump(&self.counters.messages_dropped);
+                self.log_flow(key, msg_id, Step::Done);
                 return;
             };
             publish.packet_id = Some(id);
             session
                 .flows_mut()
-                .start(id.get(), Inflight::Published(publish.clone()));
+                .start(id.get(), msg_id, Inflight::Published(publish.clone()));
+            self.log_flow(key, msg_id, Step::Sent(id.get()));
         }
         self.counts.publishes_out += 1;
         self.queue_publish(conn, publish);
@@ -2227,6 +2471,7 @@ impl Broker {
                     self.expiry
                         .register(key.0, generation, keepalive_tick(Millis(due)));
                 }
+                self.log_session(key);
             }
         }
         if let Some(will) = will {
@@ -2347,6 +2592,21 @@ impl Broker {
             return;
         };
         drop_one(&self.counters.sessions_current);
+        if session.logged {
+            persist::put_session_gone(&mut self.log, &session.client_id);
+        }
+        // Inbound QoS 2 flows that will never get their PUBREL now.
+        if let Some(f) = session.flows() {
+            let uids: Vec<u64> = f
+                .awaiting_rel
+                .values()
+                .map(|a| a.uid)
+                .filter(|&u| u != 0)
+                .collect();
+            for uid in uids {
+                self.forget(uid);
+            }
+        }
         for (filter, _) in session.subscriptions() {
             drop_one(&self.counters.subscriptions_current);
             if filter.as_str().starts_with(shared::SHARE_PREFIX) {
@@ -2376,6 +2636,657 @@ impl Broker {
         self.free_sessions.push(key.0);
     }
 
+    // ------------------------------------------------------------ durability
+
+    /// Wall-clock milliseconds of broker time `t`.
+    fn wall(&self, t: Millis) -> u64 {
+        self.config.wall_epoch_ms.saturating_add(t.0)
+    }
+
+    /// Whether session `key`'s state goes in the log: `--data-dir` is set
+    /// and the session outlives its connection.
+    fn persists(&self, key: SessionKey) -> bool {
+        self.config.persist && self.session(key).is_some_and(|s| s.expiry_secs > 0)
+    }
+
+    /// Session `s` as a `Session` record describes it.
+    fn session_state(&self, s: &Session) -> SessionState {
+        let will = match s.conn.and_then(|c| self.conn(c)) {
+            Some(c) => c.will.as_ref().map(|w| StoredWill {
+                will: (**w).clone(),
+                due: persist::NO_TIME,
+            }),
+            None => s.pending_will.as_ref().map(|p| StoredWill {
+                will: p.will.clone(),
+                due: self.wall(p.due),
+            }),
+        };
+        SessionState {
+            client_id: s.client_id.clone(),
+            expiry_secs: s.expiry_secs,
+            connected: s.conn.is_some(),
+            expires_at: if s.conn.is_some() || s.expires_at == u64::MAX {
+                persist::NO_TIME
+            } else {
+                self.wall(Millis(s.expires_at))
+            },
+            username: s.username.clone(),
+            subscriptions: s.subscriptions().map(|(f, o)| (f.clone(), o)).collect(),
+            will,
+        }
+    }
+
+    /// Logs session `key`'s settings, subscriptions and will, if it persists.
+    fn log_session(&mut self, key: SessionKey) {
+        if !self.persists(key) {
+            return;
+        }
+        let Some(s) = self.session(key) else { return };
+        let state = self.session_state(s);
+        persist::put_session(&mut self.log, &state);
+        if let Some(s) = self.session_mut(key) {
+            s.logged = true;
+        }
+    }
+
+    /// Logs a step of stored message `id`'s flow to session `key`.
+    fn log_flow(&mut self, key: SessionKey, id: u64, step: Step) {
+        if !self.persists(key) {
+            return;
+        }
+        let (sessions, log) = (&self.sessions, &mut self.log);
+        let Some(Some(s)) = sessions.get(key.0 as usize) else {
+            return;
+        };
+        match step {
+            Step::Sent(pid) => persist::put_sent(log, &s.client_id, id, pid),
+            Step::Released => persist::put_released(log, &s.client_id, id),
+            Step::Done => persist::put_done(log, &s.client_id, id),
+        }
+    }
+
+    /// [`Broker::log_flow`] for the session of `conn`, when `id` is some.
+    fn log_conn_flow(&mut self, conn: ConnId, id: Option<u64>, step: Step) {
+        if let (Some(id), Some(key)) = (id, self.conn(conn).and_then(|c| c.session)) {
+            self.log_flow(key, id, step);
+        }
+    }
+
+    /// Logs a message owed to session `key`.
+    fn log_message(&mut self, key: SessionKey, msg: &QueuedMessage) {
+        if !self.persists(key) {
+            return;
+        }
+        let epoch = self.config.wall_epoch_ms;
+        let (sessions, log) = (&self.sessions, &mut self.log);
+        let Some(Some(s)) = sessions.get(key.0 as usize) else {
+            return;
+        };
+        persist::put_message(
+            log,
+            &s.client_id,
+            msg.id,
+            &persist::StoredMessageRef {
+                topic: msg.topic.as_str(),
+                payload: &msg.payload,
+                qos: msg.qos,
+                retain: msg.retain,
+                props: msg.props.as_deref(),
+                expires_at: msg.expires_at.map(|t| epoch.saturating_add(t.0)),
+                sub_ids: &msg.sub_ids,
+            },
+        );
+    }
+
+    /// Logs that the client of session `key` has a QoS 2 PUBLISH with
+    /// `packet_id` awaiting PUBREL, routed under inbound id `uid`.
+    fn log_await_rel(&mut self, key: SessionKey, packet_id: u16, uid: u64) {
+        if !self.persists(key) {
+            return;
+        }
+        let (sessions, log) = (&self.sessions, &mut self.log);
+        if let Some(Some(s)) = sessions.get(key.0 as usize) {
+            persist::put_await_rel(log, &s.client_id, packet_id, uid);
+        }
+    }
+
+    /// Logs that that PUBLISH got its PUBREL.
+    fn log_rel_done(&mut self, key: SessionKey, packet_id: u16) {
+        if !self.persists(key) {
+            return;
+        }
+        let (sessions, log) = (&self.sessions, &mut self.log);
+        if let Some(Some(s)) = sessions.get(key.0 as usize) {
+            persist::put_rel_done(log, &s.client_id, packet_id);
+        }
+    }
+
+    /// A new inbound id: this shard's number above a counter no earlier
+    /// run used (the counter of message ids).
+    fn next_uid(&mut self) -> u64 {
+        let n = self.next_msg_id;
+        self.next_msg_id += 1;
+        (u64::from(self.config.shard.0) << 48) | (n & persist::ID_COUNTER)
+    }
+
+    /// True when copies of inbound id `uid` were handled here before: they
+    /// are not delivered again, and whoever waits for this publish waits
+    /// for their records to be durable.
+    fn seen_before(&mut self, uid: u64) -> bool {
+        if uid == 0 || !self.applied.contains_key(&uid) {
+            return false;
+        }
+        let pending = self.pending_gen();
+        if let Some(h) = &mut self.hold {
+            h.wait_gen = h.wait_gen.max(pending);
+        }
+        true
+    }
+
+    /// Remembers that inbound id `uid` was handled here; when that stored
+    /// copies (the log grew past `before`), records it beside them.
+    fn mark_applied(&mut self, uid: u64, before: usize) {
+        if uid == 0 {
+            return;
+        }
+        let stored = self.log.len() > before;
+        if stored {
+            persist::put_applied(&mut self.log, uid, true);
+        }
+        self.applied.insert(uid, stored);
+    }
+
+    /// Stores and delivers a routed publish on this shard (the retained
+    /// owner keeps it), unless its inbound id was handled here already.
+    /// True if a subscription here matched (or it was handled before).
+    fn apply_routed(&mut self, publish: &RoutedPublish, origin: Option<SessionKey>) -> bool {
+        if self.seen_before(publish.uid) {
+            return true;
+        }
+        let before = self.log.len();
+        if publish.retain {
+            self.store_retained(publish);
+        }
+        let matched = self.deliver_local(publish, origin);
+        self.mark_applied(publish.uid, before);
+        matched
+    }
+
+    /// The QoS 2 flow of inbound id `uid` ended: every shard forgets it.
+    fn forget(&mut self, uid: u64) {
+        self.forget_here(uid);
+        if self.config.shards > 1 {
+            self.events
+                .push_back(Event::Broadcast(ShardMsg::Forget { uid }));
+        }
+    }
+
+    fn forget_here(&mut self, uid: u64) {
+        if self.applied.remove(&uid) == Some(true) {
+            persist::put_applied(&mut self.log, uid, false);
+        }
+    }
+
+    /// Every copy of session `key`'s QoS 2 PUBLISH `packet_id` is durable.
+    fn confirm_rel(&mut self, key: SessionKey, packet_id: u16) {
+        if let Some(e) = self
+            .session_mut(key)
+            .and_then(|s| s.flows_mut().awaiting_rel.get_mut(&packet_id))
+        {
+            e.confirmed = true;
+        }
+    }
+
+    /// Records written since the last call, and the generation to report
+    /// to [`Broker::committed`] once they are durable. `None` when there
+    /// are none.
+    pub fn take_log(&mut self) -> Option<(BytesMut, u64)> {
+        if self.log.is_empty() {
+            return None;
+        }
+        let generation = self.log_gen;
+        self.log_gen += 1;
+        Some((std::mem::take(&mut self.log), generation))
+    }
+
+    /// Every record up to generation `generation` is durable: the
+    /// acknowledgements and answers that waited for them go out.
+    pub fn committed(&mut self, generation: u64) {
+        self.committed_gen = self.committed_gen.max(generation);
+        while let Some(&(g, ticket)) = self.gen_waiters.front() {
+            if g > self.committed_gen {
+                break;
+            }
+            self.gen_waiters.pop_front();
+            let done = match self.held.get_mut(&ticket) {
+                Some(h) => {
+                    h.local_gen = None;
+                    h.remote_left == 0
+                }
+                None => false,
+            };
+            if done {
+                self.complete(ticket);
+            }
+        }
+    }
+
+    /// The generation that makes everything logged so far durable, if it
+    /// is not yet.
+    fn pending_gen(&self) -> Option<u64> {
+        if !self.log.is_empty() {
+            Some(self.log_gen)
+        } else if self.log_gen - 1 > self.committed_gen {
+            Some(self.log_gen - 1)
+        } else {
+            None
+        }
+    }
+
+    /// Starts routing a publish whose acknowledgement (or answer) may have
+    /// to wait for what it stores, when `active`; returns the hold it
+    /// interrupts, for [`Broker::hold_end`].
+    fn hold_begin(&mut self, active: bool) -> Option<Hold> {
+        let outer = self.hold.take();
+        if active && self.config.persist {
+            let ticket = self.next_id();
+            self.hold = Some(Hold {
+                ticket,
+                log_before: self.log.len(),
+                fanout: 0,
+                wait_gen: None,
+            });
+        }
+        outer
+    }
+
+    /// Ends a hold: when the publish stored something here, or went to
+    /// other shards with its ticket, `then` waits for those, and its ticket
+    /// is returned; `None` when nothing needs waiting for.
+    fn hold_end(&mut self, outer: Option<Hold>, then: HeldThen) -> Option<u64> {
+        let h = std::mem::replace(&mut self.hold, outer)?;
+        let local_gen = if self.log.len() > h.log_before {
+            Some(self.log_gen)
+        } else {
+            h.wait_gen
+        };
+        if local_gen.is_none() && h.fanout == 0 {
+            return None;
+        }
+        self.wait_for(h.ticket, local_gen, h.fanout, then);
+        Some(h.ticket)
+    }
+
+    fn wait_for(&mut self, ticket: u64, local_gen: Option<u64>, remote_left: u32, then: HeldThen) {
+        if let Some(g) = local_gen {
+            self.gen_waiters.push_back((g, ticket));
+        }
+        self.held.insert(
+            ticket,
+            Held {
+                local_gen,
+                remote_left,
+                then,
+            },
+        );
+    }
+
+    /// Gives an outgoing publish the current hold's ticket (or none), and
+    /// counts the answer it will bring.
+    fn tag(&mut self, publish: &mut RoutedPublish, copies: u32) {
+        publish.ticket = match &mut self.hold {
+            Some(h) => {
+                h.fanout += copies;
+                Some((self.config.shard, h.ticket))
+            }
+            None => None,
+        };
+    }
+
+    /// The end of a publish that came from another shard with a ticket:
+    /// answer now, or once what it stored here is durable.
+    fn answer(&mut self, outer: Option<Hold>, ticket: Option<(ShardId, u64)>) {
+        let Some((from, t)) = ticket else {
+            self.hold = outer;
+            return;
+        };
+        if self.hold_end(outer, HeldThen::Reply(from, t)).is_none() {
+            self.send_to_shard(from, ShardMsg::Stored { ticket: t });
+        }
+    }
+
+    /// A remote shard's part of a held publish is durable.
+    fn stored(&mut self, ticket: u64) {
+        let done = match self.held.get_mut(&ticket) {
+            Some(h) => {
+                h.remote_left = h.remote_left.saturating_sub(1);
+                h.remote_left == 0 && h.local_gen.is_none()
+            }
+            None => false,
+        };
+        if done {
+            self.complete(ticket);
+        }
+    }
+
+    fn complete(&mut self, ticket: u64) {
+        let Some(h) = self.held.remove(&ticket) else {
+            return;
+        };
+        match h.then {
+            HeldThen::Reply(shard, t) => self.send_to_shard(shard, ShardMsg::Stored { ticket: t }),
+            HeldThen::Ack(conn) => self.release_held(conn),
+            HeldThen::Rel(conn, key, packet_id) => {
+                self.confirm_rel(key, packet_id);
+                self.release_held(conn);
+            }
+        }
+    }
+
+    /// Queues acknowledgement `packet` for `conn`: at once, unless it waits
+    /// for `ticket` or for acknowledgements held before it.
+    fn send_ack(&mut self, conn: ConnId, packet: Packet, ticket: Option<u64>) {
+        let Some(c) = self.conn_mut(conn) else { return };
+        if ticket.is_none() && c.held.is_none() {
+            self.queue_packet(conn, &packet);
+            return;
+        }
+        c.held
+            .get_or_insert_with(Default::default)
+            .push_back((ticket.unwrap_or(0), packet));
+    }
+
+    /// Sends `conn`'s held acknowledgements whose records are durable, in
+    /// order, up to the first that still waits.
+    fn release_held(&mut self, conn: ConnId) {
+        loop {
+            let ready = match self.conn(conn).and_then(|c| c.held.as_ref()) {
+                Some(q) => match q.front() {
+                    Some((t, _)) => *t == 0 || !self.held.contains_key(t),
+                    None => {
+                        if let Some(c) = self.conn_mut(conn) {
+                            c.held = None;
+                        }
+                        return;
+                    }
+                },
+                None => return,
+            };
+            if !ready {
+                return;
+            }
+            let packet = self
+                .conn_mut(conn)
+                .and_then(|c| c.held.as_mut())
+                .and_then(|q| q.pop_front())
+                .map(|(_, p)| p);
+            if let Some(packet) = packet {
+                self.queue_packet(conn, &packet);
+            }
+        }
+    }
+
+    /// A SUBACK or UNSUBACK for session `key`: after its `Session` record
+    /// is durable when the session persists.
+    fn send_session_ack(&mut self, conn: ConnId, key: SessionKey, packet: Packet) {
+        let generation = if self.persists(key) {
+            self.pending_gen()
+        } else {
+            None
+        };
+        let ticket = generation.map(|g| {
+            let t = self.next_id();
+            self.wait_for(t, Some(g), 0, HeldThen::Ack(conn));
+            t
+        });
+        self.send_ack(conn, packet, ticket);
+    }
+
+    /// Installs what a replay of this shard's files found: persistent
+    /// sessions, offline (a will of a client that was connected is due
+    /// after its delay from now, unless it comes back first), the messages
+    /// owed to them with their flows, and retained messages. Expired
+    /// retained messages are left out.
+    pub fn restore(&mut self, recovered: Recovered, now: Millis) {
+        self.now = now;
+        let epoch = self.config.wall_epoch_ms;
+        let local = |w: u64| Millis(w.saturating_sub(epoch));
+        self.next_msg_id = self.next_msg_id.max(recovered.max_id + 1);
+        self.applied
+            .extend(recovered.applied.into_iter().map(|uid| (uid, true)));
+        for (_, r) in recovered.retained {
+            let expires_at = r.expires_at.map(local);
+            if is_expired(expires_at, now) {
+                continue;
+            }
+            let before = self.retained.len();
+            self.retained.set(RetainedMessage {
+                topic: r.topic,
+                payload: r.payload,
+                qos: r.qos,
+                props: r.props,
+                expires_at,
+            });
+            if self.retained.len() > before {
+                bump(&self.counters.retained_current);
+            }
+        }
+        let routed = self.routed();
+        let mut announce = Vec::new();
+        for (_, rs) in recovered.sessions {
+            let st = rs.state;
+            let key = self.create_session(st.client_id.clone(), st.expiry_secs);
+            for (filter, opts) in &st.subscriptions {
+                if self
+                    .session_mut(key)
+                    .is_some_and(|s| s.subscribe(filter, *opts))
+                {
+                    bump(&self.counters.subscriptions_current);
+                }
+                match shared::parse(filter) {
+                    Shared::Yes(inner) => {
+                        if let Some(s) = self.session_mut(key) {
+                            s.shares = true;
+                        }
+                        self.share_join(key, filter, inner, None);
+                    }
+                    Shared::No => {
+                        self.trie.subscribe(filter, key, *opts);
+                        if routed && self.interest.local_add(filter) {
+                            announce.push(owned_filter(filter));
+                        }
+                    }
+                    Shared::Invalid => {}
+                }
+            }
+            let s = self.session_mut(key).expect("created above");
+            s.username = st.username;
+            s.logged = true;
+            s.generation = s.generation.wrapping_add(1);
+            s.expires_at = if !st.connected && st.expires_at != persist::NO_TIME {
+                local(st.expires_at).0
+            } else if st.expiry_secs == NEVER_EXPIRES {
+                u64::MAX
+            } else {
+                // Connected when the process died: offline from now.
+                now.0 + u64::from(st.expiry_secs) * 1000
+            };
+            s.pending_will = st.will.map(|w| {
+                let due = if w.due == persist::NO_TIME {
+                    let delay = w
+                        .will
+                        .properties
+                        .as_ref()
+                        .and_then(|p| p.will_delay_interval)
+                        .unwrap_or(0);
+                    Millis(now.0 + u64::from(delay) * 1000)
+                } else {
+                    local(w.due).max(now)
+                };
+                Box::new(PendingWill { will: w.will, due })
+            });
+            if !rs.messages.is_empty() || !rs.awaiting_rel.is_empty() {
+                let flows = s.flows_mut();
+                for (id, (m, flow)) in rs.messages {
+                    let expires_at = m.expires_at.map(local);
+                    match flow {
+                        Flow::Queued => flows.queue.push_back(QueuedMessage {
+                            topic: m.topic,
+                            payload: m.payload,
+                            qos: m.qos,
+                            retain: m.retain,
+                            props: m.props,
+                            expires_at,
+                            sub_ids: m.sub_ids,
+                            id,
+                        }),
+                        Flow::Sent(pid) => {
+                            let remaining = expires_at
+                                .map(|at| (at.0.saturating_sub(now.0)).div_ceil(1000) as u32);
+                            let properties =
+                                delivery_properties(m.props, m.sub_ids, remaining, true);
+                            flows.start(
+                                pid,
+                                id,
+                                Inflight::Published(Publish {
+                                    dup: false,
+                                    qos: m.qos,
+                                    retain: m.retain,
+                                    topic: m.topic,
+                                    packet_id: PacketId::new(pid),
+                                    payload: m.payload,
+                                    properties,
+                                }),
+                            );
+                        }
+                        Flow::Released(pid) => flows.start(pid, id, Inflight::Released),
+                    }
+                }
+                // After a crash nothing says every copy made it: a resend
+                // is routed again (each shard skips what it has).
+                flows
+                    .awaiting_rel
+                    .extend(rs.awaiting_rel.into_iter().map(|(pid, uid)| {
+                        (
+                            pid,
+                            AwaitingRel {
+                                uid,
+                                confirmed: uid == 0,
+                            },
+                        )
+                    }));
+            }
+            let due = s
+                .pending_will
+                .as_ref()
+                .map_or(s.expires_at, |w| w.due.0.min(s.expires_at));
+            let generation = s.generation;
+            if due != u64::MAX {
+                self.expiry
+                    .register(key.0, generation, keepalive_tick(Millis(due)));
+            }
+        }
+        if !announce.is_empty() {
+            self.announce(announce);
+        }
+    }
+
+    /// Writes this shard's whole durable state as records: what a fresh
+    /// log starts with when it replaces the old one (compaction).
+    pub fn snapshot(&self, out: &mut BytesMut) {
+        let epoch = self.config.wall_epoch_ms;
+        persist::put_max_id(out, self.next_msg_id - 1);
+        for s in self.sessions.iter().flatten() {
+            if s.expiry_secs == 0 || !s.logged {
+                continue;
+            }
+            persist::put_session(out, &self.session_state(s));
+            let cid = &s.client_id;
+            if let Some(f) = s.flows() {
+                for (pid, (id, flight)) in &f.inflight {
+                    match flight {
+                        Inflight::Published(p) => {
+                            persist::put_message(
+                                out,
+                                cid,
+                                *id,
+                                &persist::StoredMessageRef {
+                                    topic: p.topic.as_str(),
+                                    payload: &p.payload,
+                                    qos: p.qos,
+                                    retain: p.retain,
+                                    props: p.properties.as_deref(),
+                                    expires_at: None,
+                                    sub_ids: &[],
+                                },
+                            );
+                            persist::put_sent(out, cid, *id, *pid);
+                        }
+                        Inflight::Released => {
+                            // Only the packet id matters to a release: the
+                            // message stands in for it.
+                            persist::put_message(
+                                out,
+                                cid,
+                                *id,
+                                &persist::StoredMessageRef {
+                                    topic: "$coremq/released",
+                                    payload: &[],
+                                    qos: QoS::ExactlyOnce,
+                                    retain: false,
+                                    props: None,
+                                    expires_at: None,
+                                    sub_ids: &[],
+                                },
+                            );
+                            persist::put_sent(out, cid, *id, *pid);
+                            persist::put_released(out, cid, *id);
+                        }
+                    }
+                }
+                for m in &f.queue {
+                    persist::put_message(
+                        out,
+                        cid,
+                        m.id,
+                        &persist::StoredMessageRef {
+                            topic: m.topic.as_str(),
+                            payload: &m.payload,
+                            qos: m.qos,
+                            retain: m.retain,
+                            props: m.props.as_deref(),
+                            expires_at: m.expires_at.map(|t| epoch.saturating_add(t.0)),
+                            sub_ids: &m.sub_ids,
+                        },
+                    );
+                }
+                for (&pid, a) in &f.awaiting_rel {
+                    persist::put_await_rel(out, cid, pid, a.uid);
+                }
+            }
+        }
+        for (&uid, &stored) in &self.applied {
+            if stored {
+                persist::put_applied(out, uid, true);
+            }
+        }
+        self.retained.for_each(|m| {
+            if is_broker_topic(&m.topic) {
+                return;
+            }
+            persist::put_retain(
+                out,
+                &persist::StoredRetainedRef {
+                    topic: m.topic.as_str(),
+                    payload: &m.payload,
+                    qos: m.qos,
+                    props: m.props.as_deref(),
+                    expires_at: m.expires_at.map(|t| epoch.saturating_add(t.0)),
+                },
+            );
+        });
+    }
+
     fn session(&self, key: SessionKey) -> Option<&Session> {
         self.sessions.get(key.0 as usize).and_then(Option::as_ref)
     }
@@ -2392,6 +3303,25 @@ impl Broker {
 /// record that outlives the packet, must not pin.
 fn owned_filter(filter: &TopicFilter) -> TopicFilter {
     TopicFilter::new(String::from(filter.as_str())).expect("a copy of a valid filter")
+}
+
+/// The properties of a PUBLISH delivered to a 5.0 client: those forwarded
+/// with the message, its Subscription Identifiers and what is left of its
+/// Message Expiry Interval; `None` when there are none (or `!v5`).
+fn delivery_properties(
+    props: Option<Arc<Properties>>,
+    sub_ids: Vec<u32>,
+    remaining: Option<u32>,
+    v5: bool,
+) -> Option<Box<Properties>> {
+    if v5 && (props.is_some() || !sub_ids.is_empty() || remaining.is_some()) {
+        let mut p = props.map_or_else(Properties::default, |p| (*p).clone());
+        p.message_expiry_interval = remaining;
+        p.subscription_identifiers = sub_ids;
+        Some(Box::new(p))
+    } else {
+        None
+    }
 }
 
 fn pub_resp(packet_id: PacketId, reason: u8) -> PubResp {

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod handshake;
 pub mod interest;
 pub mod keepalive;
+pub mod persist;
 pub mod retained;
 pub mod session;
 pub mod shared;

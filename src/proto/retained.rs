@@ -270,6 +270,11 @@ impl RetainedStore {
         }
     }
 
+    /// Every stored message, `$` topics included (a snapshot).
+    pub fn for_each(&self, mut f: impl FnMut(&RetainedMessage)) {
+        self.for_each_below(ROOT, &mut f);
+    }
+
     /// Every message at `node` and below.
     fn for_each_below(&self, node: u32, f: &mut impl FnMut(&RetainedMessage)) {
         let mut stack = vec![node];

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use bytestring::ByteString;
-use hashbrown::{HashMap, HashSet};
+use hashbrown::HashMap;
 
 use super::codec::{LastWill, PacketId, Properties, Publish, QoS};
 use super::topic::{TopicFilter, TopicName};
@@ -87,6 +87,9 @@ pub struct Session {
     pub shares: bool,
     /// The window-full state the group owners were last told.
     pub share_busy: bool,
+    /// With `--data-dir`: a `Session` record of it is in the log, so its
+    /// end must be logged too.
+    pub logged: bool,
     /// The username its client last connected with, kept only when an ACL
     /// is in use (the rules are per user).
     pub username: Option<Box<str>>,
@@ -105,25 +108,23 @@ pub struct Flows {
     /// packet id, each with its send order. A PUBLISH whose PUBREC arrived
     /// is kept as `Released`.
     pub inflight: HashMap<u16, (u64, Inflight)>,
-    /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting PUBREL:
-    /// a resent PUBLISH with one of these ids is not routed again (MQTT-4.3.3).
-    pub awaiting_rel: HashSet<u16>,
+    /// QoS 2 packet ids received (and acknowledged with PUBREC, or about to
+    /// be), awaiting PUBREL: a resent PUBLISH with one of these ids is not
+    /// delivered again (MQTT-4.3.3).
+    pub awaiting_rel: HashMap<u16, AwaitingRel>,
     /// QoS 1/2 messages owed to the client that are not yet in flight: it is
     /// offline (a persistent session), or its inflight window is full. Sent in
     /// order, after the messages in flight (MQTT-4.6.0).
     pub queue: VecDeque<QueuedMessage>,
-    /// Send order of the next message put in flight: a resumed session
-    /// resends in this order (MQTT-4.6.0-1), which packet ids alone do not
-    /// give once they wrap.
-    next_order: u64,
 }
 
 impl Flows {
-    /// Records `publish` (or a release) as in flight under `id`, after all
-    /// others.
-    pub fn start(&mut self, id: u16, flight: Inflight) {
-        let order = self.next_order;
-        self.next_order += 1;
+    /// Records `publish` (or a release) as in flight under packet id `id`.
+    /// `order` is the message's id ([`QueuedMessage::id`]): ids grow in the
+    /// order messages are owed, so a resumed session resends in that order
+    /// (MQTT-4.6.0-1), which packet ids alone do not give once they wrap, and
+    /// the same id names the message in the `--data-dir` log.
+    pub fn start(&mut self, id: u16, order: u64, flight: Inflight) {
         self.inflight.insert(id, (order, flight));
     }
 
@@ -141,6 +142,20 @@ impl Flows {
     fn is_empty(&self) -> bool {
         self.inflight.is_empty() && self.awaiting_rel.is_empty() && self.queue.is_empty()
     }
+}
+
+/// An incoming QoS 2 PUBLISH awaiting PUBREL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AwaitingRel {
+    /// With `--data-dir`, for a persistent session: the id the message was
+    /// routed under, by which every shard that stored copies knows it again
+    /// (0: none).
+    pub uid: u64,
+    /// Every copy it needed stored is known durable (its PUBREC was due).
+    /// Until then (a crash came between, or the PUBREC still waits), a
+    /// resent PUBLISH is routed again under the same id: the shards that
+    /// stored it skip it, the others store it.
+    pub confirmed: bool,
 }
 
 /// A message waiting in a session's queue.
@@ -163,6 +178,9 @@ pub struct QueuedMessage {
     /// Subscription Identifiers of the subscriptions it matched
     /// (MQTT-3.3.4-3); empty holds no allocation.
     pub sub_ids: Vec<u32>,
+    /// Its id on this shard, given when it is owed to the session (QoS 1/2
+    /// only; 0 until then): its send order, and its name in the log.
+    pub id: u64,
 }
 
 /// An outgoing QoS 1/2 message awaiting its acknowledgement.
@@ -186,6 +204,7 @@ impl Session {
             pending_will: None,
             shares: false,
             share_busy: false,
+            logged: false,
             username: None,
             subscriptions: Vec::new(),
             flows: None,
@@ -295,7 +314,7 @@ mod tests {
     fn packet_ids_skip_those_in_flight_and_wrap_mqtt_2_3_1_2() {
         let mut s = Session::new(ByteString::from("c"), 0);
         assert_eq!(s.allocate_packet_id().map(PacketId::get), Some(1));
-        s.flows_mut().start(2, Inflight::Released);
+        s.flows_mut().start(2, 0, Inflight::Released);
         assert_eq!(s.allocate_packet_id().map(PacketId::get), Some(3));
         s.next_packet_id = u16::MAX;
         assert_eq!(s.allocate_packet_id().map(PacketId::get), Some(u16::MAX));
@@ -307,7 +326,7 @@ mod tests {
     fn no_id_when_all_are_in_flight() {
         let mut s = Session::new(ByteString::from("c"), 0);
         for id in 1..=u16::MAX {
-            s.flows_mut().start(id, Inflight::Released);
+            s.flows_mut().start(id, u64::from(id), Inflight::Released);
         }
         assert_eq!(s.allocate_packet_id(), None);
     }
@@ -315,9 +334,9 @@ mod tests {
     #[test]
     fn inflight_order_is_send_order_even_after_ids_wrap_mqtt_4_6_0_1() {
         let mut s = Session::new(ByteString::from("c"), NEVER_EXPIRES);
-        s.flows_mut().start(65_535, Inflight::Released);
-        s.flows_mut().start(1, Inflight::Released);
-        s.flows_mut().start(2, Inflight::Released);
+        s.flows_mut().start(65_535, 1, Inflight::Released);
+        s.flows_mut().start(1, 2, Inflight::Released);
+        s.flows_mut().start(2, 3, Inflight::Released);
         let ids: Vec<u16> = s
             .flows()
             .unwrap()
@@ -346,7 +365,13 @@ mod tests {
         assert_eq!(subs, [("a/+", QoS::AtLeastOnce), ("b/#", QoS::ExactlyOnce)]);
         assert!(s.unsubscribe(&f("a/+")));
         assert!(!s.unsubscribe(&f("a/+")));
-        s.flows_mut().awaiting_rel.insert(4);
+        s.flows_mut().awaiting_rel.insert(
+            4,
+            AwaitingRel {
+                uid: 0,
+                confirmed: true,
+            },
+        );
         s.release_idle_flows();
         assert!(s.flows().is_some(), "a QoS 2 flow is open");
         s.flows_mut().awaiting_rel.remove(&4);

@@ -10,6 +10,10 @@
 //! into the shard's sans-IO [`Broker`] and then [`Shard::dispatch`], which
 //! carries out what it asks for at once.
 //!
+//! With `--data-dir`, each turn ends with [`Shard::commit_log`]: the turn's
+//! records go to the shard's log ([`store`]) before the acknowledgements
+//! that wait for them are released.
+//!
 //! Everything shard-local is `Rc`/`RefCell` (`!Send`): only [`mesh::MeshMsg`]
 //! crosses threads. This module is the only place that reads the clock.
 
@@ -39,6 +43,7 @@ pub mod mesh;
 pub mod net;
 pub mod poller;
 mod ring_loop;
+pub mod store;
 pub mod uring;
 
 use mesh::{Mesh, MeshEnds, MeshMsg, Wake};
@@ -106,6 +111,11 @@ pub struct Shard {
     /// Ticks since start.
     ticks: Cell<u64>,
     shutdown: Arc<AtomicBool>,
+    /// `--data-dir`: this shard's log (taken out while a commit awaits it).
+    log: RefCell<Option<store::ShardLog>>,
+    /// `--fsync always`: commit after every completion (read) that wrote
+    /// records, not once per turn.
+    sync_each_read: bool,
 }
 
 impl Authenticate for Authenticator {
@@ -269,12 +279,48 @@ impl Shard {
         self.dispatch();
     }
 
+    /// With `--data-dir`: writes the records this turn produced (one write,
+    /// one fdatasync), tells the broker they are durable, and sends the
+    /// acknowledgements that waited for them; snapshots the shard when the
+    /// log has grown enough. The loop waits here (its own disk only).
+    ///
+    /// A log that cannot be written ends the process: an acknowledgement
+    /// is a promise the disk must keep, so none is sent for records that
+    /// are not on it.
+    pub(crate) async fn commit_log(&self) {
+        let Some((records, generation)) = self.broker.borrow_mut().take_log() else {
+            return;
+        };
+        let Some(mut log) = self.log.borrow_mut().take() else {
+            return;
+        };
+        if let Err(e) = log.commit(&records).await {
+            fatal_disk_error(self.id, "writing", &e);
+        }
+        self.broker.borrow_mut().committed(generation);
+        self.dispatch();
+        if log.wants_snapshot() {
+            let mut state = bytes::BytesMut::new();
+            self.broker.borrow().snapshot(&mut state);
+            if let Err(e) = log.snapshot(&state).await {
+                fatal_disk_error(self.id, "snapshotting", &e);
+            }
+        }
+        *self.log.borrow_mut() = Some(log);
+    }
+
     /// Sends `msg` to shard `peer` over the mesh (never blocks, never drops).
     fn send_to(&self, peer: ShardId, msg: MeshMsg) {
         if let Some(mesh) = &self.mesh {
             mesh.send(peer, msg);
         }
     }
+}
+
+/// Ends the process after a failed log write (see [`Shard::commit_log`]).
+fn fatal_disk_error(shard: ShardId, doing: &str, e: &io::Error) -> ! {
+    tracing::error!("{shard}: {doing} its --data-dir log failed: {e}; exiting so that no acknowledgement promises what is not on disk");
+    std::process::exit(1)
 }
 
 /// Runs the broker until SIGINT or SIGTERM.
@@ -310,6 +356,21 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
     let started = Instant::now();
     let cpus = crate::sys::allowed_cpus();
     let use_uring = choose_io(config.io)?;
+    // Stored times are wall-clock: what the monotonic epoch `started` is
+    // in Unix milliseconds.
+    let wall_epoch_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+        .saturating_sub(started.elapsed().as_millis() as u64);
+    // The data dir is locked, checked and replayed before any shard runs.
+    let (data_dir, mut starts) = match &config.data_dir {
+        Some(dir) => {
+            let (d, s) = store::open(dir, shards, &counters)?;
+            (Some(d), s.into_iter().map(Some).collect())
+        }
+        None => (None, Vec::new()),
+    };
+    let data_path = data_dir.as_ref().map(|d| d.path().to_path_buf());
     // Two completions per connection per turn at most (its recv and its
     // send), for this shard's share of the sockets and some slack for
     // uneven spreading; the kernel's overflow list takes any excess.
@@ -330,6 +391,8 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
         let auth = auth.clone();
         let acl = acl.clone();
         let ends: Option<MeshEnds> = mesh_ends.next();
+        let start: Option<store::ShardStart> = starts.get_mut(i).and_then(Option::take);
+        let data_path = data_path.clone();
         let shutdown = shutdown.clone();
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("coremq-shard-{i}"))
@@ -362,6 +425,8 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                     })?;
                     listeners.push(fd);
                 }
+                let sync_each_read =
+                    config.data_dir.is_some() && config.fsync == crate::config::FsyncMode::Always;
                 let shard = Rc::new(Shard {
                     id: ShardId(i as u16),
                     shards: shards as u16,
@@ -381,6 +446,8 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                                 .response_information
                                 .as_deref()
                                 .map(bytestring::ByteString::from),
+                            persist: config.data_dir.is_some(),
+                            wall_epoch_ms,
                         },
                         counters.clone(),
                         Millis(0),
@@ -405,13 +472,38 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                     bytes_out: Cell::new(0),
                     ticks: Cell::new(0),
                     shutdown,
+                    log: RefCell::new(None),
+                    sync_each_read,
                 });
+                if let (Some(dir), Some(start)) = (&data_path, start) {
+                    let log = store::ShardLog::open(
+                        dir,
+                        i,
+                        start.log_len,
+                        shard.config.fsync,
+                        shard.config.snapshot_mib,
+                        shard.counters.clone(),
+                    )
+                    .await
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("--data-dir: opening shard {i}'s log: {e}"),
+                        )
+                    })?;
+                    *shard.log.borrow_mut() = Some(log);
+                    let now = shard.now();
+                    shard.broker.borrow_mut().restore(start.recovered, now);
+                    shard.dispatch();
+                }
                 shard_main(shard).await
             })
             .map_err(|e| io::Error::other(format!("starting shard {i}: {e}")))?;
         handles.push(handle);
     }
     let mut result = Ok(());
+    // Held until every shard is done with the directory.
+    let _data_dir = data_dir;
     for handle in handles {
         match handle.join() {
             Ok(Ok(())) => {}

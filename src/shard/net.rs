@@ -456,6 +456,9 @@ async fn run_epoll(shard: Rc<Shard>) -> io::Result<()> {
                     }
                     if poller::is_readable(ev) {
                         shard.read_ready(id);
+                        if shard.sync_each_read {
+                            shard.commit_log().await;
+                        }
                     }
                 }
                 // The inbox is looked at below on every turn, rung or not.
@@ -468,7 +471,9 @@ async fn run_epoll(shard: Rc<Shard>) -> io::Result<()> {
                 Token::Send(_) | Token::Internal => {}
             }
         }
-        if end_of_turn(&shard, &mut next_tick, &mut stopping) {
+        let done = end_of_turn(&shard, &mut next_tick, &mut stopping);
+        shard.commit_log().await;
+        if done {
             return Ok(());
         }
         glommio::yield_if_needed().await;

@@ -76,8 +76,13 @@ pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
         }
         for c in &completions {
             complete(&shard, c, &mut chunk);
+            if shard.sync_each_read {
+                shard.commit_log().await;
+            }
         }
-        if net::end_of_turn(&shard, &mut next_tick, &mut stopping) {
+        let done = net::end_of_turn(&shard, &mut next_tick, &mut stopping);
+        shard.commit_log().await;
+        if done {
             if let Some(mesh) = &shard.mesh {
                 mesh.set_ring_fd(-1);
             }

@@ -127,7 +127,9 @@ pub struct Broker {
     port: u16,
     log: Arc<Mutex<Log>>,
     reader: Option<JoinHandle<()>>,
-    _port_guard: socket2::Socket,
+    // Shared so that [`Broker::restart`] can hand it to the next process on
+    // the same port.
+    _port_guard: Arc<socket2::Socket>,
 }
 
 impl Broker {
@@ -143,6 +145,57 @@ impl Broker {
     /// the broker so that the PID we hold is the broker's.
     pub fn start_with(wrapper: &[&str], extra_args: &[&str]) -> Broker {
         let (port, guard) = reserve_port();
+        Broker::spawn_on(wrapper, port, Arc::new(guard), extra_args)
+    }
+
+    /// Starts a broker like [`Broker::start`] on the port this one used,
+    /// after this one has exited (the test killed or stopped it; it is
+    /// killed here if not). With `--data-dir`, the new process recovers what
+    /// the old one left there. This broker's log is checked for a panic, as
+    /// on drop.
+    pub fn restart(self, extra_args: &[&str]) -> Broker {
+        let port = self.port;
+        let guard = Arc::clone(&self._port_guard);
+        drop(self);
+        Broker::spawn_on(&[], port, guard, extra_args)
+    }
+
+    /// SIGKILL (no chance to flush or clean up) and reap.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait_exit(Duration::from_secs(10));
+    }
+
+    /// SIGTERM, then waits (up to 10 s) for a clean exit with status 0.
+    pub fn terminate(&mut self) {
+        self.signal(libc::SIGTERM);
+        let code = self.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            code,
+            Some(0),
+            "exit status after SIGTERM; stderr:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Every stderr line so far that contains `needle`.
+    pub fn log_lines_with(&self, needle: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .lines
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    fn spawn_on(
+        wrapper: &[&str],
+        port: u16,
+        guard: Arc<socket2::Socket>,
+        extra_args: &[&str],
+    ) -> Broker {
         let listen = format!("127.0.0.1:{port}");
         let mut argv: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
         argv.push(COREMQ.to_string());

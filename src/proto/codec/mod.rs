@@ -20,7 +20,7 @@ use crate::proto::topic::{TopicFilter, TopicName};
 mod connect;
 mod error;
 mod header;
-mod properties;
+pub(crate) mod properties;
 mod publish;
 mod simple;
 mod subscribe;
@@ -28,7 +28,7 @@ mod subscribe;
 mod test_util;
 #[cfg(test)]
 mod tests;
-mod wire;
+pub(crate) mod wire;
 
 pub use error::DecodeError;
 pub use header::{FixedHeader, MAX_REMAINING_LENGTH};

@@ -69,6 +69,13 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// The next `n` bytes, sliced (shares the buffer).
+    #[inline]
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+        let start = self.take(n)?;
+        Ok(self.buf.slice(start..start + n))
+    }
+
     /// A one-byte integer.
     #[inline]
     pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {

@@ -43,6 +43,8 @@ struct Harness {
     /// The protocol each client connected with (its packets are decoded by
     /// it even after the broker released the connection).
     versions: hashbrown::HashMap<(usize, ConnId), ProtocolVersion>,
+    /// What each shard committed to its log (`--data-dir`), for restarts.
+    disk: Vec<BytesMut>,
 }
 
 impl Harness {
@@ -77,6 +79,7 @@ impl Harness {
             mesh: (0..shards).map(|_| Default::default()).collect(),
             hold_mesh: false,
             versions: hashbrown::HashMap::new(),
+            disk: (0..shards).map(|_| BytesMut::new()).collect(),
         }
     }
 
@@ -1130,4 +1133,5 @@ fn clients_may_not_publish_or_leave_wills_on_sys_topics() {
 }
 
 mod interest;
+mod persist;
 mod v5;
