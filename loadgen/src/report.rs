@@ -82,6 +82,8 @@ pub struct PubsubReport {
     pub window: u32,
     /// --rate, when given.
     pub rate: Option<f64>,
+    /// --persistent: the subscribers kept a persistent session.
+    pub persistent: bool,
     /// Subscribers whose SUBACK granted the QoS asked.
     pub subscribed: u64,
     /// Publishers that got CONNACK 0.
@@ -800,9 +802,14 @@ fn pubsub_lines(o: &mut String, p: &PubsubReport) {
     } else {
         String::new()
     };
+    let persistent = if p.persistent {
+        " (persistent sessions)"
+    } else {
+        ""
+    };
     let _ = writeln!(
         o,
-        "  {} {}: {} publisher(s) → {} subscriber(s) ({} subscribed), QoS {}, payload {} B{window}, {rate}",
+        "  {} {}: {} publisher(s) → {} subscriber(s){persistent} ({} subscribed), QoS {}, payload {} B{window}, {rate}",
         p.shape, p.n, p.publishers, p.subscribers, p.subscribed, p.qos, p.payload_bytes
     );
     if let Some(g) = &p.shared {

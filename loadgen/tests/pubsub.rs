@@ -335,3 +335,71 @@ fn bad_arguments_get_one_line_and_exit_2() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// Every byte of shard logs under `dir`.
+fn data_dir_logs(dir: &std::path::Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for n in 0..2 {
+        if let Ok(b) = std::fs::read(dir.join(format!("shard-{n}/log"))) {
+            all.extend_from_slice(&b);
+        }
+    }
+    all
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn persistent_subscribers_are_stored_by_a_broker_with_a_data_dir() {
+    // --persistent: subscribers (3.1.1 cleanSession=0; 5.0 Session Expiry
+    // Interval) leave their sessions in coremq's --data-dir logs, publishers
+    // (clean) do not; every message still arrives once, in order.
+    let dir = std::env::temp_dir().join(format!("loadgen-test-persist-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (s, addr) = coremq_with(&["--shards", "2", "--data-dir", dir.to_str().unwrap()]);
+    for (protocol, prefix) in [("4", "pp4"), ("5", "pp5")] {
+        let (out, r) = loadgen(
+            &[
+                "pubsub",
+                "-b",
+                &addr,
+                "--pairs",
+                "10",
+                "--qos",
+                "1",
+                "--duration",
+                "1",
+                "--rate",
+                "1000",
+                "--persistent",
+                "--protocol",
+                protocol,
+                "--prefix",
+                prefix,
+            ],
+            LIMIT,
+        );
+        assert!(out.status.success(), "{protocol}: {}", explain(&out));
+        let r = r.unwrap();
+        assert_eq!(u(&r, "failed_total"), 0, "{}", r["failures"]);
+        let p = pubsub_of(&r);
+        exact(p, 1);
+        assert_eq!(p["persistent"], true, "{p}");
+        assert_eq!(r["params"]["persistent"], true, "{r}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("(persistent sessions)"),
+            "{}",
+            explain(&out)
+        );
+    }
+    drop(s);
+    let logs = data_dir_logs(&dir);
+    for id in ["pp4-sub-0", "pp4-sub-9", "pp5-sub-0", "pp5-sub-9"] {
+        assert!(contains(&logs, id), "no session {id} in the logs");
+    }
+    assert!(!contains(&logs, "pp4-pub-"), "a clean publisher was stored");
+    assert!(!contains(&logs, "pp5-pub-"), "a clean publisher was stored");
+    let _ = std::fs::remove_dir_all(&dir);
+}

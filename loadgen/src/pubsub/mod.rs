@@ -62,6 +62,8 @@ const MAX_STREAMS: u64 = 4_000_000;
 const FD_RESERVE: u64 = 100;
 const DISCONNECT: [u8; 2] = [0xE0, 0x00];
 const PINGREQ: [u8; 2] = [0xC0, 0x00];
+/// --persistent with --protocol 5: the subscribers' Session Expiry Interval (s).
+pub const PERSISTENT_EXPIRY: u32 = 3600;
 
 /// `loadgen pubsub`.
 #[derive(Args, Debug, Clone)]
@@ -112,6 +114,12 @@ pub struct PubsubArgs {
     /// clientIds PREFIX-pub-{i} / PREFIX-sub-{i}; topics under PREFIX/.
     #[arg(long, default_value = "lg")]
     pub prefix: String,
+    /// Subscribers keep a persistent session: cleanSession=0 (3.1.1), or
+    /// Clean Start 0 with a Session Expiry Interval of PERSISTENT_EXPIRY
+    /// seconds (5.0). The sessions outlive the run: give each run its own
+    /// --prefix. Publishers stay clean.
+    #[arg(long)]
+    pub persistent: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -160,6 +168,8 @@ struct Cfg {
     protocol: Protocol,
     /// --share-group: the share name of every subscription.
     group: Option<String>,
+    /// --persistent: subscribers keep their session.
+    persistent: bool,
 }
 
 impl Cfg {
@@ -268,12 +278,13 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
         broker_pid: a.common.broker_pid,
         protocol: a.common.protocol,
         group: a.share_group.clone(),
+        persistent: a.persistent,
     };
     let params = serde_json::json!({
         "shape": shape.name(), "n": n, "qos": a.qos, "payload": a.payload,
         "duration": a.duration, "rate": a.rate, "window": a.window, "inflight": a.inflight,
         "keepalive": a.keepalive, "prefix": a.prefix, "timeout": a.common.timeout,
-        "publishers": pubs, "share_group": a.share_group,
+        "publishers": pubs, "share_group": a.share_group, "persistent": a.persistent,
     });
     let t0 = std::time::Instant::now();
     let mut run = Run::new(cfg)?;

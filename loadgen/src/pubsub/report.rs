@@ -120,6 +120,7 @@ impl Run {
             payload_bytes: self.cfg.payload,
             window: u32::from(self.cfg.window),
             rate: (self.cfg.rate > 0.0).then_some(self.cfg.rate),
+            persistent: self.cfg.persistent,
             subscribed: self.subscribed,
             publishers_connected: self.pubs_connected,
             published: self.published,

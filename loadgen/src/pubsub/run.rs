@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use coremq::proto::codec::{
-    self, Connect, Packet, PacketId, ProtocolVersion, PubResp, Publish, QoS, Subscribe,
+    self, Connect, Packet, PacketId, Properties, ProtocolVersion, PubResp, Publish, QoS, Subscribe,
     SubscriptionOptions,
 };
 use coremq::proto::topic::{TopicFilter, TopicName};
@@ -460,15 +460,23 @@ impl Run {
     }
 
     fn send_connect(&mut self, tok: u32) {
+        // --persistent: subscribers keep their session (publishers stay clean).
+        let persistent = self.cfg.persistent && self.conns[tok as usize].role == Role::Sub;
+        let properties = (persistent && self.v == ProtocolVersion::V5).then(|| {
+            Box::new(Properties {
+                session_expiry_interval: Some(super::PERSISTENT_EXPIRY),
+                ..Properties::default()
+            })
+        });
         let p = Packet::Connect(Box::new(Connect {
             protocol: self.v,
-            clean_start: true,
+            clean_start: !persistent,
             keep_alive: self.cfg.keepalive,
             client_id: ByteString::from(self.client_id(tok)),
             will: None,
             username: None,
             password: None,
-            properties: None,
+            properties,
         }));
         let mut buf = BytesMut::new();
         p.encode(self.v, &mut buf);
