@@ -997,7 +997,10 @@ impl Broker {
                 }
                 // The wheel only says a tick has come; the exact test is here,
                 // in milliseconds, so nobody is closed before 1.5 × keep-alive.
-                let deadline = c.last_seen.0 + u64::from(c.expiry_ms);
+                // Strictly after: both times are whole milliseconds cut
+                // down from the clock, so `>=` could close up to 1 ms
+                // before 1.5 × keep-alive had truly passed.
+                let deadline = c.last_seen.0 + u64::from(c.expiry_ms) + 1;
                 if now.0 >= deadline {
                     expired.push(ConnId { index, generation });
                     Verdict::Expired
