@@ -515,7 +515,7 @@ impl ShardLog {
         Ok(ShardLog {
             dir: sdir,
             file: Some(file),
-            len: log_len.div_ceil(ALIGN) * ALIGN,
+            len: persist::padded_len(log_len as usize) as u64,
             fsync,
             grown: 0,
             snapshot_after: u64::from(snapshot_mib) << 20,
@@ -525,10 +525,10 @@ impl ShardLog {
     }
 
     /// Appends `records` in one write at the next block, padded with zeros
-    /// to the block after them, then (unless `--fsync never`) one
+    /// to a block boundary after them ([`persist::padded_len`]), then (unless `--fsync never`) one
     /// fdatasync. Returns once they are durable.
     pub async fn commit(&mut self, records: &[u8]) -> io::Result<()> {
-        let padded = (records.len() as u64).div_ceil(ALIGN) * ALIGN;
+        let padded = persist::padded_len(records.len()) as u64;
         let mut buf = Vec::with_capacity(padded as usize);
         buf.extend_from_slice(records);
         buf.resize(padded as usize, 0);
@@ -559,7 +559,7 @@ impl ShardLog {
     pub async fn snapshot(&mut self, state: &[u8]) -> io::Result<()> {
         let new = self.dir.join("log.new");
         let file = LogFile::open(&new, true).await?;
-        let padded = (state.len() as u64).div_ceil(ALIGN) * ALIGN;
+        let padded = persist::padded_len(state.len()) as u64;
         let mut buf = Vec::with_capacity(padded as usize);
         buf.extend_from_slice(state);
         buf.resize(padded as usize, 0);
