@@ -1143,6 +1143,10 @@ impl Broker {
                 self.pump_conn_queue(conn);
             }
             Packet::PubRec(ack) => {
+                // The PUBREL waits for the `Released` record: a client
+                // that got it may complete the flow and forget the id, so
+                // a restart must not send the PUBLISH again.
+                let outer = self.hold_begin(true);
                 let (known, changed) = self
                     .with_session(conn, |s| {
                         // Only a QoS 2 PUBLISH moves on to its release: a PUBREC
@@ -1176,6 +1180,7 @@ impl Broker {
                 if let Some((order, step)) = changed {
                     self.log_conn_flow(conn, Some(order), step);
                 }
+                let ticket = self.hold_end(outer, HeldThen::Ack(conn));
                 if ack.reason >= 0x80 && v5 {
                     self.pump_conn_queue(conn);
                     return;
@@ -1187,7 +1192,7 @@ impl Broker {
                 } else {
                     reason::PACKET_IDENTIFIER_NOT_FOUND
                 };
-                self.queue_packet(conn, &Packet::PubRel(pub_resp(ack.packet_id, code)));
+                self.send_ack(conn, Packet::PubRel(pub_resp(ack.packet_id, code)), ticket);
             }
             Packet::PubRel(rel) => {
                 let ended = self

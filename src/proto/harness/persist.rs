@@ -532,3 +532,53 @@ fn a_resend_while_the_pubrec_waits_is_not_delivered_twice() {
     let (c, _) = h.connect(connect(&subs[1], false, 0));
     assert_eq!(payloads(&h.recv(c)), ["one"], "the offline one: once");
 }
+
+/// The PUBREL to a persistent subscriber goes out only once the record of
+/// its PUBREC is durable: a crash before that sends the PUBLISH again (the
+/// client, which got no PUBREL, still holds it), a crash after it sends the
+/// PUBREL again, never the PUBLISH, which a client that completed the flow
+/// would take as a new message (MQTT-4.3.3-2, MQTT-4.4.0-1).
+#[test]
+fn the_pubrel_to_a_subscriber_waits_for_its_record_mqtt_4_3_3() {
+    for crash_before_commit in [true, false] {
+        let mut h = durable(1);
+        let (dev, _) = h.connect(connect("dev", false, 0));
+        h.send(dev, subscribe("cmd/#", QoS::ExactlyOnce));
+        h.commit_all();
+        h.recv(dev);
+        let (publ, _) = h.connect(connect("ctl", true, 0));
+        h.send(
+            publ,
+            publish("cmd/a", b"a", QoS::ExactlyOnce, false, Some(1)),
+        );
+        h.commit_all();
+        let id = match h.recv(dev).as_slice() {
+            [Packet::Publish(p)] => p.packet_id.unwrap(),
+            other => panic!("{other:?}"),
+        };
+        h.send(
+            dev,
+            Packet::PubRec(PubResp {
+                packet_id: id,
+                reason: 0,
+                properties: None,
+            }),
+        );
+        assert_eq!(h.recv(dev), [], "no PUBREL before the record is durable");
+        if !crash_before_commit {
+            h.commit(0);
+            assert_eq!(h.recv(dev), [pubrel(id.get())]);
+        }
+        h.restart(1, false);
+        let (dev, ack) = h.connect(connect("dev", false, 0));
+        assert!(ack.session_present);
+        match (crash_before_commit, h.recv(dev).as_slice()) {
+            (true, [Packet::Publish(p)]) => {
+                assert!(p.dup);
+                assert_eq!(p.packet_id, Some(id));
+            }
+            (false, [Packet::PubRel(r)]) => assert_eq!(r.packet_id, id),
+            (_, other) => panic!("crash before commit {crash_before_commit}: {other:?}"),
+        }
+    }
+}
