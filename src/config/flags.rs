@@ -71,8 +71,8 @@ pub(super) struct RunArgs {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// With --data-dir: always (one fdatasync per client read that wrote
-    /// records), batch (one fdatasync per loop turn for every client's records
-    /// of that turn), never (write, no fdatasync: a machine crash may lose what
+    /// records), batch (one fdatasync per commit for every client's records
+    /// gathered since the last; see --commit-interval-usec), never (write, no fdatasync: a machine crash may lose what
     /// the OS had not written; a process crash loses nothing) [default: batch]
     #[arg(long, value_name = "always|batch|never")]
     fsync: Option<String>,
@@ -80,6 +80,13 @@ pub(super) struct RunArgs {
     /// log has grown by this many MiB since the last snapshot, 1..=65536 [default: 64]
     #[arg(long, value_name = "MIB")]
     snapshot_mib: Option<String>,
+    /// With --data-dir: the least time between the starts of two log commits of
+    /// a shard; under steady load each commit gathers this long's records, so
+    /// fewer fdatasyncs cost less CPU, and acknowledgements wait up to this
+    /// long more. 0 = the next as soon as the last is durable, 0..=100000
+    /// [default: 2000]
+    #[arg(long, value_name = "USEC")]
+    commit_interval_usec: Option<String>,
     /// Let clients without a username connect (true|false; alone means true)
     /// [default: true without --password-file, false with one]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -245,7 +252,7 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
             })?;
         }
     }
-    let flags: [(Key, Option<Raw<'_>>); 24] = [
+    let flags: [(Key, Option<Raw<'_>>); 25] = [
         (
             Key::Listen,
             (!args.listen.is_empty()).then(|| Raw::List(args.listen.clone())),
@@ -259,6 +266,10 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
         (Key::DataDir, args.data_dir.map(Raw::Path)),
         (Key::Fsync, args.fsync.map(Raw::Str)),
         (Key::SnapshotMib, args.snapshot_mib.map(Raw::Str)),
+        (
+            Key::CommitIntervalUsec,
+            args.commit_interval_usec.map(Raw::Str),
+        ),
         (Key::AllowAnonymous, args.allow_anonymous.map(Raw::Str)),
         (Key::MaxConnections, args.max_connections.map(Raw::Str)),
         (Key::ConnectTimeout, args.connect_timeout.map(Raw::Str)),

@@ -24,6 +24,8 @@ pub enum Key {
     Fsync,
     /// `snapshot_mib`
     SnapshotMib,
+    /// `commit_interval_usec`
+    CommitIntervalUsec,
     /// `allow_anonymous`
     AllowAnonymous,
     /// `max_connections`
@@ -56,7 +58,7 @@ pub enum Key {
 
 impl Key {
     /// Every setting, in `--help` order.
-    pub const ALL: [Key; 24] = [
+    pub const ALL: [Key; 25] = [
         Key::Listen,
         Key::Shards,
         Key::Io,
@@ -67,6 +69,7 @@ impl Key {
         Key::DataDir,
         Key::Fsync,
         Key::SnapshotMib,
+        Key::CommitIntervalUsec,
         Key::AllowAnonymous,
         Key::MaxConnections,
         Key::ConnectTimeout,
@@ -96,6 +99,7 @@ impl Key {
             Key::DataDir => "data_dir",
             Key::Fsync => "fsync",
             Key::SnapshotMib => "snapshot_mib",
+            Key::CommitIntervalUsec => "commit_interval_usec",
             Key::AllowAnonymous => "allow_anonymous",
             Key::MaxConnections => "max_connections",
             Key::ConnectTimeout => "connect_timeout",
@@ -148,6 +152,9 @@ impl Key {
             Key::MaxSessionExpiry => Some((0, Some(i64::from(u32::MAX)))),
             // 1 MiB .. 64 GiB of log between snapshots.
             Key::SnapshotMib => Some((1, Some(65_536))),
+            // Past 100 ms an acknowledgement would wait longer than any
+            // client's retry is worth.
+            Key::CommitIntervalUsec => Some((0, Some(100_000))),
             Key::Listen
             | Key::Io
             | Key::PasswordFile

@@ -611,8 +611,13 @@ fn io_loop_and_ring_buffers_from_flags_and_file() {
 fn data_dir_fsync_and_snapshot_size_from_flags_and_file() {
     let d = run(&[]);
     assert_eq!(
-        (d.data_dir.clone(), d.fsync, d.snapshot_mib),
-        (None, FsyncMode::Batch, 64)
+        (
+            d.data_dir.clone(),
+            d.fsync,
+            d.snapshot_mib,
+            d.commit_interval_usec
+        ),
+        (None, FsyncMode::Batch, 64, 2000)
     );
     let c = run(&[
         "--data-dir",
@@ -621,17 +626,32 @@ fn data_dir_fsync_and_snapshot_size_from_flags_and_file() {
         "always",
         "--snapshot-mib",
         "8",
+        "--commit-interval-usec",
+        "0",
     ]);
     assert_eq!(
-        (c.data_dir, c.fsync, c.snapshot_mib),
-        (Some(PathBuf::from("/var/lib/coremq")), FsyncMode::Always, 8)
+        (c.data_dir, c.fsync, c.snapshot_mib, c.commit_interval_usec),
+        (
+            Some(PathBuf::from("/var/lib/coremq")),
+            FsyncMode::Always,
+            8,
+            0
+        )
     );
     // A relative data_dir in a file is relative to the file's folder.
-    let f = TempFile::new("data", "data_dir = \"state\"\nfsync = \"never\"\n");
+    let f = TempFile::new(
+        "data",
+        "data_dir = \"state\"\nfsync = \"never\"\ncommit_interval_usec = 500\n",
+    );
     let c = run(&["--config", f.arg()]);
     let folder = std::path::Path::new(f.arg()).parent().unwrap();
     assert_eq!(c.data_dir, Some(folder.join("state")));
     assert_eq!(c.fsync, FsyncMode::Never);
+    assert_eq!(c.commit_interval_usec, 500);
+    assert_eq!(
+        err(&["--commit-interval-usec", "100001"]),
+        "--commit-interval-usec: must be between 0 and 100000, got 100001"
+    );
     assert_eq!(
         err(&["--fsync", "sometimes"]),
         "--fsync: must be always, batch or never, got \"sometimes\""

@@ -200,6 +200,7 @@ impl Builder {
             }
             Key::Fsync => c.fsync = raw.string()?.parse()?,
             Key::SnapshotMib => c.snapshot_mib = int(&raw)? as u32,
+            Key::CommitIntervalUsec => c.commit_interval_usec = int(&raw)? as u32,
             Key::AllowAnonymous => self.allow_anonymous = Some(raw.boolean()?),
             Key::MaxConnections => c.max_connections = to_usize(int(&raw)?),
             Key::ConnectTimeout => c.connect_timeout = Duration::from_secs(int(&raw)? as u64),

@@ -2845,6 +2845,11 @@ impl Broker {
         }
     }
 
+    /// Bytes of records written since the last [`Broker::take_log`].
+    pub fn log_len(&self) -> usize {
+        self.log.len()
+    }
+
     /// Records written since the last call, and the generation to report
     /// to [`Broker::committed`] once they are durable. `None` when there
     /// are none.

@@ -79,6 +79,12 @@ pub(crate) enum Token {
     /// io_uring: an operation whose completion needs nothing (a cancel or
     /// close that failed, which only the log hears of).
     Internal,
+    /// io_uring: the write of a `--data-dir` log commit.
+    LogWrite,
+    /// io_uring: the fdatasync linked after it.
+    LogSync,
+    /// io_uring: a write of zeros ahead of the log's end.
+    LogFill,
 }
 
 const KIND_SHIFT: u32 = 61;
@@ -94,6 +100,9 @@ impl Token {
             Token::RoomBell => (3, 0, 1),
             Token::Send(id) => (4, id.generation, id.index),
             Token::Internal => (5, 0, 0),
+            Token::LogWrite => (6, 0, 0),
+            Token::LogSync => (6, 0, 1),
+            Token::LogFill => (6, 0, 2),
         };
         (kind << KIND_SHIFT) | ((u64::from(generation) & GEN_MASK) << 32) | u64::from(index)
     }
@@ -110,6 +119,9 @@ impl Token {
             3 if index == 0 => Token::DataBell,
             3 => Token::RoomBell,
             4 => Token::Send(ConnId { index, generation }),
+            6 if index == 0 => Token::LogWrite,
+            6 if index == 1 => Token::LogSync,
+            6 => Token::LogFill,
             _ => Token::Internal,
         }
     }
@@ -425,11 +437,14 @@ async fn run_epoll(shard: Rc<Shard>) -> io::Result<()> {
     let mut events: Vec<Event> = Vec::with_capacity(EVENT_BATCH);
     let mut next_tick = Instant::now() + TICK;
     let mut stopping: Option<Stopping> = None;
+    // When records held back by --commit-interval-usec are due.
+    let mut commit_due: Option<Instant> = None;
     loop {
         // Whatever the last turn produced for other shards leaves before this
         // shard may block.
         shard.flush_outbox();
-        let mut timeout_ms = next_tick
+        let wake_by = commit_due.map_or(next_tick, |due| due.min(next_tick));
+        let mut timeout_ms = wake_by
             .saturating_duration_since(Instant::now())
             .as_micros()
             .div_ceil(1000) as i32;
@@ -468,11 +483,19 @@ async fn run_epoll(shard: Rc<Shard>) -> io::Result<()> {
                         mesh.drain_overflow();
                     }
                 }
-                Token::Send(_) | Token::Internal => {}
+                Token::Send(_)
+                | Token::Internal
+                | Token::LogWrite
+                | Token::LogSync
+                | Token::LogFill => {}
             }
         }
         let done = end_of_turn(&shard, &mut next_tick, &mut stopping);
-        shard.commit_log().await;
+        if shard.sync_each_read || done {
+            shard.commit_log().await;
+        } else {
+            commit_due = shard.commit_log_spaced().await;
+        }
         if done {
             return Ok(());
         }
@@ -1544,6 +1567,9 @@ mod tests {
             Token::DataBell,
             Token::RoomBell,
             Token::Internal,
+            Token::LogWrite,
+            Token::LogSync,
+            Token::LogFill,
             Token::Send(ConnId {
                 index: 9,
                 generation: 4,

@@ -9,7 +9,18 @@
 //! - a connection's multishot recv: bytes for the broker, copied out of the
 //!   provided buffer, which goes back to the ring at once;
 //! - a connection's send: continued, or the next bytes, or the close;
-//! - a doorbell a peer shard posted with MSG_RING.
+//! - a doorbell a peer shard posted with MSG_RING;
+//! - `--data-dir`: the write and the fdatasync of a log commit.
+//!
+//! **Log commits** (`--data-dir`, `--fsync batch|never`): at the end of a
+//! turn, when no commit is in flight, the records the broker gathered go
+//! down as one write linked to one fdatasync, submitted with the next
+//! enter; the loop goes on reading, delivering and routing meanwhile, and
+//! the records of those turns wait for the commit after it (group commit
+//! sized by the disk's speed). The turn that sees both completions tells
+//! the broker, which releases the acknowledgements that waited. With
+//! `--fsync always` the loop waits for a commit after each read instead
+//! ([`Shard::commit_log`]), as the epoll loop does after each turn.
 //!
 //! See [`super::uring`] for the ring itself and why each operation.
 
@@ -19,8 +30,9 @@ use std::time::Instant;
 
 use super::mesh::Bell;
 use super::net::{self, Stopping, Token};
+use super::store::{RingCommit, RingWrite};
 use super::uring::{Completion, RING_BUFFER_SIZE};
-use super::{Io, Shard, TICK};
+use super::{fatal_disk_error, Io, Shard, TICK};
 
 /// Runs the shard on its ring until shutdown.
 pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
@@ -40,6 +52,8 @@ pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
     let mut chunk: Vec<u8> = Vec::with_capacity(RING_BUFFER_SIZE as usize);
     let mut next_tick = Instant::now() + TICK;
     let mut stopping: Option<Stopping> = None;
+    // When records held back by --commit-interval-usec are due.
+    let mut commit_due: Option<Instant> = None;
     loop {
         // Whatever the last turn produced for other shards leaves before this
         // shard may block.
@@ -62,7 +76,8 @@ pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
                 r.msg_ring(fd, token.encode(), Token::Internal.encode());
             });
         }
-        let timeout = next_tick.saturating_duration_since(Instant::now());
+        let wake_by = commit_due.map_or(next_tick, |due| due.min(next_tick));
+        let timeout = wake_by.saturating_duration_since(Instant::now());
         completions.clear();
         let dropped = ring.borrow_mut().enter(wait, timeout, &mut completions)?;
         if dropped > 0 {
@@ -81,8 +96,25 @@ pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
             }
         }
         let done = net::end_of_turn(&shard, &mut next_tick, &mut stopping);
-        shard.commit_log().await;
+        if shard.sync_each_read {
+            shard.commit_log().await;
+        } else {
+            log_durable(&shard).await;
+            commit_due = log_submit(&shard);
+        }
         if done {
+            // The commit in flight, then the last records, before exit.
+            while shard.ring_commit.borrow().is_some()
+                || shard.log.borrow().as_ref().is_some_and(|l| l.is_filling())
+            {
+                completions.clear();
+                ring.borrow_mut().enter(true, TICK, &mut completions)?;
+                for c in &completions {
+                    complete(&shard, c, &mut chunk);
+                }
+                log_durable(&shard).await;
+            }
+            shard.commit_log().await;
             if let Some(mesh) = &shard.mesh {
                 mesh.set_ring_fd(-1);
             }
@@ -159,6 +191,21 @@ fn complete(shard: &Shard, c: &Completion, chunk: &mut Vec<u8>) {
             }
         }
         Token::Send(t) => shard.send_done(t, c.result),
+        Token::LogWrite => log_written(shard, c.result),
+        Token::LogFill => {
+            if let Some(log) = shard.log.borrow_mut().as_mut() {
+                if let Err(e) = log.filled(c.result) {
+                    fatal_disk_error(shard.id, "writing", &e);
+                }
+            }
+        }
+        Token::LogSync => {
+            if let Some(commit) = shard.ring_commit.borrow_mut().as_mut() {
+                if let Err(e) = commit.synced(c.result) {
+                    fatal_disk_error(shard.id, "syncing", &e);
+                }
+            }
+        }
         // The inbox is looked at at the end of every turn, rung or not.
         Token::DataBell => {}
         Token::RoomBell => {
@@ -182,5 +229,103 @@ fn complete(shard: &Shard, c: &Completion, chunk: &mut Vec<u8>) {
 fn mark_accept_ended(shard: &Shard, n: u32, more: bool) {
     if !more {
         shard.net.borrow_mut().set_accepting(n, false);
+    }
+}
+
+/// `--data-dir`: the commit in flight became durable (both its completions
+/// came this turn or before): the broker hears it, the acknowledgements
+/// that waited for it go out, and the shard snapshots when it is due.
+async fn log_durable(shard: &Shard) {
+    let durable = shard
+        .ring_commit
+        .borrow()
+        .as_ref()
+        .is_some_and(|c| c.is_durable());
+    if !durable {
+        return;
+    }
+    let Some(commit) = shard.ring_commit.borrow_mut().take() else {
+        return;
+    };
+    if let Some(log) = shard.log.borrow_mut().as_mut() {
+        log.ring_committed(&commit);
+    }
+    shard.broker.borrow_mut().committed(commit.generation);
+    shard.dispatch();
+    shard.snapshot_if_due().await;
+}
+
+/// `--data-dir`: with no commit in flight, the records gathered since the
+/// last one go down as the next, submitted with this turn's enter, unless
+/// the last one started less than `--commit-interval-usec` ago: then they
+/// wait until the time returned. While a commit is in flight, records wait for
+/// it (one commit at a time keeps the log in order, and gathers more per
+/// fdatasync when the disk is slow).
+fn log_submit(shard: &Shard) -> Option<Instant> {
+    if shard.ring_commit.borrow().is_some() {
+        return None;
+    }
+    if let Some(fill) = shard.log.borrow_mut().as_mut().and_then(|l| l.fill_due()) {
+        submit(shard, &fill, Token::LogFill, None);
+    }
+    let pending = shard.broker.borrow().log_len();
+    let fits = shard
+        .log
+        .borrow()
+        .as_ref()
+        .is_some_and(|l| l.can_commit(pending));
+    // Waiting for the fill ahead (the start's first), which wakes the loop.
+    if pending == 0 || !fits {
+        return None;
+    }
+    let now = Instant::now();
+    if let Some(due) = shard.commit_not_before(now) {
+        return Some(due);
+    }
+    let (records, generation) = shard.broker.borrow_mut().take_log()?;
+    shard.last_commit.set(Some(now));
+    let commit = match shard.log.borrow().as_ref() {
+        Some(log) => log.ring_commit(&records, generation),
+        None => return None,
+    };
+    submit_write(shard, &commit);
+    *shard.ring_commit.borrow_mut() = Some(commit);
+    None
+}
+
+/// Queues the commit's (remaining) write, and its fdatasync, on the ring.
+fn submit_write(shard: &Shard, commit: &RingCommit) {
+    let w = commit.next_write();
+    let sync = w.sync.then_some(Token::LogSync);
+    submit(shard, &w, Token::LogWrite, sync);
+}
+
+/// Queues write `w` (and an fdatasync linked after it) on the ring.
+fn submit(shard: &Shard, w: &RingWrite, token: Token, sync: Option<Token>) {
+    let Io::Uring(ring) = &shard.io else { return };
+    // SAFETY: the bytes are a commit's buffer, which stays in
+    // `shard.ring_commit`, or the log's zeros, which stay in the log: both
+    // heap memory, unmoved and unchanged until the write completes (a
+    // commit is dropped only once durable, the log only at exit, after
+    // its fill completed).
+    unsafe {
+        ring.borrow_mut().write_at(
+            w.fd,
+            (w.data, w.len, w.offset),
+            token.encode(),
+            sync.map(Token::encode),
+        );
+    }
+}
+
+/// The commit's write completed: all of it, or a part (the rest is
+/// written again, with its fdatasync), or an error, which ends the process.
+fn log_written(shard: &Shard, result: i32) {
+    let mut slot = shard.ring_commit.borrow_mut();
+    let Some(commit) = slot.as_mut() else { return };
+    match commit.wrote(result) {
+        Ok(true) => {}
+        Ok(false) => submit_write(shard, commit),
+        Err(e) => fatal_disk_error(shard.id, "writing", &e),
     }
 }

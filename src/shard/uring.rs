@@ -30,6 +30,13 @@
 //!   peer messages posts a completion into the peer's ring from its own
 //!   (see [`super::mesh::Wake::Ring`]); the messages stay on the crossbeam
 //!   channels.
+//! - **Log commits** (`--data-dir`, `--fsync batch|never`): the records of
+//!   a turn go down as a write to the shard's log file linked to an
+//!   fdatasync, submitted with the turn's other operations; their
+//!   completions arrive among the sockets', and the loop goes on reading
+//!   and delivering while the disk works (see `super::ring_loop`); so do
+//!   the writes of zeros kept ahead of the log's end
+//!   (`super::store::ShardLog::fill_due`).
 //!
 //! Plain descriptors, not registered ("direct") ones: a hand-off passes the
 //! socket to another shard as an ordinary descriptor, and a refusal answers
@@ -57,7 +64,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
-use io_uring::types::{BufRingEntry, CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::types::{BufRingEntry, CancelBuilder, Fd, FsyncFlags, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 
 /// The buffer group of the shard's provided-buffer ring.
@@ -322,7 +329,8 @@ impl Uring {
             // SAFETY: every entry built in this module points only at memory
             // that outlives its operation: the buffer ring, a connection's
             // in-flight send buffer (kept until its completion, see
-            // `net::Net::in_flight`), or nothing.
+            // `net::Net::in_flight`), a log commit's buffer (kept until its
+            // completions, see `ring_loop`), or nothing.
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return;
             }
@@ -376,6 +384,47 @@ impl Uring {
             .build()
             .user_data(token);
         self.push(sqe);
+    }
+
+    /// Writes `len` bytes at `data` to file `fd` at `offset`; with
+    /// `sync_token`, an fdatasync linked after it (it runs once the write
+    /// has written everything, else it completes with ECANCELED).
+    ///
+    /// # Safety
+    ///
+    /// The bytes must stay where they are, unchanged, until the write's
+    /// completion arrives.
+    pub unsafe fn write_at(
+        &mut self,
+        fd: RawFd,
+        (data, len, offset): (*const u8, u32, u64),
+        token: u64,
+        sync_token: Option<u64>,
+    ) {
+        let write = opcode::Write::new(Fd(fd), data, len)
+            .offset(offset)
+            .build()
+            .user_data(token);
+        match sync_token {
+            None => self.push(write),
+            Some(sync_token) => {
+                // Both in one submission: a full queue between them would
+                // submit the write unlinked.
+                let free = {
+                    let sq = self.ring.submission();
+                    sq.capacity() - sq.len()
+                };
+                if free < 2 {
+                    let _ = self.ring.submit();
+                }
+                self.push(write.flags(squeue::Flags::IO_LINK));
+                let sync = opcode::Fsync::new(Fd(fd))
+                    .flags(FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(sync_token);
+                self.push(sync);
+            }
+        }
     }
 
     /// Cancels the first operation submitted with `token` (its completion
