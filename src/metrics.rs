@@ -77,7 +77,7 @@ pub struct Counters {
     /// queue and its overflow list were full (should stay 0; logged).
     pub cq_dropped: AtomicU64,
     /// `--data-dir`: log commits (one write, and one fdatasync unless
-    /// `--fsync never`, per loop turn that produced records).
+    /// `--fsync never`; each carries the records gathered since the last).
     pub log_commits: AtomicU64,
     /// `--data-dir`: bytes of records appended to the shards' logs.
     pub log_bytes: AtomicU64,
