@@ -525,6 +525,9 @@ pub struct Broker {
     /// Inbound QoS 2 ids seen here, and whether copies were stored (and an
     /// `Applied` record written), until their flow ends.
     applied: HashMap<u64, bool>,
+    /// Messages for other shards held until generation `.0` is durable,
+    /// in order (see [`Broker::push_mesh`]).
+    mesh_hold: VecDeque<(u64, Event)>,
 }
 
 /// Tallies a shard keeps to itself between flushes.
@@ -560,6 +563,7 @@ impl Broker {
             next_id: 0,
             now,
             events: VecDeque::new(),
+            mesh_hold: VecDeque::new(),
             matches: HashMap::new(),
             counts: LocalCounts::default(),
             next_msg_id: 1,
@@ -894,7 +898,7 @@ impl Broker {
                 // state waiting for an answer.
                 if !messages.is_empty() {
                     let to = query.from;
-                    self.events.push_back(Event::SendTo(
+                    self.push_mesh(Event::SendTo(
                         to,
                         ShardMsg::RetainedReply(RetainedReply { query, messages }),
                     ));
@@ -1701,12 +1705,11 @@ impl Broker {
                 waiters: Vec::new(),
             },
         );
-        self.events
-            .push_back(Event::Broadcast(ShardMsg::InterestAdd {
-                from: self.config.shard,
-                filters,
-                ticket,
-            }));
+        self.push_mesh(Event::Broadcast(ShardMsg::InterestAdd {
+            from: self.config.shard,
+            filters,
+            ticket,
+        }));
         ticket
     }
 
@@ -1757,11 +1760,10 @@ impl Broker {
     /// other shards may stop sending its publishes here.
     fn forget_filter(&mut self, filter: &TopicFilter) {
         if self.routed() && self.interest.local_remove(filter) {
-            self.events
-                .push_back(Event::Broadcast(ShardMsg::InterestRemove {
-                    from: self.config.shard,
-                    filter: owned_filter(filter),
-                }));
+            self.push_mesh(Event::Broadcast(ShardMsg::InterestRemove {
+                from: self.config.shard,
+                filter: owned_filter(filter),
+            }));
         }
     }
 
@@ -1808,11 +1810,42 @@ impl Broker {
     }
 
     /// Sends `msg` to `shard`, or handles it here when that is this shard.
+    /// Hands `event` (a message for other shards) to the shell, or holds
+    /// it. A copy of a QoS 2 PUBLISH routed under an inbound id waits
+    /// until the records logged so far here — its `AwaitRel`, which holds
+    /// that id — are durable: a shard that stored the copy (with its
+    /// `Applied` record) must never be ahead of the origin, or a crash
+    /// could lose the id while keeping the copy, and the client's resend
+    /// would get a new id and be stored again (MQTT-4.3.3). Whatever
+    /// follows a held message waits behind it (messages between two
+    /// shards keep their order: ordered topics, MQTT-4.6.0-6).
+    fn push_mesh(&mut self, event: Event) {
+        let routed_uid = match &event {
+            Event::SendTo(_, ShardMsg::Publish(p)) | Event::Broadcast(ShardMsg::Publish(p)) => {
+                p.uid
+            }
+            Event::SendTo(_, ShardMsg::ShareDeliver(d)) => d.publish.uid,
+            _ => 0,
+        };
+        let needs = if routed_uid != 0 {
+            self.pending_gen()
+        } else {
+            None
+        };
+        match needs {
+            None if self.mesh_hold.is_empty() => self.events.push_back(event),
+            needs => {
+                let generation = needs.unwrap_or(0);
+                self.mesh_hold.push_back((generation, event));
+            }
+        }
+    }
+
     fn send_to_shard(&mut self, shard: ShardId, msg: ShardMsg) {
         if shard == self.config.shard {
             self.handle_shard_msg(msg);
         } else {
-            self.events.push_back(Event::SendTo(shard, msg));
+            self.push_mesh(Event::SendTo(shard, msg));
         }
     }
 
@@ -1996,8 +2029,7 @@ impl Broker {
         let mut publish = publish;
         if !self.routed() {
             self.tag(&mut publish, u32::from(self.config.shards) - 1);
-            self.events
-                .push_back(Event::Broadcast(ShardMsg::Publish(publish)));
+            self.push_mesh(Event::Broadcast(ShardMsg::Publish(publish)));
             return true;
         }
         // Only the shards with a subscription that can match it, and the
@@ -2013,8 +2045,7 @@ impl Broker {
             self.tag(&mut publish, copies);
         }
         for shard in to.iter().filter(|&s| s != me) {
-            self.events
-                .push_back(Event::SendTo(shard, ShardMsg::Publish(publish.clone())));
+            self.push_mesh(Event::SendTo(shard, ShardMsg::Publish(publish.clone())));
         }
         matched || interested != ShardSet::default()
     }
@@ -2031,14 +2062,12 @@ impl Broker {
             filter: filter.clone(),
         };
         if filter.has_wildcards() {
-            self.events
-                .push_back(Event::Broadcast(ShardMsg::RetainedQuery(query)));
+            self.push_mesh(Event::Broadcast(ShardMsg::RetainedQuery(query)));
         } else {
             // An exact filter is one topic, owned by one shard.
             let owner = retained_owner(filter.as_str(), self.config.shards);
             if owner != self.config.shard {
-                self.events
-                    .push_back(Event::SendTo(owner, ShardMsg::RetainedQuery(query)));
+                self.push_mesh(Event::SendTo(owner, ShardMsg::RetainedQuery(query)));
             }
         }
     }
@@ -2135,7 +2164,7 @@ impl Broker {
                 } else {
                     let mut publish = publish.clone();
                     self.tag(&mut publish, 1);
-                    self.events.push_back(Event::SendTo(
+                    self.push_mesh(Event::SendTo(
                         member.shard,
                         ShardMsg::ShareDeliver(ShareDelivery {
                             share,
@@ -2824,8 +2853,7 @@ impl Broker {
     fn forget(&mut self, uid: u64) {
         self.forget_here(uid);
         if self.config.shards > 1 {
-            self.events
-                .push_back(Event::Broadcast(ShardMsg::Forget { uid }));
+            self.push_mesh(Event::Broadcast(ShardMsg::Forget { uid }));
         }
     }
 
@@ -2866,6 +2894,14 @@ impl Broker {
     /// acknowledgements and answers that waited for them go out.
     pub fn committed(&mut self, generation: u64) {
         self.committed_gen = self.committed_gen.max(generation);
+        while let Some(&(g, _)) = self.mesh_hold.front() {
+            if g > self.committed_gen {
+                break;
+            }
+            if let Some((_, event)) = self.mesh_hold.pop_front() {
+                self.events.push_back(event);
+            }
+        }
         while let Some(&(g, ticket)) = self.gen_waiters.front() {
             if g > self.committed_gen {
                 break;

@@ -582,3 +582,42 @@ fn the_pubrel_to_a_subscriber_waits_for_its_record_mqtt_4_3_3() {
         }
     }
 }
+
+/// A persistent client's QoS 2 PUBLISH reaches another shard only once the
+/// record of its inbound id (`AwaitRel`) is durable on the publisher's
+/// shard: the other shard can never store a copy that a crash leaves
+/// without its id. (With the io_uring loop's commits in flight, a copy used
+/// to get there first: the crash kept the copy and its `Applied` record,
+/// lost the id, and the client's resend, routed under a new one, was
+/// stored again: a QoS 2 duplicate, MQTT-4.3.3.)
+#[test]
+fn a_cross_shard_qos2_copy_waits_for_the_origins_record_of_its_id_mqtt_4_3_3() {
+    let mut h = durable(2);
+    let ids = ids_on_shards("o", 2);
+    let subs = ids_on_shards("w", 2);
+    offline_subscriber(&mut h, &subs[1], "t");
+    let watcher = subscriber(&mut h, &ids_on_shards("v", 2)[1], "t");
+    let (publ, _) = h.connect(connect(&ids[0], false, 0));
+    h.commit_all();
+    h.send(publ, publish("t", b"q2", QoS::ExactlyOnce, false, Some(9)));
+    // Shard 1 commits whatever reached it; the publisher's shard has not.
+    h.commit(1);
+    assert_eq!(
+        payloads(&h.recv(watcher)),
+        Vec::<String>::new(),
+        "nothing crossed before the id was durable"
+    );
+    h.restart(2, false);
+    let (publ, ack) = h.connect(connect(&ids[0], false, 0));
+    assert!(ack.session_present);
+    let mut again = match publish("t", b"q2", QoS::ExactlyOnce, false, Some(9)) {
+        Packet::Publish(p) => p,
+        _ => unreachable!(),
+    };
+    again.dup = true;
+    h.send(publ, Packet::Publish(again));
+    h.commit_all();
+    assert_eq!(acks(&h.recv(publ)), [(5, 9)]);
+    let (c, _) = h.connect(connect(&subs[1], false, 0));
+    assert_eq!(payloads(&h.recv(c)), ["q2"], "exactly once");
+}
