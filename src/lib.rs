@@ -20,7 +20,8 @@
 //!   - [`shard::poller`]: the epoll loop's epoll set, and the history of both loops.
 //!   - [`shard::mesh`]: messages between shards and how they travel.
 //!   - [`shard::store`]: `--data-dir` files: lock, format, start-up replay and re-homing, each shard's log and snapshots.
-//! - [`metrics`]: process-wide counters and the periodic summary line.
+//! - [`metrics`]: process-wide counters, the periodic summary line, the Prometheus exposition.
+//! - [`http`]: `--metrics-listen`: `GET /metrics` and `GET /healthz`.
 //! - [`config`]: CLI flags + optional TOML file → a validated `Config`.
 //! - [`auth`]: the mosquitto-format password file and the CONNECT credentials check.
 //! - [`sys`]: process-wide OS settings (the open-file limit, terminal echo).
@@ -30,6 +31,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod proto;
 pub mod shard;

@@ -16,7 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     match config::parse_args(std::env::args_os()) {
-        Ok(Command::Run(config)) => run(config),
+        Ok(Command::Run(config)) => run(*config),
         Ok(Command::Passwd(cmd)) => match passwd(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

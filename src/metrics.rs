@@ -214,3 +214,240 @@ impl fmt::Display for Counters {
         )
     }
 }
+
+/// One sample of the Prometheus exposition: name, type, help, labels and
+/// value.
+struct Sample {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    labels: Option<(&'static str, &'static str)>,
+    value: u64,
+}
+
+impl Counters {
+    /// The counters in the Prometheus text exposition format (version
+    /// 0.0.4): what `GET /metrics` serves (see [`crate::http`]). Counters
+    /// end in `_total`; gauges are what is held now. Reading them is one
+    /// relaxed load each: a scrape costs the shards nothing.
+    pub fn prometheus(&self, uptime_secs: u64) -> String {
+        let counter = |name, help, c: &AtomicU64| Sample {
+            name,
+            kind: "counter",
+            help,
+            labels: None,
+            value: get(c),
+        };
+        let gauge = |name, help, c: &AtomicU64| Sample {
+            name,
+            kind: "gauge",
+            help,
+            labels: None,
+            value: get(c),
+        };
+        const CODES: [&str; 6] = ["0", "1", "2", "3", "4", "5"];
+        let mut samples = vec![
+            gauge(
+                "coremq_connections",
+                "Client connections open now (CONNECT accepted).",
+                &self.connections_current,
+            ),
+            gauge(
+                "coremq_connections_maximum",
+                "Most client connections open at once since start.",
+                &self.connections_maximum,
+            ),
+            gauge(
+                "coremq_sockets",
+                "Sockets open now, including those still before CONNECT.",
+                &self.sockets_current,
+            ),
+            gauge(
+                "coremq_sessions",
+                "Sessions held now: connected, and persistent ones whose client is away.",
+                &self.sessions_current,
+            ),
+            gauge(
+                "coremq_subscriptions",
+                "Subscriptions held now.",
+                &self.subscriptions_current,
+            ),
+            gauge(
+                "coremq_retained_messages",
+                "Retained topics held now.",
+                &self.retained_current,
+            ),
+            counter(
+                "coremq_connects_total",
+                "Connections accepted with CONNACK code 0 since start.",
+                &self.connections_total,
+            ),
+        ];
+        for (code, c) in CODES.iter().zip(&self.connacks) {
+            samples.push(Sample {
+                name: "coremq_connacks_total",
+                kind: "counter",
+                help: "CONNACKs sent, by MQTT 3.x return code (a 5.0 reason code counts under the nearest one).",
+                labels: Some(("code", code)),
+                value: get(c),
+            });
+        }
+        samples.extend([
+            counter(
+                "coremq_takeovers_total",
+                "Connections closed because a new CONNECT took over their clientId.",
+                &self.takeovers,
+            ),
+            counter(
+                "coremq_wills_published_total",
+                "Will messages published.",
+                &self.wills_published,
+            ),
+            counter(
+                "coremq_keepalive_expiries_total",
+                "Connections closed after 1.5 x keep-alive of silence.",
+                &self.keepalive_expiries,
+            ),
+            counter(
+                "coremq_connect_timeouts_total",
+                "Sockets closed for not sending CONNECT in time.",
+                &self.connect_timeouts,
+            ),
+            counter(
+                "coremq_malformed_packets_total",
+                "Connections closed for a malformed packet or a protocol violation.",
+                &self.malformed_packets,
+            ),
+            counter(
+                "coremq_accept_refused_total",
+                "Connections refused before CONNECT (descriptor limit or socket ceiling).",
+                &self.accept_refused,
+            ),
+            counter(
+                "coremq_packets_received_total",
+                "MQTT packets received from clients.",
+                &self.packets_received,
+            ),
+            counter(
+                "coremq_packets_sent_total",
+                "MQTT packets sent to clients.",
+                &self.packets_sent,
+            ),
+            counter(
+                "coremq_bytes_received_total",
+                "Bytes read from client sockets (added once per 100 ms tick).",
+                &self.bytes_received,
+            ),
+            counter(
+                "coremq_bytes_sent_total",
+                "Bytes written to client sockets (added once per 100 ms tick).",
+                &self.bytes_sent,
+            ),
+            counter(
+                "coremq_publishes_received_total",
+                "PUBLISH packets received from clients.",
+                &self.publishes_received,
+            ),
+            counter(
+                "coremq_publishes_sent_total",
+                "PUBLISH packets sent to clients.",
+                &self.publishes_sent,
+            ),
+            counter(
+                "coremq_messages_dropped_total",
+                "Messages not delivered: QoS 0 to a full or offline client, QoS 1/2 past a full session queue.",
+                &self.messages_dropped,
+            ),
+            counter(
+                "coremq_messages_expired_total",
+                "Messages not delivered because their Message Expiry Interval passed.",
+                &self.messages_expired,
+            ),
+            counter(
+                "coremq_oversize_dropped_total",
+                "Packets not sent because they exceed the client's Maximum Packet Size.",
+                &self.oversize_dropped,
+            ),
+            counter(
+                "coremq_acl_denied_total",
+                "Subscriptions, publishes and wills the ACL refused.",
+                &self.acl_denied,
+            ),
+            counter(
+                "coremq_sessions_expired_total",
+                "Sessions discarded when their Session Expiry Interval ran out.",
+                &self.sessions_expired,
+            ),
+            counter(
+                "coremq_reads_paused_total",
+                "Times a socket stopped being read because its client did not read its replies.",
+                &self.reads_paused,
+            ),
+            counter(
+                "coremq_ring_empty_total",
+                "io_uring reads that found the provided-buffer ring empty (re-armed, nothing lost).",
+                &self.ring_empty,
+            ),
+            counter(
+                "coremq_cq_dropped_total",
+                "io_uring completions the kernel dropped (should stay 0).",
+                &self.cq_dropped,
+            ),
+            counter(
+                "coremq_log_commits_total",
+                "--data-dir log commits (a write, and an fdatasync unless --fsync never).",
+                &self.log_commits,
+            ),
+            counter(
+                "coremq_log_bytes_total",
+                "--data-dir bytes of records appended to the logs.",
+                &self.log_bytes,
+            ),
+            counter(
+                "coremq_log_snapshots_total",
+                "--data-dir snapshots written.",
+                &self.log_snapshots,
+            ),
+            counter(
+                "coremq_log_tails_dropped_total",
+                "--data-dir logs whose torn or corrupt tail was cut off at start.",
+                &self.log_tails_dropped,
+            ),
+        ]);
+        samples.push(Sample {
+            name: "coremq_uptime_seconds",
+            kind: "gauge",
+            help: "Seconds since the broker started.",
+            labels: None,
+            value: uptime_secs,
+        });
+        let mut out = String::with_capacity(8 * 1024);
+        let mut last = "";
+        for s in &samples {
+            use fmt::Write;
+            if s.name != last {
+                let _ = writeln!(out, "# HELP {} {}", s.name, s.help);
+                let _ = writeln!(out, "# TYPE {} {}", s.name, s.kind);
+                last = s.name;
+            }
+            match s.labels {
+                Some((k, v)) => {
+                    let _ = writeln!(out, "{}{{{k}=\"{v}\"}} {}", s.name, s.value);
+                }
+                None => {
+                    let _ = writeln!(out, "{} {}", s.name, s.value);
+                }
+            }
+        }
+        let _ = fmt::Write::write_fmt(
+            &mut out,
+            format_args!(
+                "# HELP coremq_build_info The running coremq's version.\n\
+                 # TYPE coremq_build_info gauge\n\
+                 coremq_build_info{{version=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            ),
+        );
+        out
+    }
+}

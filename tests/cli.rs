@@ -41,6 +41,7 @@ fn help_exits_0_and_explains_every_flag_with_its_default() {
         ("--fsync", "[default: batch]"),
         ("--snapshot-mib", "[default: 64]"),
         ("--commit-interval-usec", "[default: 2000]"),
+        ("--metrics-listen", "[default: none]"),
         ("--sys-interval", "[default: 10]"),
         ("--log-level", "[default: info]"),
     ] {
@@ -80,6 +81,7 @@ fn bad_flags_exit_2_with_one_line() {
     assert_one_line_error(&["--fsync", "sometimes"], "--fsync");
     assert_one_line_error(&["--snapshot-mib", "0"], "--snapshot-mib");
     assert_one_line_error(&["--commit-interval-usec", "x"], "--commit-interval-usec");
+    assert_one_line_error(&["--metrics-listen", "nope"], "--metrics-listen");
     assert_one_line_error(&["--no-such-flag"], "--no-such-flag");
 }
 

@@ -87,6 +87,10 @@ pub(super) struct RunArgs {
     /// [default: 2000]
     #[arg(long, value_name = "USEC")]
     commit_interval_usec: Option<String>,
+    /// Serve GET /metrics (Prometheus text format) and GET /healthz over HTTP
+    /// on HOST:PORT, :PORT or PORT [default: none]
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Let clients without a username connect (true|false; alone means true)
     /// [default: true without --password-file, false with one]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -252,7 +256,7 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
             })?;
         }
     }
-    let flags: [(Key, Option<Raw<'_>>); 25] = [
+    let flags: [(Key, Option<Raw<'_>>); 26] = [
         (
             Key::Listen,
             (!args.listen.is_empty()).then(|| Raw::List(args.listen.clone())),
@@ -270,6 +274,7 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
             Key::CommitIntervalUsec,
             args.commit_interval_usec.map(Raw::Str),
         ),
+        (Key::MetricsListen, args.metrics_listen.map(Raw::Str)),
         (Key::AllowAnonymous, args.allow_anonymous.map(Raw::Str)),
         (Key::MaxConnections, args.max_connections.map(Raw::Str)),
         (Key::ConnectTimeout, args.connect_timeout.map(Raw::Str)),

@@ -26,6 +26,8 @@ pub enum Key {
     SnapshotMib,
     /// `commit_interval_usec`
     CommitIntervalUsec,
+    /// `metrics_listen`
+    MetricsListen,
     /// `allow_anonymous`
     AllowAnonymous,
     /// `max_connections`
@@ -58,7 +60,7 @@ pub enum Key {
 
 impl Key {
     /// Every setting, in `--help` order.
-    pub const ALL: [Key; 25] = [
+    pub const ALL: [Key; 26] = [
         Key::Listen,
         Key::Shards,
         Key::Io,
@@ -70,6 +72,7 @@ impl Key {
         Key::Fsync,
         Key::SnapshotMib,
         Key::CommitIntervalUsec,
+        Key::MetricsListen,
         Key::AllowAnonymous,
         Key::MaxConnections,
         Key::ConnectTimeout,
@@ -100,6 +103,7 @@ impl Key {
             Key::Fsync => "fsync",
             Key::SnapshotMib => "snapshot_mib",
             Key::CommitIntervalUsec => "commit_interval_usec",
+            Key::MetricsListen => "metrics_listen",
             Key::AllowAnonymous => "allow_anonymous",
             Key::MaxConnections => "max_connections",
             Key::ConnectTimeout => "connect_timeout",
@@ -156,6 +160,7 @@ impl Key {
             // client's retry is worth.
             Key::CommitIntervalUsec => Some((0, Some(100_000))),
             Key::Listen
+            | Key::MetricsListen
             | Key::Io
             | Key::PasswordFile
             | Key::AclFile

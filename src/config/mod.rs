@@ -162,6 +162,9 @@ pub struct Config {
     /// Least microseconds between the starts of two log commits of a
     /// shard (group commit under steady load), 0..=100000. Default: 2000.
     pub commit_interval_usec: u32,
+    /// Where `GET /metrics` and `GET /healthz` are served (see
+    /// [`crate::http`]); `None` serves nothing. Default: none.
+    pub metrics_listen: Option<SocketAddr>,
     /// Whether a client that sends no username may connect. Default: true
     /// without a password file, false with one.
     pub allow_anonymous: bool,
@@ -225,6 +228,7 @@ impl Default for Config {
             fsync: FsyncMode::Batch,
             snapshot_mib: 64,
             commit_interval_usec: 2000,
+            metrics_listen: None,
             allow_anonymous: true,
             max_connections: 0,
             connect_timeout: Duration::from_secs(10),
@@ -309,8 +313,8 @@ impl Config {
 /// What the command line asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Run the broker.
-    Run(Config),
+    /// Run the broker (boxed: a `Config` is some 300 bytes).
+    Run(Box<Config>),
     /// Edit a password file (`coremq passwd`).
     Passwd(PasswdCommand),
 }
@@ -384,7 +388,7 @@ where
     let cli = Cli::try_parse_from(args).map_err(clap_error)?;
     match cli.command {
         Some(SubCommand::Passwd(p)) => passwd_command(p),
-        None => run_command(cli.run).map(Command::Run),
+        None => run_command(cli.run).map(|c| Command::Run(Box::new(c))),
     }
 }
 

@@ -8,7 +8,7 @@ fn parse(args: &[&str]) -> Result<Command, ConfigError> {
 
 fn run(args: &[&str]) -> Config {
     match parse(args) {
-        Ok(Command::Run(c)) => c,
+        Ok(Command::Run(c)) => *c,
         other => panic!("expected Run, got {other:?}"),
     }
 }

@@ -167,6 +167,11 @@ impl Builder {
                 check_listen(&addrs)?;
                 c.listen = addrs;
             }
+            Key::MetricsListen => {
+                let addr = parse_listen(&raw.string()?)?;
+                check_listen(&[addr])?;
+                c.metrics_listen = Some(addr);
+            }
             Key::Shards => c.shards = int(&raw)? as usize,
             Key::Io => c.io = raw.string()?.parse()?,
             Key::RingBuffers => {

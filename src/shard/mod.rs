@@ -415,6 +415,9 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
     // One epoch for every shard: a message's expiry time travels between
     // shards, so their clocks must agree.
     let started = Instant::now();
+    if let Some(addr) = config.metrics_listen {
+        crate::http::spawn(addr, counters.clone(), started)?;
+    }
     let cpus = crate::sys::allowed_cpus();
     let use_uring = choose_io(config.io)?;
     // Stored times are wall-clock: what the monotonic epoch `started` is

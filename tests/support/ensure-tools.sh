@@ -5,7 +5,7 @@
 # with the installer's output, so a test run cannot pass without its clients.
 #
 #   - mosquitto, mosquitto_pub, mosquitto_sub   (apt: mosquitto mosquitto-clients)
-#   - Python paho-mqtt 2.x                       in tests/.venv (pip)
+#   - Python paho-mqtt 2.x, prometheus_client     in tests/.venv (pip)
 #   - MQTT.js 5 (npm package mqtt)               in tests/node/node_modules (npm ci)
 #   - strace                                     (apt: strace; loadgen compare --syscalls)
 #
@@ -55,7 +55,8 @@ mosquitto_ok() { find_tool mosquitto && find_tool mosquitto_pub && find_tool mos
 # paho-mqtt's version from its dist-info folder: cheaper than starting Python.
 venv_ok() {
     [[ -x "$VENV/bin/python" && -f "$VENV_STAMP" ]] || return 1
-    compgen -G "$VENV/lib/python3*/site-packages/paho_mqtt-2.*.dist-info" >/dev/null
+    compgen -G "$VENV/lib/python3*/site-packages/paho_mqtt-2.*.dist-info" >/dev/null || return 1
+    compgen -G "$VENV/lib/python3*/site-packages/prometheus_client-*.dist-info" >/dev/null
 }
 
 node_ok() {
@@ -100,10 +101,11 @@ install_venv() {
             quietly "python3 -m venv $VENV" python3 -m venv "$VENV"
         fi
     fi
-    say "pip install paho-mqtt 2.x into $VENV"
-    quietly "pip install paho-mqtt" "$VENV/bin/python" -m pip install -q \
-        --disable-pip-version-check 'paho-mqtt>=2,<3'
-    "$VENV/bin/python" -c 'import paho.mqtt.client' || die "paho-mqtt does not import from $VENV"
+    say "pip install paho-mqtt 2.x and prometheus_client into $VENV"
+    quietly "pip install paho-mqtt prometheus_client" "$VENV/bin/python" -m pip install -q \
+        --disable-pip-version-check 'paho-mqtt>=2,<3' 'prometheus_client>=0.17'
+    "$VENV/bin/python" -c 'import paho.mqtt.client, prometheus_client.parser' ||
+        die "paho-mqtt or prometheus_client does not import from $VENV"
     touch "$VENV_STAMP"
     venv_ok || die "paho-mqtt 2.x not found in $VENV after install"
 }
