@@ -24,6 +24,7 @@
 //! - [`http`]: `--metrics-listen`: `GET /metrics` and `GET /healthz`.
 //! - [`config`]: CLI flags + optional TOML file → a validated `Config`.
 //! - [`auth`]: the mosquitto-format password file and the CONNECT credentials check.
+//! - [`reload`]: SIGHUP rereads the password and ACL files, connections stay.
 //! - [`sys`]: process-wide OS settings (the open-file limit, terminal echo).
 
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -34,5 +35,6 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod proto;
+pub mod reload;
 pub mod shard;
 pub mod sys;

@@ -45,7 +45,12 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let acl = match config.acl_file.as_deref().map(load_acl).transpose() {
+    let acl = match config
+        .acl_file
+        .as_deref()
+        .map(coremq::reload::load_acl)
+        .transpose()
+    {
         Ok(acl) => acl,
         Err(e) => {
             eprintln!("coremq: {e}");
@@ -71,13 +76,6 @@ fn run(config: Config) -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// Reads and parses an ACL file; the error names the file and the line.
-fn load_acl(path: &std::path::Path) -> Result<coremq::proto::acl::Acl, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("acl file {}: {e}", path.display()))?;
-    coremq::proto::acl::Acl::parse(&text).map_err(|e| format!("acl file {}: {e}", path.display()))
 }
 
 /// Raises the open-file limit and says how many clients it allows, since

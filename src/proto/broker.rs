@@ -594,6 +594,12 @@ impl Broker {
             .fetch_add(c.publishes_out, Relaxed);
     }
 
+    /// Replaces the ACL (SIGHUP, see [`crate::reload`]): it applies to
+    /// every SUBSCRIBE, PUBLISH and delivery from now on.
+    pub fn set_acl(&mut self, acl: Option<Arc<Acl>>) {
+        self.config.acl = acl;
+    }
+
     /// This shard's configuration.
     pub fn config(&self) -> &BrokerConfig {
         &self.config

@@ -80,7 +80,11 @@ pub struct Shard {
     /// Process-wide counters.
     pub counters: Arc<Counters>,
     /// Credentials check, shared read-only by all shards.
-    pub auth: Arc<Authenticator>,
+    pub auth: RefCell<Arc<Authenticator>>,
+    /// The password and ACL files in force (SIGHUP rereads them), and the
+    /// generation of them this shard uses.
+    reload: Arc<crate::reload::Reloadable>,
+    reload_seen: Cell<u64>,
     /// Random per process; part of assigned clientIds.
     pub nonce: u64,
     /// Sockets the process may hold before accepts are refused: the
@@ -226,6 +230,7 @@ impl Shard {
     /// The shard's periodic work: keep-alive expiry, connect timeouts and
     /// lingering closes, the stats line.
     fn tick(&self) {
+        self.take_reload();
         let now = self.now();
         self.broker.borrow_mut().tick(now);
         self.expire_sockets(now);
@@ -317,6 +322,33 @@ impl Shard {
         self.snapshot_if_due().await;
     }
 
+    /// SIGHUP, at shard 0's tick: rereads the password and ACL files (a bad
+    /// one keeps the old ones, and the log says why). Connections stay
+    /// open.
+    fn take_reload(&self) {
+        if self.id.0 == 0 {
+            match self.reload.reload_if_requested(&self.config) {
+                Some(Ok(what)) => tracing::info!("SIGHUP: reloaded {what}"),
+                Some(Err(why)) => {
+                    tracing::error!("SIGHUP: reload failed, the files in force stay: {why}")
+                }
+                None => {}
+            }
+        }
+        self.refresh_reload();
+    }
+
+    /// At the start of every turn (one atomic load): the files in force
+    /// since a reload, so that whatever a client sends after the reload
+    /// was logged meets them on every shard.
+    pub(crate) fn refresh_reload(&self) {
+        if let Some((generation, auth, acl)) = self.reload.newer_than(self.reload_seen.get()) {
+            self.reload_seen.set(generation);
+            *self.auth.borrow_mut() = auth;
+            self.broker.borrow_mut().set_acl(acl);
+        }
+    }
+
     /// `--commit-interval-usec`: when the next commit may start, if not
     /// now. Each commit costs the process ~100 µs of CPU here (the write,
     /// the fdatasync in an io_uring worker, the device's requests),
@@ -399,6 +431,8 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
     }
 
     let auth = Arc::new(auth);
+    // SIGHUP: reread the password and ACL files (see `crate::reload`).
+    let reload = Arc::new(crate::reload::Reloadable::new(auth.clone(), acl.clone())?);
     let counters = Arc::new(Counters::default());
     let nofile = crate::sys::raise_nofile_limit()?;
     // Up to 4 Mi descriptors (32 MiB of kernel table): past that, a limit
@@ -454,6 +488,7 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
         let counters = counters.clone();
         let auth = auth.clone();
         let acl = acl.clone();
+        let reload = reload.clone();
         let ends: Option<MeshEnds> = mesh_ends.next();
         let start: Option<store::ShardStart> = starts.get_mut(i).and_then(Option::take);
         let data_path = data_path.clone();
@@ -518,7 +553,9 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                     )),
                     config,
                     counters,
-                    auth,
+                    auth: RefCell::new(auth),
+                    reload,
+                    reload_seen: Cell::new(0),
                     nonce,
                     socket_ceiling,
                     connection_ceiling,

@@ -458,6 +458,7 @@ async fn run_epoll(shard: Rc<Shard>) -> io::Result<()> {
         if let Some(mesh) = &shard.mesh {
             mesh.disarm();
         }
+        shard.refresh_reload();
         for ev in &events {
             match Token::decode(poller::token(ev)) {
                 Token::Listener(n) => accept_ready(&shard, n),
@@ -819,19 +820,18 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
     };
 
     let version = connect.protocol;
-    let refusal = check_connect(&connect, shard.auth.as_ref())
-        .err()
-        .or_else(|| {
-            // At the connection ceiling: 3.x has only "server unavailable";
-            // 5.0 says it is a quota (0x97).
-            (get(&shard.counters.connections_current) >= shard.connection_ceiling).then_some(
-                if version.is_v5() {
-                    reason::QUOTA_EXCEEDED
-                } else {
-                    return_code::SERVER_UNAVAILABLE
-                },
-            )
-        });
+    let auth = shard.auth.borrow().clone();
+    let refusal = check_connect(&connect, auth.as_ref()).err().or_else(|| {
+        // At the connection ceiling: 3.x has only "server unavailable";
+        // 5.0 says it is a quota (0x97).
+        (get(&shard.counters.connections_current) >= shard.connection_ceiling).then_some(
+            if version.is_v5() {
+                reason::QUOTA_EXCEEDED
+            } else {
+                return_code::SERVER_UNAVAILABLE
+            },
+        )
+    });
     if let Some(code) = refusal {
         return refuse(shard, pending.fd, version, code);
     }

@@ -89,6 +89,7 @@ pub(crate) async fn run(shard: Rc<Shard>) -> io::Result<()> {
         if let Some(mesh) = &shard.mesh {
             mesh.disarm();
         }
+        shard.refresh_reload();
         for c in &completions {
             complete(&shard, c, &mut chunk);
             if shard.sync_each_read {
