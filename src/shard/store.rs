@@ -713,14 +713,19 @@ impl ShardLog {
         if self.fsync != FsyncMode::Never {
             file.sync().await?;
         }
+        self.appended(padded, records.len());
+        Ok(())
+    }
+
+    /// A commit of `records` bytes, `padded` on disk, is durable at the
+    /// log's end: the next one goes after it.
+    fn appended(&mut self, padded: u64, records: usize) {
         self.len += padded;
         self.grown += padded;
         self.filled = self.filled.max(self.len);
         let c = &self.counters;
         c.log_commits.fetch_add(1, Ordering::Relaxed);
-        c.log_bytes
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
-        Ok(())
+        c.log_bytes.fetch_add(records as u64, Ordering::Relaxed);
     }
 
     /// The ring's write of zeros ahead of the log's end, when the filled
@@ -807,14 +812,7 @@ impl ShardLog {
     /// after it.
     pub fn ring_committed(&mut self, commit: &RingCommit) {
         debug_assert!(commit.is_durable() && commit.offset == self.len);
-        let padded = commit.buf.len() as u64;
-        self.len += padded;
-        self.grown += padded;
-        self.filled = self.filled.max(self.len);
-        let c = &self.counters;
-        c.log_commits.fetch_add(1, Ordering::Relaxed);
-        c.log_bytes
-            .fetch_add(commit.records as u64, Ordering::Relaxed);
+        self.appended(commit.buf.len() as u64, commit.records);
     }
 
     /// True once the log has grown by `--snapshot-mib` since the last

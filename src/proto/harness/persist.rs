@@ -101,6 +101,17 @@ impl Harness {
     }
 }
 
+/// A QoS 2 PUBLISH sent again by its client: DUP=1 (MQTT-3.3.1-1).
+fn resend_q2(topic: &str, payload: &'static [u8], id: u16) -> Packet {
+    match publish(topic, payload, QoS::ExactlyOnce, false, Some(id)) {
+        Packet::Publish(mut p) => {
+            p.dup = true;
+            Packet::Publish(p)
+        }
+        _ => unreachable!(),
+    }
+}
+
 fn pubrel(n: u16) -> Packet {
     Packet::PubRel(PubResp {
         packet_id: pid(n),
@@ -308,12 +319,8 @@ fn a_resent_qos2_publish_after_a_crash_is_not_delivered_twice_mqtt_4_3_3() {
     // The publisher never saw the PUBREC: it resends the PUBLISH.
     let (publ, ack) = h.connect(connect("pub", false, 0));
     assert!(ack.session_present);
-    let mut again = match publish("t", b"once", QoS::ExactlyOnce, false, Some(9)) {
-        Packet::Publish(p) => p,
-        _ => unreachable!(),
-    };
-    again.dup = true;
-    h.send(publ, Packet::Publish(again));
+    let again = resend_q2("t", b"once", 9);
+    h.send(publ, again);
     h.commit_all();
     assert_eq!(acks(&h.recv(publ)), [(5, 9)]);
     h.send(publ, pubrel(9));
@@ -470,16 +477,12 @@ fn a_cross_shard_qos2_cut_by_a_crash_is_completed_by_the_resend_exactly_once_mqt
     h.restart(2, false);
     let (publ, ack) = h.connect(connect(&ids[0], false, 0));
     assert!(ack.session_present);
-    let mut again = match publish("t", b"once", QoS::ExactlyOnce, false, Some(7)) {
-        Packet::Publish(p) => p,
-        _ => unreachable!(),
-    };
-    again.dup = true;
-    h.send(publ, Packet::Publish(again.clone()));
+    let again = resend_q2("t", b"once", 7);
+    h.send(publ, again.clone());
     h.commit_all();
     assert_eq!(acks(&h.recv(publ)), [(5, 7)]);
     // Once the PUBREC was due, a further resend is not routed again.
-    h.send(publ, Packet::Publish(again));
+    h.send(publ, again);
     h.commit_all();
     assert_eq!(acks(&h.recv(publ)), [(5, 7)]);
     for id in &subs {
@@ -514,12 +517,8 @@ fn a_resend_while_the_pubrec_waits_is_not_delivered_twice() {
     h.send(publ, publish("t", b"one", QoS::ExactlyOnce, false, Some(3)));
     h.commit(0);
     let (publ, _) = h.connect(connect(&ids[0], false, 0));
-    let mut again = match publish("t", b"one", QoS::ExactlyOnce, false, Some(3)) {
-        Packet::Publish(p) => p,
-        _ => unreachable!(),
-    };
-    again.dup = true;
-    h.send(publ, Packet::Publish(again));
+    let again = resend_q2("t", b"one", 3);
+    h.send(publ, again);
     h.commit(0);
     assert_eq!(acks(&h.recv(publ)), [], "shard 1's copy is not durable yet");
     h.commit_all();
@@ -610,12 +609,8 @@ fn a_cross_shard_qos2_copy_waits_for_the_origins_record_of_its_id_mqtt_4_3_3() {
     h.restart(2, false);
     let (publ, ack) = h.connect(connect(&ids[0], false, 0));
     assert!(ack.session_present);
-    let mut again = match publish("t", b"q2", QoS::ExactlyOnce, false, Some(9)) {
-        Packet::Publish(p) => p,
-        _ => unreachable!(),
-    };
-    again.dup = true;
-    h.send(publ, Packet::Publish(again));
+    let again = resend_q2("t", b"q2", 9);
+    h.send(publ, again);
     h.commit_all();
     assert_eq!(acks(&h.recv(publ)), [(5, 9)]);
     let (c, _) = h.connect(connect(&subs[1], false, 0));
