@@ -49,11 +49,18 @@ pub fn spawn(addr: SocketAddr, counters: Arc<Counters>, started: Instant) -> io:
 
 /// Answers one request on `stream`.
 fn serve(mut stream: TcpStream, counters: &Counters, started: Instant) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
+    // The whole request within IO_TIMEOUT, not each read: a client that
+    // trickles bytes does not hold the thread.
+    let deadline = Instant::now() + IO_TIMEOUT;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        stream.set_read_timeout(Some(left))?;
         if head.len() >= MAX_REQUEST {
             return respond(
                 &mut stream,
