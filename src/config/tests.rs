@@ -665,3 +665,47 @@ fn data_dir_fsync_and_snapshot_size_from_flags_and_file() {
         "a value is required for '--data-dir <DIR>' but none was supplied"
     );
 }
+
+/// `tuning/coremq.toml`, the example every operator starts from: it names
+/// every setting (set, or commented out where the default is none or
+/// depends on the machine), and loading it changes nothing.
+#[test]
+fn the_example_toml_names_every_key_at_its_default() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning/coremq.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    // `key = value`, or `# key = value` (commented out); not prose.
+    let setting = |l: &str| {
+        let l = l.strip_prefix("# ").unwrap_or(l);
+        l.split_once(" = ")
+            .filter(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .map(|(k, _)| k.to_string())
+    };
+    let named: Vec<String> = text.lines().filter_map(setting).collect();
+    for key in Key::ALL {
+        assert!(
+            named.iter().any(|n| n == key.name()),
+            "tuning/coremq.toml does not name {}",
+            key.name()
+        );
+    }
+    for n in &named {
+        assert!(
+            Key::from_name(n).is_some(),
+            "tuning/coremq.toml names {n}, no such key"
+        );
+    }
+    assert_eq!(run(&["--config", path]), Config::default());
+    // Every commented-out example is a valid value too.
+    let uncommented: String = text
+        .lines()
+        .map(|l| match setting(l) {
+            Some(_) => l.strip_prefix("# ").unwrap_or(l),
+            None => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let f = TempFile::new("example", &uncommented);
+    let all = run(&["--config", f.arg()]);
+    assert_eq!(all.shards, 8);
+    assert!(all.metrics_listen.is_some() && all.data_dir.is_some());
+}
