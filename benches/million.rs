@@ -33,32 +33,18 @@ use coremq::proto::codec::{
 use coremq::proto::topic::{TopicFilter, TopicName};
 use coremq::proto::{ConnId, Millis, ShardId};
 
+#[path = "support/fleet.rs"]
+mod fleet;
+use fleet::{client_id, encode, version};
+
 #[path = "support/counting.rs"]
 mod counting;
 
 #[global_allocator]
 static ALLOC: counting::Counting = counting::Counting;
 
-fn version(i: u32) -> ProtocolVersion {
-    if i % 2 == 0 {
-        ProtocolVersion::V3_1_1
-    } else {
-        ProtocolVersion::V5
-    }
-}
-
-fn client_id(i: u32) -> String {
-    format!("dev-{i:08}")
-}
-
 fn command_topic(i: u32) -> String {
     format!("fleet/r{}/dev-{i:08}/cmd", i % 1000)
-}
-
-fn encode(p: &Packet, v: ProtocolVersion) -> BytesMut {
-    let mut out = BytesMut::new();
-    p.encode(v, &mut out);
-    out
 }
 
 fn connect_bytes(i: u32) -> BytesMut {

@@ -59,28 +59,14 @@ use coremq::proto::retained::retained_owner;
 use coremq::proto::topic::{TopicFilter, TopicName};
 use coremq::proto::{Millis, ShardId};
 
+#[path = "support/fleet.rs"]
+mod fleet;
+use fleet::{client_id, encode, version};
+
 const SHARDS: u16 = 2;
 /// 5.0 sessions' Session Expiry Interval: a week.
 const EXPIRY_SECS: u32 = 7 * 86_400;
 const DISCONNECT: [u8; 2] = [0xE0, 0x00];
-
-fn version(i: u32) -> ProtocolVersion {
-    if i % 2 == 0 {
-        ProtocolVersion::V3_1_1
-    } else {
-        ProtocolVersion::V5
-    }
-}
-
-fn client_id(i: u32) -> String {
-    format!("dev-{i:08}")
-}
-
-fn encode(p: &Packet, v: ProtocolVersion) -> BytesMut {
-    let mut out = BytesMut::new();
-    p.encode(v, &mut out);
-    out
-}
 
 /// A persistent session's CONNECT, as the handshake hands it to the broker.
 fn connect_packet(id: &str, v: ProtocolVersion) -> Connect {
