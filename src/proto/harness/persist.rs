@@ -112,6 +112,26 @@ fn resend_q2(topic: &str, payload: &'static [u8], id: u16) -> Packet {
     }
 }
 
+/// One shard: "dev", a persistent session subscribed to `cmd/#` at QoS 2
+/// (SUBACK durable) and online, and "ctl", a clean publisher.
+fn device_and_controller() -> (Harness, Client, Client) {
+    let mut h = durable(1);
+    let (dev, _) = h.connect(connect("dev", false, 0));
+    h.send(dev, subscribe("cmd/#", QoS::ExactlyOnce));
+    h.commit_all();
+    h.recv(dev);
+    let (publ, _) = h.connect(connect("ctl", true, 0));
+    (h, dev, publ)
+}
+
+fn pubrec(id: PacketId) -> Packet {
+    Packet::PubRec(PubResp {
+        packet_id: id,
+        reason: 0,
+        properties: None,
+    })
+}
+
 fn pubrel(n: u16) -> Packet {
     Packet::PubRel(PubResp {
         packet_id: pid(n),
@@ -232,12 +252,7 @@ fn what_was_acknowledged_survives_a_crash_and_what_was_not_is_not_promised() {
 #[test]
 fn inflight_messages_are_resent_with_their_ids_after_a_restart_mqtt_4_4_0_1() {
     for from_snapshot in [false, true] {
-        let mut h = durable(1);
-        let (dev, _) = h.connect(connect("dev", false, 0));
-        h.send(dev, subscribe("cmd/#", QoS::ExactlyOnce));
-        h.commit_all();
-        h.recv(dev);
-        let (publ, _) = h.connect(connect("ctl", true, 0));
+        let (mut h, dev, publ) = device_and_controller();
         h.send(
             publ,
             publish("cmd/a", b"a", QoS::AtLeastOnce, false, Some(1)),
@@ -264,14 +279,7 @@ fn inflight_messages_are_resent_with_their_ids_after_a_restart_mqtt_4_4_0_1() {
             .collect();
         assert_eq!(sent.len(), 3);
         // b is released (PUBREC came, PUBREL sent); a and c await acks.
-        h.send(
-            dev,
-            Packet::PubRec(PubResp {
-                packet_id: pid(sent[1].0),
-                reason: 0,
-                properties: None,
-            }),
-        );
+        h.send(dev, pubrec(pid(sent[1].0)));
         h.commit_all();
         h.restart(1, from_snapshot);
         let (dev, ack) = h.connect(connect("dev", false, 0));
@@ -540,12 +548,7 @@ fn a_resend_while_the_pubrec_waits_is_not_delivered_twice() {
 #[test]
 fn the_pubrel_to_a_subscriber_waits_for_its_record_mqtt_4_3_3() {
     for crash_before_commit in [true, false] {
-        let mut h = durable(1);
-        let (dev, _) = h.connect(connect("dev", false, 0));
-        h.send(dev, subscribe("cmd/#", QoS::ExactlyOnce));
-        h.commit_all();
-        h.recv(dev);
-        let (publ, _) = h.connect(connect("ctl", true, 0));
+        let (mut h, dev, publ) = device_and_controller();
         h.send(
             publ,
             publish("cmd/a", b"a", QoS::ExactlyOnce, false, Some(1)),
@@ -555,14 +558,7 @@ fn the_pubrel_to_a_subscriber_waits_for_its_record_mqtt_4_3_3() {
             [Packet::Publish(p)] => p.packet_id.unwrap(),
             other => panic!("{other:?}"),
         };
-        h.send(
-            dev,
-            Packet::PubRec(PubResp {
-                packet_id: id,
-                reason: 0,
-                properties: None,
-            }),
-        );
+        h.send(dev, pubrec(id));
         assert_eq!(h.recv(dev), [], "no PUBREL before the record is durable");
         if !crash_before_commit {
             h.commit(0);
