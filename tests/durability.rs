@@ -26,6 +26,7 @@ use coremq::proto::codec::{
     SubscriptionOptions,
 };
 use coremq::proto::handshake::owner_of;
+use coremq::proto::persist;
 use coremq::proto::topic::{TopicFilter, TopicName};
 
 use common::{
@@ -185,6 +186,27 @@ fn assert_state_loaded(broker: &Broker, sessions: usize, messages: usize, retain
         lines.iter().any(|l| l.contains(&want)),
         "expected a log line with {want:?}; got {lines:?}"
     );
+}
+
+/// Every record of every shard's log under `data`, one per line, for a
+/// failure message.
+fn log_records(data: &Path) -> String {
+    let mut out = String::new();
+    for n in 0.. {
+        let Ok(bytes) = std::fs::read(data.join(format!("shard-{n}")).join("log")) else {
+            break;
+        };
+        let scan = persist::scan(&bytes);
+        out.push_str(&format!(
+            "shard-{n}/log: {} bytes, tail {:?}\n",
+            bytes.len(),
+            scan.tail
+        ));
+        for r in scan.records {
+            out.push_str(&format!("  {r:?}\n"));
+        }
+    }
+    out
 }
 
 /// A client id, starting with `prefix`, that coremq puts on `shard` of
@@ -374,8 +396,19 @@ fn real_clients_keep_sessions_across_sigterm_and_kill9_mqtt_3_2_2_2() {
         } else {
             broker.kill9();
         }
+        // What the stopped process left, kept for the failure message below.
+        let left = log_records(Path::new(&data));
+        let stopped_log = broker.log_text();
         broker = broker.restart(&args);
-        assert_state_loaded(&broker, 3, 6, round + 1);
+        let want = format!("state loaded sessions=3 messages=6 retained={}", round + 1);
+        if broker.log_lines_with(&want).is_empty() {
+            panic!(
+                "after {how}: expected a log line with {want:?}; got {:?}\n\
+                 records the stopped process left:\n{left}\n\
+                 its stderr:\n{stopped_log}",
+                broker.log_lines_with("state loaded")
+            );
+        }
 
         let r = paho_session(port, "paho311-dur", "311", "-", 0, 2, 10);
         assert!(r.session_present, "paho 3.1.1 after {how}: {r:?}");

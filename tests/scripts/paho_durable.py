@@ -9,7 +9,12 @@ Prints one JSON object per line.
         "granted": q}. Then collects messages until EXPECT arrived (and 0.5 s
         more, so a duplicate would show) or WAIT seconds passed, prints
         {"event": "messages", "messages": "topic=payload@qos|..."}, and
-        disconnects normally (the session stays on the broker).
+        disconnects normally (the session stays on the broker). Messages are
+        acknowledged (PUBACK, PUBCOMP) from the main thread just before the
+        DISCONNECT, so every acknowledgement goes out ahead of it: paho's
+        own acknowledgements leave from its network thread, and one that a
+        busy machine delays until after the DISCONNECT does not count
+        (MQTT-3.14.4-2), which would leave the message owed.
 
     python paho_durable.py PORT load STOP_FILE RATE PUBS SUBS
         Load across broker kills. PUBS is "id:qos,id:qos,..." (each
@@ -61,6 +66,7 @@ def session(port, client_id, proto, filt, qos, expect, wait):
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
+            manual_ack=True,
         )
     else:
         c = mqtt.Client(
@@ -68,11 +74,13 @@ def session(port, client_id, proto, filt, qos, expect, wait):
             client_id=client_id,
             protocol=mqtt.MQTTv311,
             clean_session=False,
+            manual_ack=True,
         )
     connected = threading.Event()
     subscribed = threading.Event()
     got_all = threading.Event()
     messages = []
+    to_ack = []
     connack = {}
     granted = []
 
@@ -83,6 +91,8 @@ def session(port, client_id, proto, filt, qos, expect, wait):
 
     def on_message(_c, _u, msg):
         messages.append(f"{msg.topic}={msg.payload.decode()}@{msg.qos}")
+        if msg.qos > 0:
+            to_ack.append((msg.mid, msg.qos))
         if len(messages) >= expect:
             got_all.set()
 
@@ -112,6 +122,8 @@ def session(port, client_id, proto, filt, qos, expect, wait):
         got_all.wait(wait)
         time.sleep(0.5)
     out({"event": "messages", "messages": "|".join(messages)})
+    for mid, qos in list(to_ack):
+        c.ack(mid, qos)
     c.disconnect()
     c.loop_stop()
 
