@@ -127,20 +127,30 @@ fn respond(
     body: &[u8],
     with_body: bool,
 ) -> io::Result<()> {
-    let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    if status.starts_with("405") {
-        out.push_str("Allow: GET, HEAD\r\n");
-    }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    if with_body {
-        bytes.extend_from_slice(body);
+    let allow = if status.starts_with("405") {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    let mut bytes = response(status, allow, content_type, body);
+    if !with_body {
+        bytes.truncate(bytes.len() - body.len());
     }
     stream.write_all(&bytes)?;
     stream.flush()
+}
+
+/// A whole `Connection: close` answer: `status` is the status line's code
+/// and reason ("404 Not Found"), `extra` more header lines, each ending in
+/// CRLF. Also the WebSocket listeners' refusals (`shard::layer`).
+pub(crate) fn response(status: &str, extra: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 //!   - [`proto::persist`]: `--data-dir` records: framing, CRC, scanning a log, replaying it.
 //! - [`shard`]: the glommio shell: executors, the tick, dispatching the broker's events.
 //!   - [`shard::net`]: accept, the CONNECT handshake, hand-off, reading and writing sockets; the epoll loop.
+//!   - `shard::layer`: a connection's TLS and WebSocket layers, sans-IO, between its socket and the broker.
 //!   - [`shard::uring`]: the shard's io_uring, its provided-buffer ring, and why each operation.
 //!   - [`shard::poller`]: the epoll loop's epoll set, and the history of both loops.
 //!   - [`shard::mesh`]: messages between shards and how they travel.
@@ -24,7 +25,8 @@
 //! - [`http`]: `--metrics-listen`: `GET /metrics` and `GET /healthz`.
 //! - [`config`]: CLI flags + optional TOML file → a validated `Config`.
 //! - [`auth`]: the mosquitto-format password file and the CONNECT credentials check.
-//! - [`reload`]: SIGHUP rereads the password and ACL files, connections stay.
+//! - [`reload`]: SIGHUP rereads the password, ACL and TLS files, connections stay.
+//! - [`tls`]: the rustls settings of the TLS listeners, from `--cert`, `--key`, `--client-ca`.
 //! - [`sys`]: process-wide OS settings (the open-file limit, terminal echo).
 
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -38,3 +40,4 @@ pub mod proto;
 pub mod reload;
 pub mod shard;
 pub mod sys;
+pub mod tls;

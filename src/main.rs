@@ -57,6 +57,17 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // So are the TLS certificate and key.
+    let tls = match coremq::tls::TlsFiles::from_config(&config).and_then(|files| {
+        let loaded = files.as_ref().map(|f| f.load()).transpose()?;
+        Ok(files.zip(loaded))
+    }) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("coremq: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .compact()
         .with_writer(io::stderr)
@@ -69,7 +80,7 @@ fn run(config: Config) -> ExitCode {
             "allow_anonymous is false and there is no password file: every client will be refused"
         );
     }
-    match coremq::shard::run(config, auth, acl) {
+    match coremq::shard::run(config, auth, acl, tls) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("coremq: {e}");

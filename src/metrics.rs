@@ -85,6 +85,17 @@ pub struct Counters {
     pub log_snapshots: AtomicU64,
     /// `--data-dir`: logs whose torn or corrupt tail was cut off at start.
     pub log_tails_dropped: AtomicU64,
+    /// TLS handshakes completed, full or resumed.
+    pub tls_handshakes: AtomicU64,
+    /// Of `tls_handshakes`, those that resumed a session (a ticket or a
+    /// session id): no certificate sent, no key exchange signed.
+    pub tls_resumed: AtomicU64,
+    /// TLS handshakes that failed (a certificate refused, not TLS at all).
+    pub tls_handshake_failures: AtomicU64,
+    /// WebSocket upgrades accepted.
+    pub ws_upgrades: AtomicU64,
+    /// WebSocket upgrade requests refused with an HTTP error.
+    pub ws_upgrade_failures: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -179,7 +190,9 @@ impl fmt::Display for Counters {
              keepalive_expiries={} connect_timeouts={} malformed={} accept_refused={} \
              publishes_in={} publishes_out={} dropped={} acl_denied={} reads_paused={} \
              retained={} expired={} oversize_dropped={} sessions_expired={} ring_empty={} \
-             cq_dropped={} log_commits={} log_bytes={} log_snapshots={} log_tails_dropped={}",
+             cq_dropped={} log_commits={} log_bytes={} log_snapshots={} log_tails_dropped={} \
+             tls_handshakes={} tls_resumed={} tls_handshake_failures={} ws_upgrades={} \
+             ws_upgrade_failures={}",
             get(&self.connections_current),
             get(&self.sockets_current),
             get(&self.sessions_current),
@@ -211,6 +224,11 @@ impl fmt::Display for Counters {
             get(&self.log_bytes),
             get(&self.log_snapshots),
             get(&self.log_tails_dropped),
+            get(&self.tls_handshakes),
+            get(&self.tls_resumed),
+            get(&self.tls_handshake_failures),
+            get(&self.ws_upgrades),
+            get(&self.ws_upgrade_failures),
         )
     }
 }
@@ -412,6 +430,31 @@ impl Counters {
                 "coremq_log_tails_dropped_total",
                 "--data-dir logs whose torn or corrupt tail was cut off at start.",
                 &self.log_tails_dropped,
+            ),
+            counter(
+                "coremq_tls_handshakes_total",
+                "TLS handshakes completed, full or resumed.",
+                &self.tls_handshakes,
+            ),
+            counter(
+                "coremq_tls_resumed_total",
+                "TLS handshakes that resumed a session (ticket or session id).",
+                &self.tls_resumed,
+            ),
+            counter(
+                "coremq_tls_handshake_failures_total",
+                "TLS handshakes that failed (certificate refused, not TLS).",
+                &self.tls_handshake_failures,
+            ),
+            counter(
+                "coremq_ws_upgrades_total",
+                "WebSocket upgrades accepted.",
+                &self.ws_upgrades,
+            ),
+            counter(
+                "coremq_ws_upgrade_failures_total",
+                "WebSocket upgrade requests refused with an HTTP error.",
+                &self.ws_upgrade_failures,
             ),
         ]);
         samples.push(Sample {

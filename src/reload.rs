@@ -1,22 +1,38 @@
-//! Live reload: SIGHUP rereads the password file and the ACL file without
-//! dropping a connection.
+//! Live reload: SIGHUP rereads the password file, the ACL file and the TLS
+//! certificate, key and client CA without dropping a connection.
 //!
 //! Shard 0 notices the signal at its next tick (within 100 ms), reads and
-//! parses both files, and only if both are good installs them here; every
+//! parses every file, and only if all are good installs them here; every
 //! shard picks the new ones up at its next tick (a generation number
 //! tells it something changed). A file that cannot be read or parsed keeps
 //! the old ones in force, and the log says which file and why.
 //!
 //! What changes applies from then on: a CONNECT is checked against the new
 //! passwords, a SUBSCRIBE and a PUBLISH (and the delivery of each message)
-//! against the new ACL. Connections already open stay open.
+//! against the new ACL, a TLS handshake with the new certificate (sessions
+//! resumed with tickets from before the reload still resume: the ticket
+//! key stays). Connections already open stay open.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use rustls::ServerConfig;
+
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::proto::acl::Acl;
+use crate::tls::TlsFiles;
+
+/// What a reload replaces.
+#[derive(Clone)]
+pub struct InForce {
+    /// The password check.
+    pub auth: Arc<Authenticator>,
+    /// The ACL, if there is an ACL file.
+    pub acl: Option<Arc<Acl>>,
+    /// The TLS settings, if there is a TLS listener.
+    pub tls: Option<Arc<ServerConfig>>,
+}
 
 /// The credentials and ACL in force, shared by every shard.
 pub struct Reloadable {
@@ -24,18 +40,21 @@ pub struct Reloadable {
     requested: Arc<AtomicBool>,
     /// Bumped when new files are installed.
     generation: AtomicU64,
-    current: Mutex<(Arc<Authenticator>, Option<Arc<Acl>>)>,
+    current: Mutex<InForce>,
+    /// Where the TLS settings come from (and the ticket key they keep).
+    tls_files: Option<TlsFiles>,
 }
 
 impl Reloadable {
     /// The files loaded at start; registers the SIGHUP handler.
-    pub fn new(auth: Arc<Authenticator>, acl: Option<Arc<Acl>>) -> std::io::Result<Reloadable> {
+    pub fn new(start: InForce, tls_files: Option<TlsFiles>) -> std::io::Result<Reloadable> {
         let requested = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(signal_hook::consts::SIGHUP, requested.clone())?;
         Ok(Reloadable {
             requested,
             generation: AtomicU64::new(0),
-            current: Mutex::new((auth, acl)),
+            current: Mutex::new(start),
+            tls_files,
         })
     }
 
@@ -48,12 +67,16 @@ impl Reloadable {
         Some(self.reload(config))
     }
 
-    /// Rereads the password file and the ACL file; installs them only if
-    /// both are good.
+    /// Rereads the password file, the ACL file and the TLS files;
+    /// installs them only if all are good.
     pub fn reload(&self, config: &Config) -> Result<String, String> {
         let auth = Authenticator::from_config(config).map_err(|e| e.to_string())?;
         let acl = match config.acl_file.as_deref() {
             Some(path) => Some(Arc::new(load_acl(path)?)),
+            None => None,
+        };
+        let tls = match &self.tls_files {
+            Some(files) => Some(files.load()?),
             None => None,
         };
         let users = auth.passwords().map_or(0, |p| p.len());
@@ -65,25 +88,39 @@ impl Reloadable {
             ),
             (Some(p), None) => format!("password file {} ({users} users)", p.display()),
             (None, Some(a)) => format!("ACL file {}", a.display()),
-            (None, None) => "nothing to reload (no password or ACL file)".to_string(),
+            (None, None) if tls.is_none() => {
+                "nothing to reload (no password, ACL or TLS files)".to_string()
+            }
+            (None, None) => String::new(),
         };
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = (Arc::new(auth), acl);
+        let what = match (&tls, &config.cert) {
+            (Some(_), Some(cert)) if what.is_empty() => {
+                format!("TLS certificate {}", cert.display())
+            }
+            (Some(_), Some(cert)) => format!("{what} and TLS certificate {}", cert.display()),
+            _ => what,
+        };
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = InForce {
+            auth: Arc::new(auth),
+            acl,
+            tls,
+        };
         self.generation.fetch_add(1, Ordering::Release);
         Ok(what)
     }
 
     /// The files in force and their generation, when it is not `seen`.
-    pub fn newer_than(&self, seen: u64) -> Option<(u64, Arc<Authenticator>, Option<Arc<Acl>>)> {
+    pub fn newer_than(&self, seen: u64) -> Option<(u64, InForce)> {
         let generation = self.generation.load(Ordering::Acquire);
         if generation == seen {
             return None;
         }
-        let (auth, acl) = self
+        let current = self
             .current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        Some((generation, auth, acl))
+        Some((generation, current))
     }
 }
 

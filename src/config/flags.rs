@@ -87,6 +87,42 @@ pub(super) struct RunArgs {
     /// [default: 2000]
     #[arg(long, value_name = "USEC")]
     commit_interval_usec: Option<String>,
+    /// Accept MQTT over TLS (1.2 and 1.3) on HOST:PORT, :PORT or PORT; repeat
+    /// for several; needs --cert and --key [default: none]
+    #[arg(long, value_name = "ADDR")]
+    tls_listen: Vec<String>,
+    /// Accept MQTT over WebSocket (subprotocol mqtt) on HOST:PORT, :PORT or
+    /// PORT; repeat for several [default: none]
+    #[arg(long, value_name = "ADDR")]
+    ws_listen: Vec<String>,
+    /// Accept MQTT over WebSocket over TLS on HOST:PORT, :PORT or PORT;
+    /// repeat for several; needs --cert and --key [default: none]
+    #[arg(long, value_name = "ADDR")]
+    wss_listen: Vec<String>,
+    /// The only HTTP path a WebSocket upgrade may ask for (others get 404)
+    /// [default: none: any path]
+    #[arg(long, value_name = "PATH")]
+    ws_path: Option<String>,
+    /// TLS: the server's certificate chain, PEM, leaf first [default: none]
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// TLS: the server's private key, PEM (PKCS#8, SEC1 or PKCS#1) [default: none]
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// TLS: verify client certificates against these CA certificates (PEM);
+    /// a client may still connect without one unless --require-client-cert
+    /// [default: none: no client certificates asked for]
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+    /// TLS: refuse the handshake of a client without a certificate that
+    /// --client-ca verifies [default: off]
+    #[arg(long)]
+    require_client_cert: bool,
+    /// TLS: the client certificate's subject CN is the client's username
+    /// (the CONNECT's username and password are not used; the ACL applies to
+    /// the CN); needs --require-client-cert [default: off]
+    #[arg(long)]
+    use_identity_as_username: bool,
     /// Serve GET /metrics (Prometheus text format) and GET /healthz over HTTP
     /// on HOST:PORT, :PORT or PORT [default: none]
     #[arg(long, value_name = "ADDR")]
@@ -256,7 +292,9 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
             })?;
         }
     }
-    let flags: [(Key, Option<Raw<'_>>); 26] = [
+    let list = |l: Vec<String>| (!l.is_empty()).then_some(Raw::List(l));
+    let switch = |on: bool| on.then(|| Raw::Str("true".into()));
+    let flags: [(Key, Option<Raw<'_>>); 35] = [
         (
             Key::Listen,
             (!args.listen.is_empty()).then(|| Raw::List(args.listen.clone())),
@@ -273,6 +311,18 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
         (
             Key::CommitIntervalUsec,
             args.commit_interval_usec.map(Raw::Str),
+        ),
+        (Key::TlsListen, list(args.tls_listen)),
+        (Key::WsListen, list(args.ws_listen)),
+        (Key::WssListen, list(args.wss_listen)),
+        (Key::WsPath, args.ws_path.map(Raw::Str)),
+        (Key::Cert, args.cert.map(Raw::Path)),
+        (Key::PrivateKey, args.key.map(Raw::Path)),
+        (Key::ClientCa, args.client_ca.map(Raw::Path)),
+        (Key::RequireClientCert, switch(args.require_client_cert)),
+        (
+            Key::UseIdentityAsUsername,
+            switch(args.use_identity_as_username),
         ),
         (Key::MetricsListen, args.metrics_listen.map(Raw::Str)),
         (Key::AllowAnonymous, args.allow_anonymous.map(Raw::Str)),

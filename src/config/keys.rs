@@ -26,6 +26,24 @@ pub enum Key {
     SnapshotMib,
     /// `commit_interval_usec`
     CommitIntervalUsec,
+    /// `tls_listen`
+    TlsListen,
+    /// `ws_listen`
+    WsListen,
+    /// `wss_listen`
+    WssListen,
+    /// `ws_path`
+    WsPath,
+    /// `cert`
+    Cert,
+    /// `key`
+    PrivateKey,
+    /// `client_ca`
+    ClientCa,
+    /// `require_client_cert`
+    RequireClientCert,
+    /// `use_identity_as_username`
+    UseIdentityAsUsername,
     /// `metrics_listen`
     MetricsListen,
     /// `allow_anonymous`
@@ -60,7 +78,7 @@ pub enum Key {
 
 impl Key {
     /// Every setting, in `--help` order.
-    pub const ALL: [Key; 26] = [
+    pub const ALL: [Key; 35] = [
         Key::Listen,
         Key::Shards,
         Key::Io,
@@ -72,6 +90,15 @@ impl Key {
         Key::Fsync,
         Key::SnapshotMib,
         Key::CommitIntervalUsec,
+        Key::TlsListen,
+        Key::WsListen,
+        Key::WssListen,
+        Key::WsPath,
+        Key::Cert,
+        Key::PrivateKey,
+        Key::ClientCa,
+        Key::RequireClientCert,
+        Key::UseIdentityAsUsername,
         Key::MetricsListen,
         Key::AllowAnonymous,
         Key::MaxConnections,
@@ -103,6 +130,15 @@ impl Key {
             Key::Fsync => "fsync",
             Key::SnapshotMib => "snapshot_mib",
             Key::CommitIntervalUsec => "commit_interval_usec",
+            Key::TlsListen => "tls_listen",
+            Key::WsListen => "ws_listen",
+            Key::WssListen => "wss_listen",
+            Key::WsPath => "ws_path",
+            Key::Cert => "cert",
+            Key::PrivateKey => "key",
+            Key::ClientCa => "client_ca",
+            Key::RequireClientCert => "require_client_cert",
+            Key::UseIdentityAsUsername => "use_identity_as_username",
             Key::MetricsListen => "metrics_listen",
             Key::AllowAnonymous => "allow_anonymous",
             Key::MaxConnections => "max_connections",
@@ -160,6 +196,15 @@ impl Key {
             // client's retry is worth.
             Key::CommitIntervalUsec => Some((0, Some(100_000))),
             Key::Listen
+            | Key::TlsListen
+            | Key::WsListen
+            | Key::WssListen
+            | Key::WsPath
+            | Key::Cert
+            | Key::PrivateKey
+            | Key::ClientCa
+            | Key::RequireClientCert
+            | Key::UseIdentityAsUsername
             | Key::MetricsListen
             | Key::Io
             | Key::PasswordFile

@@ -128,6 +128,31 @@ impl fmt::Display for IoMode {
     }
 }
 
+/// What a listening address speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// MQTT over TCP (`--listen`).
+    Tcp,
+    /// MQTT over TLS (`--tls-listen`).
+    Tls,
+    /// MQTT over WebSocket (`--ws-listen`).
+    Ws,
+    /// MQTT over WebSocket over TLS (`--wss-listen`).
+    Wss,
+}
+
+impl Transport {
+    /// Whether connections start with a TLS handshake.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+
+    /// Whether connections start with a WebSocket upgrade.
+    pub fn is_ws(self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
+    }
+}
+
 /// Everything the broker needs to start; built by [`parse_args`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -162,6 +187,28 @@ pub struct Config {
     /// Least microseconds between the starts of two log commits of a
     /// shard (group commit under steady load), 0..=100000. Default: 2000.
     pub commit_interval_usec: u32,
+    /// Addresses to accept MQTT over TLS on (see [`crate::tls`]); needs
+    /// `cert` and `key`. Default: none.
+    pub tls_listen: Vec<SocketAddr>,
+    /// Addresses to accept MQTT over WebSocket on. Default: none.
+    pub ws_listen: Vec<SocketAddr>,
+    /// Addresses to accept MQTT over WebSocket over TLS on; needs `cert`
+    /// and `key`. Default: none.
+    pub wss_listen: Vec<SocketAddr>,
+    /// The one path a WebSocket upgrade may ask for; `None` takes any.
+    pub ws_path: Option<String>,
+    /// TLS certificate chain (PEM). Default: none.
+    pub cert: Option<PathBuf>,
+    /// TLS private key (PEM). Default: none.
+    pub key: Option<PathBuf>,
+    /// CA certificates client certificates are verified against (PEM);
+    /// `None` asks for no client certificate. Default: none.
+    pub client_ca: Option<PathBuf>,
+    /// A TLS client must present a certificate `client_ca` verifies.
+    /// Default: false.
+    pub require_client_cert: bool,
+    /// The client certificate's subject CN is the username. Default: false.
+    pub use_identity_as_username: bool,
     /// Where `GET /metrics` and `GET /healthz` are served (see
     /// [`crate::http`]); `None` serves nothing. Default: none.
     pub metrics_listen: Option<SocketAddr>,
@@ -228,6 +275,15 @@ impl Default for Config {
             fsync: FsyncMode::Batch,
             snapshot_mib: 64,
             commit_interval_usec: 2000,
+            tls_listen: Vec::new(),
+            ws_listen: Vec::new(),
+            wss_listen: Vec::new(),
+            ws_path: None,
+            cert: None,
+            key: None,
+            client_ca: None,
+            require_client_cert: false,
+            use_identity_as_username: false,
             metrics_listen: None,
             allow_anonymous: true,
             max_connections: 0,
@@ -254,6 +310,7 @@ impl Config {
         let fail =
             |key: Key, problem: String| ConfigError::Invalid(format!("{}: {problem}", key.flag()));
         check_listen(&self.listen).map_err(|p| fail(Key::Listen, p))?;
+        self.check_listeners().map_err(|(key, p)| fail(key, p))?;
         let numbers: [(Key, u64); 15] = [
             (Key::Shards, self.shards as u64),
             (Key::RingBuffers, u64::from(self.ring_buffers)),
@@ -290,11 +347,91 @@ impl Config {
         Ok(())
     }
 
+    /// Every MQTT listening address with what it speaks, in the order the
+    /// shards open them.
+    pub fn listeners(&self) -> Vec<(SocketAddr, Transport)> {
+        let kinds = [
+            (&self.listen, Transport::Tcp),
+            (&self.tls_listen, Transport::Tls),
+            (&self.ws_listen, Transport::Ws),
+            (&self.wss_listen, Transport::Wss),
+        ];
+        kinds
+            .into_iter()
+            .flat_map(|(addrs, t)| addrs.iter().map(move |a| (*a, t)))
+            .collect()
+    }
+
+    /// The TLS settings and listeners agree with each other; the error
+    /// names the setting at fault.
+    fn check_listeners(&self) -> Result<(), (Key, String)> {
+        let all = self.listeners();
+        for (i, (a, _)) in all.iter().enumerate() {
+            if all[..i].iter().any(|(b, _)| b == a) {
+                let key = match all[i].1 {
+                    Transport::Tcp => Key::Listen,
+                    Transport::Tls => Key::TlsListen,
+                    Transport::Ws => Key::WsListen,
+                    Transport::Wss => Key::WssListen,
+                };
+                return Err((key, format!("\"{a}\" is already a listening address")));
+            }
+        }
+        let tls = !self.tls_listen.is_empty() || !self.wss_listen.is_empty();
+        if tls {
+            if self.cert.is_none() {
+                return Err((
+                    Key::Cert,
+                    "--tls-listen and --wss-listen need a certificate".into(),
+                ));
+            }
+            if self.key.is_none() {
+                return Err((
+                    Key::PrivateKey,
+                    "--tls-listen and --wss-listen need a private key".into(),
+                ));
+            }
+        } else {
+            let stray = [
+                (Key::Cert, self.cert.is_some()),
+                (Key::PrivateKey, self.key.is_some()),
+                (Key::ClientCa, self.client_ca.is_some()),
+                (Key::RequireClientCert, self.require_client_cert),
+                (Key::UseIdentityAsUsername, self.use_identity_as_username),
+            ];
+            if let Some((key, _)) = stray.into_iter().find(|(_, set)| *set) {
+                return Err((
+                    key,
+                    "is for TLS, but there is no --tls-listen or --wss-listen".into(),
+                ));
+            }
+        }
+        if self.require_client_cert && self.client_ca.is_none() {
+            return Err((
+                Key::RequireClientCert,
+                "needs --client-ca to verify certificates with".into(),
+            ));
+        }
+        if self.use_identity_as_username && !self.require_client_cert {
+            return Err((
+                Key::UseIdentityAsUsername,
+                "needs --require-client-cert (every TLS client must then have an identity)".into(),
+            ));
+        }
+        if self.ws_path.is_some() && self.ws_listen.is_empty() && self.wss_listen.is_empty() {
+            return Err((
+                Key::WsPath,
+                "is for WebSocket, but there is no --ws-listen or --wss-listen".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// File descriptors kept back from clients: each shard's io_uring rings,
     /// eventfds and one listening socket per address, plus stdio and the
     /// password file.
     pub fn fd_reserve(&self) -> u64 {
-        32 + self.shards as u64 * (8 + self.listen.len() as u64)
+        32 + self.shards as u64 * (8 + self.listeners().len() as u64)
     }
 
     /// The most client connections this process can hold given its open-file

@@ -709,3 +709,71 @@ fn the_example_toml_names_every_key_at_its_default() {
     assert_eq!(all.shards, 8);
     assert!(all.metrics_listen.is_some() && all.data_dir.is_some());
 }
+
+#[test]
+fn tls_and_websocket_settings_must_agree() {
+    let tls = ["--tls-listen", "8883", "--cert", "s.pem", "--key", "s.key"];
+    let c = run(&[
+        &tls[..],
+        &[
+            "--wss-listen",
+            "127.0.0.1:9443",
+            "--ws-listen",
+            "9001",
+            "--ws-path",
+            "/mqtt",
+            "--client-ca",
+            "ca.pem",
+            "--require-client-cert",
+            "--use-identity-as-username",
+        ],
+    ]
+    .concat());
+    assert_eq!(c.tls_listen, vec![sa("0.0.0.0:8883")]);
+    assert_eq!(c.wss_listen, vec![sa("127.0.0.1:9443")]);
+    assert_eq!(c.ws_listen, vec![sa("0.0.0.0:9001")]);
+    assert_eq!(c.ws_path.as_deref(), Some("/mqtt"));
+    assert!(c.require_client_cert && c.use_identity_as_username);
+    assert_eq!(
+        c.listeners().iter().map(|(_, t)| *t).collect::<Vec<_>>(),
+        [
+            Transport::Tcp,
+            Transport::Tls,
+            Transport::Ws,
+            Transport::Wss
+        ]
+    );
+
+    assert_eq!(
+        err(&["--tls-listen", "8883"]),
+        "--cert: --tls-listen and --wss-listen need a certificate"
+    );
+    assert_eq!(
+        err(&["--wss-listen", "9443", "--cert", "s.pem"]),
+        "--key: --tls-listen and --wss-listen need a private key"
+    );
+    assert_eq!(
+        err(&["--cert", "s.pem"]),
+        "--cert: is for TLS, but there is no --tls-listen or --wss-listen"
+    );
+    assert_eq!(
+        err(&[&tls[..], &["--require-client-cert"]].concat()),
+        "--require-client-cert: needs --client-ca to verify certificates with"
+    );
+    assert!(err(&[
+        &tls[..],
+        &["--client-ca", "ca.pem", "--use-identity-as-username"]
+    ]
+    .concat())
+    .starts_with("--use-identity-as-username: needs --require-client-cert"));
+    assert_eq!(
+        err(&["--ws-path", "/mqtt"]),
+        "--ws-path: is for WebSocket, but there is no --ws-listen or --wss-listen"
+    );
+    assert!(err(&["--ws-listen", "9001", "--ws-path", "mqtt"])
+        .starts_with("--ws-path: must start with /"));
+    assert_eq!(
+        err(&["--listen", "1883", "--ws-listen", "1883"]),
+        "--ws-listen: \"0.0.0.0:1883\" is already a listening address"
+    );
+}

@@ -167,6 +167,39 @@ impl Builder {
                 check_listen(&addrs)?;
                 c.listen = addrs;
             }
+            Key::TlsListen | Key::WsListen | Key::WssListen => {
+                let addrs = raw
+                    .list()?
+                    .iter()
+                    .map(|s| parse_listen(s))
+                    .collect::<Result<Vec<_>, _>>()?;
+                check_listen(&addrs)?;
+                match key {
+                    Key::TlsListen => c.tls_listen = addrs,
+                    Key::WsListen => c.ws_listen = addrs,
+                    _ => c.wss_listen = addrs,
+                }
+            }
+            Key::WsPath => {
+                let p = raw.string()?;
+                if !p.starts_with('/') || p.bytes().any(|b| b.is_ascii_whitespace()) {
+                    return Err(format!("must start with / and have no spaces, got {p:?}"));
+                }
+                c.ws_path = Some(p);
+            }
+            Key::Cert | Key::PrivateKey | Key::ClientCa => {
+                let p = raw.path()?;
+                if p.as_os_str().is_empty() {
+                    return Err("must not be empty".into());
+                }
+                match key {
+                    Key::Cert => c.cert = Some(p),
+                    Key::PrivateKey => c.key = Some(p),
+                    _ => c.client_ca = Some(p),
+                }
+            }
+            Key::RequireClientCert => c.require_client_cert = raw.boolean()?,
+            Key::UseIdentityAsUsername => c.use_identity_as_username = raw.boolean()?,
             Key::MetricsListen => {
                 let addr = parse_listen(&raw.string()?)?;
                 check_listen(&[addr])?;

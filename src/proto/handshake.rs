@@ -103,6 +103,17 @@ pub trait Authenticate {
     fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> Result<(), u8>;
 }
 
+/// `--use-identity-as-username`: TLS verified the client's certificate
+/// against `--client-ca`, and its CN is the username; that is the whole
+/// authentication (the CONNECT's password is not used, as in mosquitto).
+pub struct CertificateIdentity;
+
+impl Authenticate for CertificateIdentity {
+    fn authenticate(&self, _: Option<&str>, _: Option<&[u8]>) -> Result<(), u8> {
+        Ok(())
+    }
+}
+
 /// Decides the CONNACK code for a decoded CONNECT: a 3.x return code, or
 /// for 5.0 the reason code ([`connack_code`] translates the shell's own
 /// refusals).

@@ -113,6 +113,8 @@ pub struct Handoff {
     pub assigned: bool,
     /// Bytes read after the CONNECT (a client may pipeline).
     pub rest: BytesMut,
+    /// Its TLS and/or WebSocket state, past their handshakes.
+    pub(crate) layer: Option<Box<super::layer::Layer>>,
 }
 
 /// How a doorbell wakes its owner, which depends on the loop the shards run.

@@ -41,6 +41,7 @@ use crate::proto::handshake::Authenticate;
 use crate::proto::topic::TopicName;
 use crate::proto::{Millis, ShardId};
 
+pub(crate) mod layer;
 pub mod listener;
 pub mod mesh;
 pub mod net;
@@ -81,6 +82,11 @@ pub struct Shard {
     pub counters: Arc<Counters>,
     /// Credentials check, shared read-only by all shards.
     pub auth: RefCell<Arc<Authenticator>>,
+    /// TLS settings for new connections on `--tls-listen`/`--wss-listen`
+    /// (SIGHUP may replace them).
+    tls: RefCell<Option<Arc<rustls::ServerConfig>>>,
+    /// How WebSocket upgrades are judged (`--ws-path`).
+    ws_rules: layer::WsRules,
     /// The password and ACL files in force (SIGHUP rereads them), and the
     /// generation of them this shard uses.
     reload: Arc<crate::reload::Reloadable>,
@@ -342,10 +348,11 @@ impl Shard {
     /// since a reload, so that whatever a client sends after the reload
     /// was logged meets them on every shard.
     pub(crate) fn refresh_reload(&self) {
-        if let Some((generation, auth, acl)) = self.reload.newer_than(self.reload_seen.get()) {
+        if let Some((generation, now)) = self.reload.newer_than(self.reload_seen.get()) {
             self.reload_seen.set(generation);
-            *self.auth.borrow_mut() = auth;
-            self.broker.borrow_mut().set_acl(acl);
+            *self.auth.borrow_mut() = now.auth;
+            *self.tls.borrow_mut() = now.tls;
+            self.broker.borrow_mut().set_acl(now.acl);
         }
     }
 
@@ -417,7 +424,14 @@ pub(crate) fn fatal_disk_error(shard: ShardId, doing: &str, e: &io::Error) -> ! 
 }
 
 /// Runs the broker until SIGINT or SIGTERM.
-pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<()> {
+/// `tls`: the TLS settings' files and what was loaded from them, when there
+/// is a TLS listener.
+pub fn run(
+    config: Config,
+    auth: Authenticator,
+    acl: Option<Acl>,
+    tls: Option<(crate::tls::TlsFiles, Arc<rustls::ServerConfig>)>,
+) -> io::Result<()> {
     let acl = acl.map(Arc::new);
     let shards = config.shards;
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -431,8 +445,19 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
     }
 
     let auth = Arc::new(auth);
-    // SIGHUP: reread the password and ACL files (see `crate::reload`).
-    let reload = Arc::new(crate::reload::Reloadable::new(auth.clone(), acl.clone())?);
+    let (tls_files, tls) = match tls {
+        Some((files, loaded)) => (Some(files), Some(loaded)),
+        None => (None, None),
+    };
+    // SIGHUP: reread the password, ACL and TLS files (see `crate::reload`).
+    let reload = Arc::new(crate::reload::Reloadable::new(
+        crate::reload::InForce {
+            auth: auth.clone(),
+            acl: acl.clone(),
+            tls: tls.clone(),
+        },
+        tls_files,
+    )?);
     let counters = Arc::new(Counters::default());
     let nofile = crate::sys::raise_nofile_limit()?;
     // Up to 4 Mi descriptors (32 MiB of kernel table): past that, a limit
@@ -488,6 +513,7 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
         let counters = counters.clone();
         let auth = auth.clone();
         let acl = acl.clone();
+        let tls = tls.clone();
         let reload = reload.clone();
         let ends: Option<MeshEnds> = mesh_ends.next();
         let start: Option<store::ShardStart> = starts.get_mut(i).and_then(Option::take);
@@ -518,14 +544,17 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                 };
                 let mesh = ends.map(|e| Mesh::new(ShardId(i as u16), e));
                 let mut listeners = Vec::new();
-                for addr in &config.listen {
-                    let fd = listener::bind(*addr).map_err(|e| {
+                for (addr, transport) in config.listeners() {
+                    let fd = listener::bind(addr).map_err(|e| {
                         io::Error::new(e.kind(), format!("listening on {addr}: {e}"))
                     })?;
-                    listeners.push(fd);
+                    listeners.push((fd, transport));
                 }
                 let sync_each_read =
                     config.data_dir.is_some() && config.fsync == crate::config::FsyncMode::Always;
+                let ws_rules = layer::WsRules {
+                    path: config.ws_path.clone(),
+                };
                 let shard = Rc::new(Shard {
                     id: ShardId(i as u16),
                     shards: shards as u16,
@@ -554,6 +583,8 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
                     config,
                     counters,
                     auth: RefCell::new(auth),
+                    tls: RefCell::new(tls),
+                    ws_rules,
                     reload,
                     reload_seen: Cell::new(0),
                     nonce,
@@ -619,7 +650,16 @@ pub fn run(config: Config, auth: Authenticator, acl: Option<Acl>) -> io::Result<
 
 /// Resolves `--io`: true for the io_uring loop. `auto` falls back to epoll
 /// with one log line saying why; `uring` refuses to start without it.
+/// Either way the process needs io_uring itself (glommio runs on it): a
+/// system that refuses it gets a one-line error, not a failing executor.
 fn choose_io(mode: IoMode) -> io::Result<bool> {
+    uring::setup_allowed().map_err(|why| {
+        io::Error::other(format!(
+            "io_uring is refused here ({why}); the shards' executor (glommio) needs it \
+             whatever --io says: allow io_uring_setup, io_uring_enter and io_uring_register \
+             (see tuning/container.md for containers, or set kernel.io_uring_disabled=0)"
+        ))
+    })?;
     resolve_io(mode, uring::probe)
 }
 

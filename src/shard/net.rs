@@ -29,17 +29,19 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 
+use super::layer::{Fail, Layer, Progress};
 use super::listener;
 use super::mesh::{Handoff, MeshMsg};
 use super::poller::{self, Event, READ, READ_WRITE};
 use super::uring::Uring;
 use super::{Io, Shard, TICK};
+use crate::config::Transport;
 use crate::metrics::{bump, drop_one, get};
 use crate::proto::broker::MAX_PENDING_OUTGOING;
 use crate::proto::codec::{reason, return_code, Connect, ProtocolVersion};
 use crate::proto::handshake::{
-    self, assign_client_id, check_connect, connack_bytes, connack_code, owner_of, FirstPacket,
-    HandshakeError,
+    self, assign_client_id, check_connect, connack_bytes, connack_code, owner_of,
+    CertificateIdentity, FirstPacket, HandshakeError,
 };
 use crate::proto::{ConnId, Millis};
 
@@ -166,6 +168,12 @@ pub(crate) struct Sock {
     /// io_uring only.
     recv: Recv,
     bufs: Option<Box<SockBufs>>,
+    /// TLS and/or WebSocket; `None` on a plain `--listen` connection.
+    layer: Option<Box<Layer>>,
+    /// WebSocket: our close frame is out and our side shut down; waiting
+    /// for the client's close and FIN, so that its last frames do not meet
+    /// a closed socket (which answers with a reset).
+    half_closed: bool,
 }
 
 impl Sock {
@@ -192,6 +200,8 @@ pub(crate) struct Pending {
     /// epoll: registered in the set (it did not send its CONNECT with the
     /// first read). io_uring: a recv is in flight on it.
     registered: bool,
+    /// TLS and/or WebSocket, still in their handshake until the CONNECT.
+    layer: Option<Box<Layer>>,
 }
 
 enum PendingSlot {
@@ -202,6 +212,8 @@ enum PendingSlot {
 /// The shard's socket table.
 pub(crate) struct Net {
     listeners: Vec<OwnedFd>,
+    /// What each listener speaks.
+    transports: Vec<Transport>,
     /// Connections by `ConnId::index`, the broker's slot numbering.
     socks: Vec<Option<Sock>>,
     pending: Vec<PendingSlot>,
@@ -228,10 +240,12 @@ pub(crate) struct Net {
 }
 
 impl Net {
-    pub(crate) fn new(listeners: Vec<OwnedFd>) -> Net {
+    pub(crate) fn new(listeners: Vec<(OwnedFd, Transport)>) -> Net {
+        let (listeners, transports): (Vec<OwnedFd>, Vec<Transport>) = listeners.into_iter().unzip();
         Net {
             accepting: vec![false; listeners.len()],
             listeners,
+            transports,
             socks: Vec::new(),
             pending: Vec::new(),
             free_pending: Vec::new(),
@@ -286,7 +300,7 @@ impl Net {
         slot.take()
     }
 
-    fn insert_sock(&mut self, id: ConnId, fd: OwnedFd) {
+    fn insert_sock(&mut self, id: ConnId, fd: OwnedFd, layer: Option<Box<Layer>>) {
         let i = id.index as usize;
         if self.socks.len() <= i {
             self.socks.resize_with(i + 1, || None);
@@ -298,6 +312,8 @@ impl Net {
             closing: false,
             recv: Recv::Off,
             bufs: None,
+            layer,
+            half_closed: false,
         });
     }
 
@@ -566,7 +582,7 @@ fn accept_ready(shard: &Shard, n: u32) {
     for _ in 0..ACCEPT_BATCH {
         match listener::accept_now(listener_fd) {
             None => return,
-            Some(Ok(fd)) => accepted(shard, fd),
+            Some(Ok(fd)) => accepted(shard, n, fd),
             Some(Err(e)) => {
                 if !accept_failed(shard, n, listener_fd, &e) {
                     return;
@@ -576,16 +592,41 @@ fn accept_ready(shard: &Shard, n: u32) {
     }
 }
 
-/// A socket accepted from a listener (either loop): counted, or refused at
-/// the socket ceiling.
-pub(crate) fn accepted(shard: &Shard, fd: OwnedFd) {
+/// A socket accepted from listener `n` (either loop): counted, or refused
+/// at the socket ceiling.
+pub(crate) fn accepted(shard: &Shard, n: u32, fd: OwnedFd) {
     if get(&shard.counters.sockets_current) >= shard.socket_ceiling {
         bump(&shard.counters.accept_refused);
         drop(fd);
         return;
     }
     bump(&shard.counters.sockets_current);
-    start_handshake(shard, fd);
+    let transport = shard
+        .net
+        .borrow()
+        .transports
+        .get(n as usize)
+        .copied()
+        .unwrap_or(Transport::Tcp);
+    let layer = match transport {
+        Transport::Tcp => None,
+        t => {
+            let tls = t.is_tls().then(|| shard.tls.borrow().clone());
+            let made = match tls {
+                Some(None) => Err("no TLS settings".to_string()),
+                Some(Some(config)) => Layer::new(Some(&config), t.is_ws()),
+                None => Layer::new(None, t.is_ws()),
+            };
+            match made {
+                Ok(layer) => Some(Box::new(layer)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start TLS on an accepted socket");
+                    return close_socket(shard, fd, &[]);
+                }
+            }
+        }
+    };
+    start_handshake(shard, fd, layer);
 }
 
 /// Accepting on listener `n` failed with `e`. Returns whether accepting may
@@ -618,11 +659,13 @@ pub(crate) fn accept_failed(shard: &Shard, n: u32, listener_fd: RawFd, e: &io::E
 /// once before paying for an epoll registration. io_uring: a one-shot recv
 /// (not a multishot one: the socket may move to another shard after its
 /// CONNECT, with nothing armed on it here).
-fn start_handshake(shard: &Shard, fd: OwnedFd) {
+fn start_handshake(shard: &Shard, fd: OwnedFd, layer: Option<Box<Layer>>) {
+    let layered = layer.is_some();
     let mut pending = Pending {
         fd,
         buf: BytesMut::new(),
         registered: false,
+        layer,
     };
     if let Io::Uring(ring) = &shard.io {
         let raw = pending.fd.as_raw_fd();
@@ -631,6 +674,12 @@ fn start_handshake(shard: &Shard, fd: OwnedFd) {
         ring.borrow_mut()
             .recv_once(raw, Token::Pending { index, generation }.encode());
         return;
+    }
+    if layered {
+        // Its bytes go through the layer first: the general path (its
+        // first read often holds a whole ClientHello or upgrade request).
+        let (index, generation) = shard.add_pending(pending);
+        return pending_ready(shard, index, generation);
     }
     match recv_into(shard, pending.fd.as_raw_fd(), &mut pending.buf) {
         Ok(0) => return close_socket(shard, pending.fd, &[]),
@@ -699,24 +748,63 @@ pub(crate) fn pending_input(shard: &Shard, index: u32, generation: u32, read: Pe
     let first = match read {
         PendingRead::Closed => None,
         PendingRead::Nothing => Some(FirstPacket::Incomplete),
-        PendingRead::Data(bytes) => {
-            p.buf.extend_from_slice(bytes);
-            Some(handshake::read_first_packet(
-                &mut p.buf,
-                shard.config.max_packet_size,
-            ))
-        }
+        PendingRead::Data(bytes) => match p.layer.as_mut() {
+            None => {
+                p.buf.extend_from_slice(bytes);
+                Some(handshake::read_first_packet(
+                    &mut p.buf,
+                    shard.config.max_packet_size,
+                ))
+            }
+            Some(layer) => {
+                let result = layer.input(bytes, &mut p.buf, &shard.ws_rules);
+                // The handshake's answers go now, straight to the socket:
+                // a few KiB into an empty send buffer.
+                let answered = send_layer_out(shard, p.fd.as_raw_fd(), layer);
+                match result {
+                    Ok(progress) => {
+                        shard.count_layer_progress(progress);
+                        if !answered {
+                            None
+                        } else if layer.is_handshaking() {
+                            Some(FirstPacket::Incomplete)
+                        } else {
+                            Some(handshake::read_first_packet(
+                                &mut p.buf,
+                                shard.config.max_packet_size,
+                            ))
+                        }
+                    }
+                    Err(fail) => {
+                        shard.count_layer_failure(&fail);
+                        None
+                    }
+                }
+            }
+        },
     };
     match first {
-        Some(FirstPacket::Incomplete) => {
-            if let Io::Uring(ring) = &shard.io {
+        Some(FirstPacket::Incomplete) => match &shard.io {
+            Io::Uring(ring) => {
                 // The last recv has completed: the next one.
                 p.registered = true;
                 let raw = p.fd.as_raw_fd();
                 ring.borrow_mut()
                     .recv_once(raw, Token::Pending { index, generation }.encode());
             }
-        }
+            Io::Epoll(epoll) if !p.registered => {
+                // A layered socket's first read (see start_handshake).
+                let token = Token::Pending { index, generation }.encode();
+                if epoll.add(p.fd.as_raw_fd(), READ, token).is_ok() {
+                    p.registered = true;
+                } else {
+                    let p = net.take_pending(index, generation).expect("found above");
+                    drop(net);
+                    close_socket(shard, p.fd, &[]);
+                }
+            }
+            Io::Epoll(_) => {}
+        },
         None => {
             // Closed or failed before a whole CONNECT.
             let p = net.take_pending(index, generation).expect("found above");
@@ -729,6 +817,17 @@ pub(crate) fn pending_input(shard: &Shard, index: u32, generation: u32, read: Pe
             first_packet(shard, p, other);
         }
     }
+}
+
+/// Sends what a layer has to say from a socket that has no connection yet
+/// (its handshake answers, an HTTP error, a refusal): whole or not at all.
+/// False when the socket did not take all of it.
+fn send_layer_out(shard: &Shard, fd: RawFd, layer: &mut Layer) -> bool {
+    if !layer.has_output() {
+        return true;
+    }
+    let out = std::mem::take(&mut layer.out);
+    matches!(send_some(shard, fd, &out), Ok(n) if n == out.len())
 }
 
 /// Closes a socket this shard counted. epoll: now. io_uring: as an SQE,
@@ -775,13 +874,31 @@ fn connack_counter(version: ProtocolVersion, code: u8) -> Option<usize> {
 
 /// Sends a refusal's CONNACK (best effort: a few bytes into an empty send
 /// buffer) and closes. `code` is in `version`'s terms.
-fn refuse(shard: &Shard, fd: OwnedFd, version: ProtocolVersion, code: u8) {
+fn refuse(
+    shard: &Shard,
+    fd: OwnedFd,
+    layer: Option<Box<Layer>>,
+    version: ProtocolVersion,
+    code: u8,
+) {
     if let Some(i) = connack_counter(version, code) {
         if let Some(counter) = shard.counters.connacks.get(i) {
             bump(counter);
         }
     }
-    let _ = send_some(shard, fd.as_raw_fd(), &connack_bytes(version, false, code));
+    let connack = connack_bytes(version, false, code);
+    match layer {
+        None => {
+            let _ = send_some(shard, fd.as_raw_fd(), &connack);
+        }
+        Some(mut layer) => {
+            let mut out = BytesMut::new();
+            layer.wrap(&connack, &mut out);
+            layer.queue_close();
+            layer.wrap(&[], &mut out);
+            let _ = send_some(shard, fd.as_raw_fd(), &out);
+        }
+    }
     // Closing a socket with unread input sends RST instead of FIN, and a
     // client that pipelined packets after its CONNECT could then lose the
     // CONNACK that says why: read away what it sent first (a few reads at
@@ -811,7 +928,7 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
                 tracing::debug!(error = %e, "malformed first packet");
             }
             match connack {
-                Some(code) => refuse(shard, pending.fd, version, code),
+                Some(code) => refuse(shard, pending.fd, pending.layer, version, code),
                 None => close_socket(shard, pending.fd, &[]),
             }
             return;
@@ -820,8 +937,34 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
     };
 
     let version = connect.protocol;
+    let mut connect = connect;
+    // --use-identity-as-username: TLS verified the client's certificate,
+    // whose CN is the username; the CONNECT's credentials are not used.
+    let identity = match pending.layer.as_ref() {
+        Some(layer) if shard.config.use_identity_as_username && layer.is_tls() => {
+            Some(layer.peer_common_name())
+        }
+        _ => None,
+    };
+    let identity = match identity {
+        None => false,
+        Some(Some(cn)) => {
+            connect.username = Some(cn.into());
+            connect.password = None;
+            true
+        }
+        Some(None) => {
+            let code = connack_code(version, return_code::NOT_AUTHORIZED);
+            return refuse(shard, pending.fd, pending.layer, version, code);
+        }
+    };
     let auth = shard.auth.borrow().clone();
-    let refusal = check_connect(&connect, auth.as_ref()).err().or_else(|| {
+    let checked = if identity {
+        check_connect(&connect, &CertificateIdentity)
+    } else {
+        check_connect(&connect, auth.as_ref())
+    };
+    let refusal = checked.err().or_else(|| {
         // At the connection ceiling: 3.x has only "server unavailable";
         // 5.0 says it is a quota (0x97).
         (get(&shard.counters.connections_current) >= shard.connection_ceiling).then_some(
@@ -833,10 +976,9 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
         )
     });
     if let Some(code) = refusal {
-        return refuse(shard, pending.fd, version, code);
+        return refuse(shard, pending.fd, pending.layer, version, code);
     }
 
-    let mut connect = connect;
     let assigned = connect.client_id.is_empty();
     if assigned {
         // MQTT-3.1.3-6: assign a unique id; it is hashed after assignment.
@@ -847,6 +989,7 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
         admit(
             shard,
             pending.fd,
+            pending.layer,
             pending.registered,
             *connect,
             assigned,
@@ -864,7 +1007,7 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
         } else {
             connack_code(version, return_code::SERVER_UNAVAILABLE)
         };
-        return refuse(shard, pending.fd, version, code);
+        return refuse(shard, pending.fd, pending.layer, version, code);
     }
     match &shard.io {
         Io::Epoll(epoll) if pending.registered => {
@@ -885,6 +1028,7 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
             connect,
             assigned,
             rest: pending.buf,
+            layer: pending.layer,
         }),
     );
 }
@@ -895,6 +1039,7 @@ pub(crate) fn accept_handoff(shard: &Shard, handoff: Handoff) {
     admit(
         shard,
         handoff.fd,
+        handoff.layer,
         false,
         *handoff.connect,
         handoff.assigned,
@@ -907,6 +1052,7 @@ pub(crate) fn accept_handoff(shard: &Shard, handoff: Handoff) {
 fn admit(
     shard: &Shard,
     fd: OwnedFd,
+    layer: Option<Box<Layer>>,
     registered: bool,
     connect: Connect,
     assigned: bool,
@@ -924,7 +1070,7 @@ fn admit(
         Io::Epoll(epoll) => epoll.add(raw, READ, token),
         Io::Uring(_) => Ok(()),
     };
-    shard.net.borrow_mut().insert_sock(id, fd);
+    shard.net.borrow_mut().insert_sock(id, fd, layer);
     if let Io::Uring(ring) = &shard.io {
         // Armed once for the connection's life (re-armed only when the
         // buffer ring ran dry or reading was paused).
@@ -980,6 +1126,35 @@ impl Shard {
     }
 
     fn read_ready(&self, id: ConnId) {
+        if self.is_layered(id) {
+            let Some((raw, half_closed)) = self
+                .net
+                .borrow_mut()
+                .sock_mut(id)
+                .map(|s| (s.fd.as_raw_fd(), s.half_closed))
+            else {
+                return;
+            };
+            let mut wire = BytesMut::new();
+            let read = recv_into(self, raw, &mut wire);
+            if half_closed {
+                // What a closed WebSocket client still sends is read away;
+                // its FIN ends the wait.
+                if !matches!(&read, Ok(n) if *n > 0)
+                    && !matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                {
+                    self.finish_close(id);
+                }
+                return;
+            }
+            match read {
+                Ok(0) => self.lost(id),
+                Ok(_) => return self.layered_read(id, &wire),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => self.lost(id),
+            }
+            return self.dispatch();
+        }
         let Some((raw, mut buf)) = self.read_buf(id) else {
             return;
         };
@@ -996,6 +1171,95 @@ impl Shard {
             Err(_) => self.lost(id),
         }
         self.dispatch();
+    }
+
+    /// Whether `id` has a TLS or WebSocket layer.
+    pub(crate) fn is_layered(&self, id: ConnId) -> bool {
+        self.net
+            .borrow_mut()
+            .sock_mut(id)
+            .is_some_and(|s| s.layer.is_some())
+    }
+
+    /// Bytes read from a layered connection (either loop): through its
+    /// layer, then the MQTT bytes in them to the broker; what the layer
+    /// answers (a pong, TLS records) goes with the next write.
+    pub(crate) fn layered_read(&self, id: ConnId, wire: &[u8]) {
+        let Some((_, mut buf)) = self.read_buf(id) else {
+            return;
+        };
+        let result = {
+            let mut net = self.net.borrow_mut();
+            let Some(layer) = net.sock_mut(id).and_then(|s| s.layer.as_mut()) else {
+                return;
+            };
+            layer.input(wire, &mut buf, &self.ws_rules)
+        };
+        match result {
+            Ok(progress) => {
+                self.count_layer_progress(progress);
+                if !buf.is_empty() {
+                    self.feed(id, &mut buf);
+                }
+                self.transmit(id);
+                self.dispatch();
+                self.pause_reading_if_backlogged(id);
+            }
+            Err(fail) => {
+                self.count_layer_failure(&fail);
+                // What came before the end counts (a DISCONNECT, say).
+                if !buf.is_empty() {
+                    self.feed(id, &mut buf);
+                    self.dispatch();
+                }
+                // The layer's last words (a close frame, an alert), best
+                // effort, then the socket goes: without a DISCONNECT, the
+                // will is published.
+                let mut net = self.net.borrow_mut();
+                if let Some(sock) = net.sock_mut(id) {
+                    let fd = sock.fd.as_raw_fd();
+                    if let (false, Some(layer)) = (sock.writing, sock.layer.as_mut()) {
+                        send_layer_out(self, fd, layer);
+                    }
+                }
+                drop(net);
+                self.lost(id);
+                self.dispatch();
+            }
+        }
+    }
+
+    /// Counts what a layer completed.
+    fn count_layer_progress(&self, progress: Progress) {
+        if let Some(resumed) = progress.tls_handshake {
+            bump(&self.counters.tls_handshakes);
+            if resumed {
+                bump(&self.counters.tls_resumed);
+            }
+        }
+        if progress.ws_upgraded {
+            bump(&self.counters.ws_upgrades);
+        }
+    }
+
+    /// Counts why a layer ended a connection.
+    fn count_layer_failure(&self, fail: &Fail) {
+        match fail {
+            Fail::TlsHandshake(why) => {
+                bump(&self.counters.tls_handshake_failures);
+                tracing::debug!(error = %why, "TLS handshake failed");
+            }
+            Fail::Tls(why) => tracing::debug!(error = %why, "TLS failed"),
+            Fail::WsUpgrade(status) => {
+                bump(&self.counters.ws_upgrade_failures);
+                tracing::debug!(status, "WebSocket upgrade refused");
+            }
+            Fail::WsProtocol(what) => {
+                bump(&self.counters.malformed_packets);
+                tracing::debug!(what, "WebSocket protocol error");
+            }
+            Fail::PeerClosed => {}
+        }
     }
 
     /// Stops reading a client whose replies pile up because it does not read
@@ -1062,6 +1326,12 @@ impl Shard {
             let mut net = self.net.borrow_mut();
             let Some(sock) = net.sock_mut(id) else { return };
             sock.recv = Recv::Off;
+            if sock.closing && sock.half_closed && result != -libc::ENOBUFS {
+                // The WebSocket client's FIN (or an error): done waiting.
+                drop(net);
+                self.finish_close(id);
+                return;
+            }
             if sock.closing {
                 // Only draining what it was sent; nothing more is read.
                 return;
@@ -1159,6 +1429,7 @@ impl Shard {
         };
         let out = self.broker.borrow_mut().take_outgoing(id);
         let closing = self.broker.borrow().is_closing(id);
+        let out = self.through_layer(id, out, closing);
         if !out.is_empty() {
             let sent = match &self.io {
                 Io::Epoll(_) => send_some(self, raw, &out),
@@ -1202,9 +1473,63 @@ impl Shard {
             .borrow_mut()
             .sock_mut(id)
             .is_some_and(|s| s.closing)
+            && !self.half_close_ws(id)
         {
             self.finish_close(id);
         }
+    }
+
+    /// A WebSocket connection we closed, all written: shuts down our side
+    /// (FIN after the close frame) and waits, reading, for the client's
+    /// close and FIN (RFC 6455 §7.1.1), at most [`CLOSE_LINGER_MS`]. False when there is
+    /// nothing to wait for (not WebSocket, or already waiting): close now.
+    fn half_close_ws(&self, id: ConnId) -> bool {
+        let mut net = self.net.borrow_mut();
+        let Some(sock) = net.sock_mut(id) else {
+            return false;
+        };
+        if sock.half_closed || !sock.layer.as_ref().is_some_and(|l| l.is_ws()) {
+            return false;
+        }
+        sock.half_closed = true;
+        let raw = sock.fd.as_raw_fd();
+        // SAFETY: shutdown of a descriptor we own.
+        unsafe { libc::shutdown(raw, libc::SHUT_WR) };
+        match &self.io {
+            Io::Epoll(epoll) => {
+                let _ = epoll.modify(raw, READ, Token::Conn(id).encode());
+            }
+            Io::Uring(ring) => {
+                if sock.recv == Recv::Off {
+                    sock.recv = Recv::Armed;
+                    ring.borrow_mut().recv_multi(raw, Token::Conn(id).encode());
+                }
+            }
+        }
+        let deadline = Millis(self.now().0 + CLOSE_LINGER_MS);
+        net.close_deadlines.push_back((id, deadline));
+        true
+    }
+
+    /// The bytes for `id`'s socket: `out` itself, or, on a layered
+    /// connection, what the layer had to say and `out` framed and
+    /// encrypted, then the layer's close when the connection is closing.
+    fn through_layer(&self, id: ConnId, out: BytesMut, closing: bool) -> BytesMut {
+        let mut net = self.net.borrow_mut();
+        let Some(sock) = net.sock_mut(id) else {
+            return out;
+        };
+        let closing = closing || sock.closing;
+        let Some(layer) = sock.layer.as_mut() else {
+            return out;
+        };
+        let mut wire = BytesMut::new();
+        layer.wrap(&out, &mut wire);
+        if closing {
+            layer.queue_close();
+            layer.wrap(&[], &mut wire);
+        }
+        wire
     }
 
     /// io_uring: the send of `token_id` (a truncated generation) completed

@@ -138,14 +138,21 @@ fn complete(shard: &Shard, c: &Completion, chunk: &mut Vec<u8>) {
         Token::Conn(t) => {
             if let Some(bid) = c.buffer() {
                 let id = shard.net.borrow().resolve_conn(t);
-                let target = id.and_then(|id| shard.read_buf(id).map(|(_, buf)| (id, buf)));
-                let read = target.map(|(id, mut buf)| {
-                    buf.extend_from_slice(ring.borrow().bytes(bid, data_len));
-                    (id, buf)
-                });
-                ring.borrow_mut().give_back(bid);
-                if let Some((id, buf)) = read {
-                    shard.conn_read(id, buf);
+                if let Some(id) = id.filter(|id| shard.is_layered(*id)) {
+                    chunk.clear();
+                    chunk.extend_from_slice(ring.borrow().bytes(bid, data_len));
+                    ring.borrow_mut().give_back(bid);
+                    shard.layered_read(id, chunk);
+                } else {
+                    let target = id.and_then(|id| shard.read_buf(id).map(|(_, buf)| (id, buf)));
+                    let read = target.map(|(id, mut buf)| {
+                        buf.extend_from_slice(ring.borrow().bytes(bid, data_len));
+                        (id, buf)
+                    });
+                    ring.borrow_mut().give_back(bid);
+                    if let Some((id, buf)) = read {
+                        shard.conn_read(id, buf);
+                    }
                 }
             }
             if !c.more() {
@@ -174,7 +181,7 @@ fn complete(shard: &Shard, c: &Completion, chunk: &mut Vec<u8>) {
                     <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(c.result)
                 };
                 if shard.listener_fd(n).is_some() {
-                    net::accepted(shard, fd);
+                    net::accepted(shard, n, fd);
                 }
                 // else: shutting down; dropping it closes it.
             } else if c.result != -libc::ECANCELED {

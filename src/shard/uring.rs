@@ -99,6 +99,7 @@ const ENTER_EXT_ARG: u32 = 8;
 /// "io_uring_setup: Operation not permitted", a container's seccomp
 /// profile).
 pub fn probe() -> Result<(), String> {
+    setup_allowed()?;
     let ring = Uring::new(64, 2, 0).map_err(|e| e.to_string())?;
     let mut probe = io_uring::Probe::new();
     ring.ring
@@ -119,6 +120,17 @@ pub fn probe() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether this process may make an io_uring at all. glommio, which runs
+/// every shard (and the `--data-dir` log), is built on io_uring whatever
+/// `--io` says: without it no loop can run. A seccomp profile that refuses
+/// io_uring_setup (Docker's default since 25.0) or
+/// `kernel.io_uring_disabled` says no here.
+pub fn setup_allowed() -> Result<(), String> {
+    io_uring::IoUring::new(2)
+        .map(drop)
+        .map_err(|e| format!("io_uring_setup: {e}"))
 }
 
 /// A completion, copied out of the ring so that handling it may submit.

@@ -28,6 +28,7 @@ use coremq::proto::codec::{
 };
 use coremq::proto::topic::{TopicFilter, TopicName};
 
+pub mod certs;
 pub mod json;
 
 /// The broker binary cargo built for these tests.
@@ -104,6 +105,25 @@ fn reserve_port() -> (u16, socket2::Socket) {
         }
     }
     panic!("no free port found");
+}
+
+/// Waits up to `timeout` until something listens on `port` (any local
+/// address, IPv4 or IPv6), by reading /proc/net/tcp{,6}: no probe
+/// connection, so a TLS or WebSocket listener's counters (handshake and
+/// upgrade failures) are not disturbed.
+pub fn wait_listening(port: u16, timeout: Duration) -> bool {
+    // local_address ADDR:PPPP (hex) in state 0A (LISTEN).
+    let suffix = format!(":{port:04X}");
+    wait_until(timeout, || {
+        ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+            std::fs::read_to_string(f).is_ok_and(|t| {
+                t.lines().skip(1).any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3 && f[1].ends_with(&suffix) && f[3] == "0A"
+                })
+            })
+        })
+    })
 }
 
 /// A free port nobody listens on (for "connection refused" checks).

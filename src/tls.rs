@@ -1,0 +1,146 @@
+//! TLS for `--tls-listen` and `--wss-listen`: the rustls server settings
+//! built from `--cert`, `--key` and `--client-ca`, and rebuilt on SIGHUP
+//! (see [`crate::reload`]).
+//!
+//! What stays across a rebuild is what makes a reconnect storm cheap: the
+//! ticket key (TLS 1.3 tickets and TLS 1.2 session tickets, stateless on
+//! our side) and the TLS 1.2 session-id cache. A client that resumes after
+//! a reload still skips the full handshake.
+//!
+//! The connection itself is a layer of the shard's socket loop (see
+//! `shard::layer`): rustls works on our byte buffers, no task or thread per
+//! connection.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls::RootCertStore;
+
+use crate::config::Config;
+
+/// TLS 1.2 sessions remembered by id (for clients that do not take
+/// tickets); each is a few hundred bytes.
+const SESSION_CACHE: usize = 4096;
+
+/// What the TLS listeners need, loaded from the files `Config` names.
+pub struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    require_client_cert: bool,
+    ticketer: Arc<dyn ProducesTickets>,
+    sessions: Arc<dyn StoresServerSessions>,
+}
+
+impl TlsFiles {
+    /// `None` when no TLS listener is configured.
+    pub fn from_config(config: &Config) -> Result<Option<TlsFiles>, String> {
+        let (Some(cert), Some(key)) = (&config.cert, &config.key) else {
+            return Ok(None);
+        };
+        let ticketer =
+            rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS tickets: {e}"))?;
+        Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: config.client_ca.clone(),
+            require_client_cert: config.require_client_cert,
+            ticketer,
+            sessions: ServerSessionMemoryCache::new(SESSION_CACHE),
+        }))
+    }
+
+    /// Reads the certificate chain, the key and the client CA bundle and
+    /// builds the server settings; the error names the file and the problem
+    /// in one line.
+    pub fn load(&self) -> Result<Arc<ServerConfig>, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs = read_certs(&self.cert, "--cert")?;
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
+            format!(
+                "--key {}: {}",
+                self.key.display(),
+                pem_problem(&e, "private key")
+            )
+        })?;
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let mut roots = RootCertStore::empty();
+                for cert in read_certs(path, "--client-ca")? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("--client-ca {}: {e}", path.display()))?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                let verifier = if self.require_client_cert {
+                    verifier
+                } else {
+                    verifier.allow_unauthenticated()
+                };
+                let verifier = verifier
+                    .build()
+                    .map_err(|e| format!("--client-ca {}: {e}", path.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+            format!(
+                "--cert {} with --key {}: {e}",
+                self.cert.display(),
+                self.key.display()
+            )
+        })?;
+        config.ticketer = self.ticketer.clone();
+        config.session_storage = self.sessions.clone();
+        // One ticket per full handshake (rustls sends 2 by default): a
+        // device reconnects from one place, and each ticket costs an
+        // encryption and ~200 bytes on the wire.
+        config.send_tls13_tickets = 1;
+        Ok(Arc::new(config))
+    }
+}
+
+fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            format!(
+                "{flag} {}: {}",
+                path.display(),
+                pem_problem(&e, "certificate")
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{flag} {}: no PEM certificate (-----BEGIN CERTIFICATE-----) in the file",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+fn pem_problem(e: &rustls::pki_types::pem::Error, what: &str) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::Io(e) => e.to_string(),
+        Error::NoItemsFound => format!("no PEM {what} in the file"),
+        other => format!("not a PEM {what} ({other:?})"),
+    }
+}
+
+/// The subject common name of a DER certificate, for
+/// `--use-identity-as-username`.
+pub fn common_name(cert: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}

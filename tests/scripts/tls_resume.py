@@ -1,0 +1,59 @@
+"""TLS session resumption with Python's ssl module and raw MQTT bytes.
+
+    python tls_resume.py PORT HOST CA CERT|- KEY|- N
+
+N connections from one SSLContext trusting CA: each sends a 3.1.1
+CONNECT, reads the 4-byte CONNACK, sends DISCONNECT; every connection
+after the first offers the session the previous one ended with (read
+after the CONNACK, so TLS 1.3 session tickets have arrived). Prints one
+JSON line: {"version": "TLSv1.3", "reused": "false,true,...",
+"connacks": "20020000,..."}.
+"""
+import json
+import socket
+import ssl
+import sys
+
+
+def connect_packet(client_id):
+    cid = client_id.encode()
+    # "MQTT", level 4, clean session, keep-alive 30, client id.
+    body = b"\x00\x04MQTT\x04\x02\x00\x1e" + len(cid).to_bytes(2, "big") + cid
+    return bytes([0x10, len(body)]) + body
+
+
+def read_exact(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def main():
+    port, host, ca, cert, key, n = sys.argv[1:7]
+    ctx = ssl.create_default_context(cafile=ca)
+    if cert != "-":
+        ctx.load_cert_chain(cert, key)
+    session = None
+    reused, connacks, version = [], [], None
+    for i in range(int(n)):
+        raw = socket.create_connection((host, int(port)), timeout=5)
+        with ctx.wrap_socket(raw, server_hostname=host, session=session) as s:
+            s.sendall(connect_packet(f"resume-{i}"))
+            connacks.append(read_exact(s, 4).hex())
+            reused.append("true" if s.session_reused else "false")
+            version = s.version()
+            s.sendall(b"\xe0\x00")
+            session = s.session
+    print(json.dumps({
+        "version": version,
+        "reused": ",".join(reused),
+        "connacks": ",".join(connacks),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
