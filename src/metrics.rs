@@ -96,6 +96,56 @@ pub struct Counters {
     pub ws_upgrades: AtomicU64,
     /// WebSocket upgrade requests refused with an HTTP error.
     pub ws_upgrade_failures: AtomicU64,
+    /// PUBLISH packets received from clients, by QoS 0..=2.
+    pub publishes_received_by_qos: [AtomicU64; 3],
+    /// PUBLISH packets sent to clients, by QoS 0..=2.
+    pub publishes_sent_by_qos: [AtomicU64; 3],
+    /// QoS 1/2 messages waiting in session queues now (for offline
+    /// clients, or behind a full inflight window).
+    pub messages_queued: AtomicU64,
+    /// Client connections open now on each shard (updated every tick), so
+    /// an imbalance shows; empty until [`Counters::for_shards`].
+    pub shard_connections: Vec<AtomicU64>,
+    /// Time from a socket's accept to its CONNECT being accepted (CONNACK
+    /// queued): TLS handshake, hand-off to the owner shard and takeover
+    /// included.
+    pub connack_latency: Histogram,
+}
+
+/// Upper bounds of [`Histogram`] buckets, in microseconds (the exposition
+/// gives them in seconds).
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 5_000_000,
+];
+
+/// A fixed-bucket latency histogram of relaxed atomics: recording is two
+/// adds and a short scan, reading it needs no lock.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at or under each bound of [`LATENCY_BUCKETS_US`]
+    /// (not cumulative; the exposition sums them).
+    buckets: [AtomicU64; 14],
+    /// All observations, the +Inf bucket.
+    count: AtomicU64,
+    /// Their sum, microseconds.
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe_us(&self, us: u64) {
+        if let Some(i) = LATENCY_BUCKETS_US.iter().position(|&b| us <= b) {
+            bump(&self.buckets[i]);
+        }
+        bump(&self.count);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        get(&self.count)
+    }
 }
 
 /// Adds one to a counter.
@@ -117,6 +167,14 @@ pub fn get(c: &AtomicU64) -> u64 {
 }
 
 impl Counters {
+    /// Counters with one per-shard gauge slot for each of `shards`.
+    pub fn for_shards(shards: usize) -> Counters {
+        Counters {
+            shard_connections: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            ..Counters::default()
+        }
+    }
+
     /// The `$SYS/broker/...` topics and their values, mosquitto's names
     /// (what dashboards and monitoring scripts written for it read).
     pub fn sys_topics(&self, uptime_secs: u64) -> Vec<(&'static str, String)> {
@@ -233,6 +291,60 @@ impl fmt::Display for Counters {
     }
 }
 
+impl Counters {
+    /// The labelled families [`Counters::prometheus`] writes after the plain
+    /// samples: by QoS, by shard, and the CONNACK latency histogram.
+    fn write_families(&self, out: &mut String) {
+        use fmt::Write;
+        for (name, help, by_qos) in [
+            (
+                "coremq_publishes_received_by_qos_total",
+                "PUBLISH packets received from clients, by QoS.",
+                &self.publishes_received_by_qos,
+            ),
+            (
+                "coremq_publishes_sent_by_qos_total",
+                "PUBLISH packets sent to clients, by QoS.",
+                &self.publishes_sent_by_qos,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (qos, c) in by_qos.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{qos=\"{qos}\"}} {}", get(c));
+            }
+        }
+        if !self.shard_connections.is_empty() {
+            let name = "coremq_shard_connections";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Client connections open now on each shard (as of its last tick).\n# TYPE {name} gauge"
+            );
+            for (shard, c) in self.shard_connections.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", get(c));
+            }
+        }
+        let name = "coremq_connack_latency_seconds";
+        let h = &self.connack_latency;
+        let _ = writeln!(
+            out,
+            "# HELP {name} From a socket's accept to its CONNECT accepted (CONNACK queued), TLS handshake and hand-off included.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (bound, c) in LATENCY_BUCKETS_US.iter().zip(&h.buckets) {
+            cumulative += get(c);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
+        }
+        let count = get(&h.count);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", get(&h.sum_us) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
 /// One sample of the Prometheus exposition: name, type, help, labels and
 /// value.
 struct Sample {
@@ -294,6 +406,11 @@ impl Counters {
                 "coremq_retained_messages",
                 "Retained topics held now.",
                 &self.retained_current,
+            ),
+            gauge(
+                "coremq_messages_queued",
+                "QoS 1/2 messages waiting in session queues now (offline clients, full inflight windows).",
+                &self.messages_queued,
             ),
             counter(
                 "coremq_connects_total",
@@ -482,6 +599,7 @@ impl Counters {
                 }
             }
         }
+        self.write_families(&mut out);
         let _ = fmt::Write::write_fmt(
             &mut out,
             format_args!(

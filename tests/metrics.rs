@@ -12,7 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    json, python_script, run_bounded, tools, unused_port, Broker, ConnectOpts, RawClient,
+    disconnect_packet, json, python_script, run_bounded, tools, unused_port, Broker, ConnectOpts,
+    RawClient,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -118,6 +119,64 @@ fn metrics_count_what_clients_did_and_parse_as_prometheus_text() {
     );
     let build = format!("coremq_build_info{{version={}}}", env!("CARGO_PKG_VERSION"));
     assert_eq!(sample(&after, &build), 1);
+
+    // By QoS, per shard, queued, and the CONNACK latency histogram.
+    assert_eq!(delta("coremq_publishes_received_by_qos_total{qos=1}"), 3);
+    assert_eq!(delta("coremq_publishes_received_by_qos_total{qos=0}"), 0);
+    assert_eq!(sample(&after, "coremq_messages_queued"), 0);
+    assert_eq!(
+        after["t:coremq_connack_latency_seconds"].as_str(),
+        Some("histogram")
+    );
+    assert_eq!(
+        delta("coremq_connack_latency_seconds_count"),
+        4,
+        "one observation per accepted CONNECT"
+    );
+    assert_eq!(delta("coremq_connack_latency_seconds_bucket{le=+Inf}"), 4);
+    // The per-shard gauges follow each shard's tick: `held` shows on one.
+    let per_shard = |m: &HashMap<String, json::Value>| {
+        sample(m, "coremq_shard_connections{shard=0}")
+            + sample(m, "coremq_shard_connections{shard=1}")
+    };
+    for _ in 0..50 {
+        if per_shard(&after) == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        after = scrape(mport);
+    }
+    assert_eq!(
+        per_shard(&after),
+        1,
+        "only `held` is open, on one of 2 shards"
+    );
+
+    // Two QoS 1 messages for an offline persistent session wait in its
+    // queue, and leave it when the client comes back for them.
+    let away = ConnectOpts {
+        clean: false,
+        ..ConnectOpts::id("away")
+    };
+    let (mut c, _) = RawClient::connect(port, &away);
+    c.subscribe("q/#", 1);
+    c.send(&disconnect_packet());
+    c.expect_closed(5 * SEC);
+    for m in ["a", "b"] {
+        let (code, out, err) = run_bounded(
+            Command::new(&tools().mosquitto_pub)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-q", "1", "-t", "q/x", "-m", m]),
+            10 * SEC,
+        );
+        assert_eq!(code, Some(0), "{out}{err}");
+    }
+    assert_eq!(sample(&scrape(mport), "coremq_messages_queued"), 2);
+    let (mut c, present) = RawClient::connect(port, &away);
+    assert!(present);
+    c.expect_publish("q/x", b"a", 5 * SEC);
+    c.expect_publish("q/x", b"b", 5 * SEC);
+    assert_eq!(sample(&scrape(mport), "coremq_messages_queued"), 0);
 }
 
 #[test]

@@ -537,6 +537,8 @@ struct LocalCounts {
     packets_out: u64,
     publishes_in: u64,
     publishes_out: u64,
+    publishes_in_by_qos: [u64; 3],
+    publishes_out_by_qos: [u64; 3],
 }
 
 impl Broker {
@@ -592,6 +594,10 @@ impl Broker {
         self.counters
             .publishes_sent
             .fetch_add(c.publishes_out, Relaxed);
+        for q in 0..3 {
+            self.counters.publishes_received_by_qos[q].fetch_add(c.publishes_in_by_qos[q], Relaxed);
+            self.counters.publishes_sent_by_qos[q].fetch_add(c.publishes_out_by_qos[q], Relaxed);
+        }
     }
 
     /// Replaces the ACL (SIGHUP, see [`crate::reload`]): it applies to
@@ -1330,6 +1336,7 @@ impl Broker {
 
     fn handle_publish(&mut self, conn: ConnId, mut publish: Publish, now: Millis) {
         self.counts.publishes_in += 1;
+        self.counts.publishes_in_by_qos[usize::from(publish.qos as u8).min(2)] += 1;
         let max_alias = self.config.max_topic_alias;
         let Some(c) = self.conn_mut(conn) else { return };
         let v5 = c.version.is_v5();
@@ -2250,6 +2257,7 @@ impl Broker {
             self.log_message(key, &msg);
             let session = self.session_mut(key).expect("looked up above");
             session.flows_mut().queue.push_back(msg);
+            bump(&self.counters.messages_queued);
         }
         let session = self.session_mut(key).expect("looked up above");
         let newly_busy = conn.is_some() && session.shares && !session.share_busy;
@@ -2293,6 +2301,7 @@ impl Broker {
                 self.set_share_busy(key, false);
                 return;
             };
+            drop_one(&self.counters.messages_queued);
             self.send_now(conn, key, msg);
         }
     }
@@ -2367,6 +2376,7 @@ impl Broker {
             self.log_flow(key, msg_id, Step::Sent(id.get()));
         }
         self.counts.publishes_out += 1;
+        self.counts.publishes_out_by_qos[usize::from(publish.qos as u8).min(2)] += 1;
         self.queue_publish(conn, publish);
     }
 
@@ -2635,6 +2645,12 @@ impl Broker {
             return;
         };
         drop_one(&self.counters.sessions_current);
+        let queued = session.queue_len() as u64;
+        if queued > 0 {
+            self.counters
+                .messages_queued
+                .fetch_sub(queued, std::sync::atomic::Ordering::Relaxed);
+        }
         if session.logged {
             persist::put_session_gone(&mut self.log, &session.client_id);
         }
@@ -3154,6 +3170,8 @@ impl Broker {
                     Shared::Invalid => {}
                 }
             }
+            let counters = self.counters.clone();
+            let mut queued = 0u64;
             let s = self.session_mut(key).expect("created above");
             s.username = st.username;
             s.logged = true;
@@ -3185,16 +3203,19 @@ impl Broker {
                 for (id, (m, flow)) in rs.messages {
                     let expires_at = m.expires_at.map(local);
                     match flow {
-                        Flow::Queued => flows.queue.push_back(QueuedMessage {
-                            topic: m.topic,
-                            payload: m.payload,
-                            qos: m.qos,
-                            retain: m.retain,
-                            props: m.props,
-                            expires_at,
-                            sub_ids: m.sub_ids,
-                            id,
-                        }),
+                        Flow::Queued => {
+                            flows.queue.push_back(QueuedMessage {
+                                topic: m.topic,
+                                payload: m.payload,
+                                qos: m.qos,
+                                retain: m.retain,
+                                props: m.props,
+                                expires_at,
+                                sub_ids: m.sub_ids,
+                                id,
+                            });
+                            queued += 1;
+                        }
                         Flow::Sent(pid) => {
                             let remaining = expires_at
                                 .map(|at| (at.0.saturating_sub(now.0)).div_ceil(1000) as u32);
@@ -3217,6 +3238,9 @@ impl Broker {
                         Flow::Released(pid) => flows.start(pid, id, Inflight::Released),
                     }
                 }
+                counters
+                    .messages_queued
+                    .fetch_add(queued, std::sync::atomic::Ordering::Relaxed);
                 // After a crash nothing says every copy made it: a resend
                 // is routed again (each shard skips what it has).
                 flows

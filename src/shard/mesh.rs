@@ -115,6 +115,8 @@ pub struct Handoff {
     pub rest: BytesMut,
     /// Its TLS and/or WebSocket state, past their handshakes.
     pub(crate) layer: Option<Box<super::layer::Layer>>,
+    /// When the accepting shard accepted it.
+    pub accepted: std::time::Instant,
 }
 
 /// How a doorbell wakes its owner, which depends on the loop the shards run.

@@ -248,6 +248,10 @@ impl Shard {
             .fetch_add(self.bytes_in.replace(0), Ordering::Relaxed);
         c.bytes_sent
             .fetch_add(self.bytes_out.replace(0), Ordering::Relaxed);
+        if let Some(gauge) = c.shard_connections.get(usize::from(self.id.0)) {
+            let open = self.broker.borrow().connection_count() as u64;
+            gauge.store(open, Ordering::Relaxed);
+        }
         c.connections_maximum.fetch_max(
             crate::metrics::get(&c.connections_current),
             Ordering::Relaxed,
@@ -458,7 +462,7 @@ pub fn run(
         },
         tls_files,
     )?);
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(Counters::for_shards(shards));
     let nofile = crate::sys::raise_nofile_limit()?;
     // Up to 4 Mi descriptors (32 MiB of kernel table): past that, a limit
     // is more likely a setting nobody will reach than a plan.

@@ -38,7 +38,7 @@ use super::{Io, Shard, TICK};
 use crate::config::Transport;
 use crate::metrics::{bump, drop_one, get};
 use crate::proto::broker::MAX_PENDING_OUTGOING;
-use crate::proto::codec::{reason, return_code, Connect, ProtocolVersion};
+use crate::proto::codec::{reason, return_code, ProtocolVersion};
 use crate::proto::handshake::{
     self, assign_client_id, check_connect, connack_bytes, connack_code, owner_of,
     CertificateIdentity, FirstPacket, HandshakeError,
@@ -202,6 +202,8 @@ pub(crate) struct Pending {
     registered: bool,
     /// TLS and/or WebSocket, still in their handshake until the CONNECT.
     layer: Option<Box<Layer>>,
+    /// When it was accepted (the CONNACK latency histogram).
+    accepted: Instant,
 }
 
 enum PendingSlot {
@@ -666,6 +668,7 @@ fn start_handshake(shard: &Shard, fd: OwnedFd, layer: Option<Box<Layer>>) {
         buf: BytesMut::new(),
         registered: false,
         layer,
+        accepted: Instant::now(),
     };
     if let Io::Uring(ring) = &shard.io {
         let raw = pending.fd.as_raw_fd();
@@ -986,14 +989,18 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
     }
     let owner = owner_of(&connect.client_id, shard.shards);
     if owner == shard.id {
+        let registered = pending.registered;
         admit(
             shard,
-            pending.fd,
-            pending.layer,
-            pending.registered,
-            *connect,
-            assigned,
-            pending.buf,
+            Handoff {
+                fd: pending.fd,
+                connect,
+                assigned,
+                rest: pending.buf,
+                layer: pending.layer,
+                accepted: pending.accepted,
+            },
+            registered,
         );
         return;
     }
@@ -1029,6 +1036,7 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
             assigned,
             rest: pending.buf,
             layer: pending.layer,
+            accepted: pending.accepted,
         }),
     );
 }
@@ -1036,33 +1044,32 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
 /// A connection handed over by the shard that accepted it.
 pub(crate) fn accept_handoff(shard: &Shard, handoff: Handoff) {
     bump(&shard.counters.sockets_current);
-    admit(
-        shard,
-        handoff.fd,
-        handoff.layer,
-        false,
-        *handoff.connect,
-        handoff.assigned,
-        handoff.rest,
-    );
+    admit(shard, handoff, false);
 }
 
 /// Registers a CONNECT this shard owns with the broker (takeover, session,
-/// CONNACK) and starts watching its socket.
-fn admit(
-    shard: &Shard,
-    fd: OwnedFd,
-    layer: Option<Box<Layer>>,
-    registered: bool,
-    connect: Connect,
-    assigned: bool,
-    mut rest: BytesMut,
-) {
+/// CONNACK) and starts watching its socket (`registered`: epoll has it in
+/// its set already). `conn` is the socket and its CONNECT, accepted here or
+/// handed over by the shard that accepted it.
+fn admit(shard: &Shard, conn: Handoff, registered: bool) {
+    let Handoff {
+        fd,
+        connect,
+        assigned,
+        mut rest,
+        layer,
+        accepted,
+    } = conn;
+    let connect = *connect;
     let now = shard.now();
     let id = shard
         .broker
         .borrow_mut()
         .connect_assigned(connect, assigned, now);
+    shard
+        .counters
+        .connack_latency
+        .observe_us(accepted.elapsed().as_micros() as u64);
     let raw = fd.as_raw_fd();
     let token = Token::Conn(id).encode();
     let watched = match &shard.io {
