@@ -158,16 +158,7 @@ impl Builder {
         // Every numeric key passes through its one range check here.
         let int = |raw: &Raw<'_>| raw.int().and_then(|v| key.check_range(v));
         match key {
-            Key::Listen => {
-                let addrs = raw
-                    .list()?
-                    .iter()
-                    .map(|s| parse_listen(s))
-                    .collect::<Result<Vec<_>, _>>()?;
-                check_listen(&addrs)?;
-                c.listen = addrs;
-            }
-            Key::TlsListen | Key::WsListen | Key::WssListen => {
+            Key::Listen | Key::TlsListen | Key::WsListen | Key::WssListen => {
                 let addrs = raw
                     .list()?
                     .iter()
@@ -175,6 +166,7 @@ impl Builder {
                     .collect::<Result<Vec<_>, _>>()?;
                 check_listen(&addrs)?;
                 match key {
+                    Key::Listen => c.listen = addrs,
                     Key::TlsListen => c.tls_listen = addrs,
                     Key::WsListen => c.ws_listen = addrs,
                     _ => c.wss_listen = addrs,

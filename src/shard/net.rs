@@ -38,7 +38,7 @@ use super::{Io, Shard, TICK};
 use crate::config::Transport;
 use crate::metrics::{bump, drop_one, get};
 use crate::proto::broker::MAX_PENDING_OUTGOING;
-use crate::proto::codec::{reason, return_code, ProtocolVersion};
+use crate::proto::codec::{reason, return_code, Connect, ProtocolVersion};
 use crate::proto::handshake::{
     self, assign_client_id, check_connect, connack_bytes, connack_code, owner_of,
     CertificateIdentity, FirstPacket, HandshakeError,
@@ -204,6 +204,21 @@ pub(crate) struct Pending {
     layer: Option<Box<Layer>>,
     /// When it was accepted (the CONNACK latency histogram).
     accepted: Instant,
+}
+
+impl Pending {
+    /// The socket and its accepted CONNECT, for [`admit`] here or on the
+    /// owner shard.
+    fn into_handoff(self, connect: Box<Connect>, assigned: bool) -> Handoff {
+        Handoff {
+            fd: self.fd,
+            connect,
+            assigned,
+            rest: self.buf,
+            layer: self.layer,
+            accepted: self.accepted,
+        }
+    }
 }
 
 enum PendingSlot {
@@ -990,18 +1005,7 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
     let owner = owner_of(&connect.client_id, shard.shards);
     if owner == shard.id {
         let registered = pending.registered;
-        admit(
-            shard,
-            Handoff {
-                fd: pending.fd,
-                connect,
-                assigned,
-                rest: pending.buf,
-                layer: pending.layer,
-                accepted: pending.accepted,
-            },
-            registered,
-        );
+        admit(shard, pending.into_handoff(connect, assigned), registered);
         return;
     }
     if shard.mesh_backlogged_to(owner) {
@@ -1030,14 +1034,7 @@ fn first_packet(shard: &Shard, pending: Pending, first: FirstPacket) {
     drop_one(&shard.counters.sockets_current);
     shard.send_to(
         owner,
-        MeshMsg::Handoff(Handoff {
-            fd: pending.fd,
-            connect,
-            assigned,
-            rest: pending.buf,
-            layer: pending.layer,
-            accepted: pending.accepted,
-        }),
+        MeshMsg::Handoff(pending.into_handoff(connect, assigned)),
     );
 }
 
