@@ -23,8 +23,9 @@ use std::time::Duration;
 
 use common::certs::{path_str, CertFiles, Pki, Validity};
 use common::{
-    json, mosquitto_sub_ready, next_message_line, python_script, run_bounded, tools, unused_port,
-    wait_listening, wait_until, Broker, ConnectOpts, LineProc, RawClient, TempDir, COREMQ,
+    counter, json, mosquitto_sub_ready, next_message_line, python_script, run_bounded, tools,
+    unused_port, wait_listening, wait_until, Broker, ConnectOpts, LineProc, RawClient, TempDir,
+    COREMQ,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -107,13 +108,6 @@ fn stray_messages(sub: &mut LineProc, quiet: Duration) -> Vec<String> {
         .into_iter()
         .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed (mid"))
         .collect()
-}
-
-/// One counter from a stats map, with the whole map in the panic.
-fn counter(stats: &HashMap<String, u64>, key: &str) -> u64 {
-    *stats
-        .get(key)
-        .unwrap_or_else(|| panic!("no {key} in the stats line: {stats:?}"))
 }
 
 fn is_null(v: &json::Value) -> bool {

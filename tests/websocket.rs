@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
@@ -25,8 +24,8 @@ use sha1::{Digest, Sha1};
 
 use common::certs::Pki;
 use common::{
-    json, mqtt_str, node_script, run_bounded, tools, unused_port, var_int, wait_listening, Broker,
-    ConnectOpts, LineProc, RawClient, ReadEnd, TempDir,
+    counter, json, mqtt_str, node_script, run_bounded, tools, unused_port, var_int, wait_listening,
+    Broker, ConnectOpts, LineProc, RawClient, ReadEnd, TempDir,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -49,11 +48,20 @@ fn start_ws(extra: &[&str]) -> (Broker, u16) {
     (broker, ws_port)
 }
 
-/// One counter from a stats map, with the whole map in the panic.
-fn counter(stats: &HashMap<String, u64>, key: &str) -> u64 {
-    *stats
-        .get(key)
-        .unwrap_or_else(|| panic!("no {key} in the stats line: {stats:?}"))
+/// A broker with `--ws-listen` and `--wss-listen` (serving `pki`'s
+/// server certificate) on two more ports; returns it and both ports.
+fn start_ws_and_wss(pki: &Pki) -> (Broker, u16, u16) {
+    let wss_port = unused_port();
+    let wss_listen = format!("127.0.0.1:{wss_port}");
+    let mut extra = vec!["--wss-listen", &wss_listen];
+    let server = pki.server_args();
+    extra.extend(server.iter().map(String::as_str));
+    let (broker, ws_port) = start_ws(&extra);
+    assert!(
+        wait_listening(wss_port, 5 * SEC),
+        "--wss-listen {wss_listen}"
+    );
+    (broker, ws_port, wss_port)
 }
 
 // ---------------------------------------------------------------- HTTP
@@ -476,16 +484,7 @@ fn mqttjs_sub_ready(url: &str, ca: &str, client_id: &str, filter: &str, count: u
 fn mqttjs_over_ws_and_wss_publishes_and_receives() {
     let dir = TempDir::new("ws-mqttjs");
     let pki = Pki::new(&dir);
-    let wss_port = unused_port();
-    let wss_listen = format!("127.0.0.1:{wss_port}");
-    let mut extra = vec!["--wss-listen", &wss_listen];
-    let server = pki.server_args();
-    extra.extend(server.iter().map(String::as_str));
-    let (broker, ws_port) = start_ws(&extra);
-    assert!(
-        wait_listening(wss_port, 5 * SEC),
-        "--wss-listen {wss_listen}"
-    );
+    let (broker, ws_port, wss_port) = start_ws_and_wss(&pki);
     let mut tcp_sub = RawClient::subscriber(broker.port(), "tcp-watch", "js/#", 1);
 
     mqttjs_roundtrip(
@@ -513,16 +512,7 @@ fn mqttjs_over_ws_and_wss_publishes_and_receives() {
 fn a_plain_tcp_publish_reaches_ws_and_wss_subscribers() {
     let dir = TempDir::new("ws-cross");
     let pki = Pki::new(&dir);
-    let wss_port = unused_port();
-    let wss_listen = format!("127.0.0.1:{wss_port}");
-    let mut extra = vec!["--wss-listen", &wss_listen];
-    let server = pki.server_args();
-    extra.extend(server.iter().map(String::as_str));
-    let (broker, ws_port) = start_ws(&extra);
-    assert!(
-        wait_listening(wss_port, 5 * SEC),
-        "--wss-listen {wss_listen}"
-    );
+    let (broker, ws_port, wss_port) = start_ws_and_wss(&pki);
     let mut ws_sub = mqttjs_sub_ready(
         &format!("ws://127.0.0.1:{ws_port}/mqtt"),
         "-",

@@ -126,6 +126,14 @@ pub fn wait_listening(port: u16, timeout: Duration) -> bool {
     })
 }
 
+/// One counter of a stats map ([`Broker::fresh_stats`]); a missing one
+/// panics with the whole map (a counter that does not exist is not 0).
+pub fn counter(stats: &HashMap<String, u64>, key: &str) -> u64 {
+    *stats
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key} in the stats line: {stats:?}"))
+}
+
 /// A free port nobody listens on (for "connection refused" checks).
 pub fn unused_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
