@@ -96,7 +96,8 @@ fn drain(b: &mut Broker) {
                 b.take_outgoing(c);
                 b.release(c);
             }
-            Event::Broadcast(_) | Event::SendTo(..) => {}
+            // One shard, and no full queues: reads are never held.
+            Event::Broadcast(_) | Event::SendTo(..) | Event::Resume(_) => {}
         }
     }
 }

@@ -182,6 +182,9 @@ impl Cluster {
                             }
                         }
                         Event::SendTo(to, m) => self.inbox[to.0 as usize].push_back(m),
+                        // Queues fill only for offline sessions here, which
+                        // drop at once: reads are never held.
+                        Event::Resume(_) => {}
                     }
                 }
                 if let Some((records, generation)) = self.brokers[k].take_log() {

@@ -6,6 +6,11 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// How many of the deepest session queues the metrics endpoint and `$SYS`
+/// report.
+pub const DEEPEST_QUEUES: usize = 10;
 
 /// The broker's counters. One instance per process, behind an `Arc`.
 #[derive(Debug, Default)]
@@ -52,9 +57,24 @@ pub struct Counters {
     pub publishes_received: AtomicU64,
     /// PUBLISH packets sent to clients.
     pub publishes_sent: AtomicU64,
-    /// Messages dropped: QoS 1/2 past a session's inflight window, or for an
-    /// offline session.
+    /// Messages dropped: QoS 0 for an offline or stuck client, QoS 1/2 for
+    /// a full session queue (whichever `--queue-full` outcome dropped it).
     pub messages_dropped: AtomicU64,
+    /// `--queue-full backpressure`: QoS 1/2 messages that met a full queue
+    /// of a connected client and waited for room, their publisher held.
+    pub queue_full_held: AtomicU64,
+    /// Of those, dropped because the client took nothing from its queue
+    /// for `--queue-full-timeout`.
+    pub queue_full_timeouts: AtomicU64,
+    /// Messages dropped as the newest for a full queue: `drop-newest`, an
+    /// offline session's full queue, or a waiting message whose client went
+    /// away.
+    pub queue_full_dropped_newest: AtomicU64,
+    /// Queued messages dropped as the oldest to make room (`drop-oldest`).
+    pub queue_full_dropped_oldest: AtomicU64,
+    /// PUBACKs and PUBRECs sent to 5.0 publishers with 0x97 (Quota
+    /// exceeded): their message was not queued for every subscriber.
+    pub quota_exceeded_acks: AtomicU64,
     /// SUBSCRIBE filters refused (SUBACK 0x80), PUBLISHes and wills dropped,
     /// because the ACL does not allow them.
     pub acl_denied: AtomicU64,
@@ -106,6 +126,9 @@ pub struct Counters {
     /// Client connections open now on each shard (updated every tick), so
     /// an imbalance shows; empty until [`Counters::for_shards`].
     pub shard_connections: Vec<AtomicU64>,
+    /// Each shard's deepest session queues (clientId, messages queued and
+    /// waiting), deepest first, updated every second: the slow consumers.
+    pub deepest_queues: Vec<Mutex<Vec<(String, u64)>>>,
     /// Time from a socket's accept to its CONNECT being accepted (CONNACK
     /// queued): TLS handshake, hand-off to the owner shard and takeover
     /// included.
@@ -171,8 +194,22 @@ impl Counters {
     pub fn for_shards(shards: usize) -> Counters {
         Counters {
             shard_connections: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            deepest_queues: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
             ..Counters::default()
         }
+    }
+
+    /// The deepest session queues of all shards, deepest first, at most
+    /// [`DEEPEST_QUEUES`]: (clientId, depth, shard).
+    pub fn deepest_queues(&self) -> Vec<(String, u64, usize)> {
+        let mut all = Vec::new();
+        for (shard, m) in self.deepest_queues.iter().enumerate() {
+            let list = m.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(list.iter().map(|(id, depth)| (id.clone(), *depth, shard)));
+        }
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(DEEPEST_QUEUES);
+        all
     }
 
     /// The `$SYS/broker/...` topics and their values, mosquitto's names
@@ -234,6 +271,18 @@ impl Counters {
                 "$SYS/broker/retained messages/count",
                 get(&self.retained_current).to_string(),
             ),
+            // Not mosquitto's: the queues, and the slow consumers.
+            (
+                "$SYS/broker/messages/queued",
+                get(&self.messages_queued).to_string(),
+            ),
+            (
+                "$SYS/broker/queues/deepest",
+                self.deepest_queues()
+                    .iter()
+                    .map(|(id, depth, _)| format!("{depth} {id}\n"))
+                    .collect(),
+            ),
         ]
     }
 }
@@ -250,7 +299,8 @@ impl fmt::Display for Counters {
              retained={} expired={} oversize_dropped={} sessions_expired={} ring_empty={} \
              cq_dropped={} log_commits={} log_bytes={} log_snapshots={} log_tails_dropped={} \
              tls_handshakes={} tls_resumed={} tls_handshake_failures={} ws_upgrades={} \
-             ws_upgrade_failures={}",
+             ws_upgrade_failures={} queue_full_held={} queue_full_timeouts={} \
+             queue_full_dropped_newest={} queue_full_dropped_oldest={} quota_exceeded_acks={}",
             get(&self.connections_current),
             get(&self.sockets_current),
             get(&self.sessions_current),
@@ -287,6 +337,11 @@ impl fmt::Display for Counters {
             get(&self.tls_handshake_failures),
             get(&self.ws_upgrades),
             get(&self.ws_upgrade_failures),
+            get(&self.queue_full_held),
+            get(&self.queue_full_timeouts),
+            get(&self.queue_full_dropped_newest),
+            get(&self.queue_full_dropped_oldest),
+            get(&self.quota_exceeded_acks),
         )
     }
 }
@@ -343,6 +398,54 @@ impl Counters {
         let _ = writeln!(out, "{name}_sum {}", get(&h.sum_us) as f64 / 1e6);
         let _ = writeln!(out, "{name}_count {count}");
     }
+}
+
+impl Counters {
+    /// What a full session queue did (`--queue-full`), by outcome, and the
+    /// deepest queues now, by clientId.
+    fn write_queue_families(&self, out: &mut String) {
+        use fmt::Write;
+        let name = "coremq_queue_full_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} QoS 1/2 messages that met a full session queue, by outcome: held (waited for room, publisher held), timeout (dropped after --queue-full-timeout), dropped_newest, dropped_oldest.\n# TYPE {name} counter"
+        );
+        for (outcome, c) in [
+            ("held", &self.queue_full_held),
+            ("timeout", &self.queue_full_timeouts),
+            ("dropped_newest", &self.queue_full_dropped_newest),
+            ("dropped_oldest", &self.queue_full_dropped_oldest),
+        ] {
+            let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {}", get(c));
+        }
+        let name = "coremq_session_queue_depth";
+        let _ = writeln!(
+            out,
+            "# HELP {name} The deepest session queues now (messages queued and waiting for room), at most {DEEPEST_QUEUES}, updated every second.\n# TYPE {name} gauge"
+        );
+        for (id, depth, shard) in self.deepest_queues() {
+            let _ = writeln!(
+                out,
+                "{name}{{client_id=\"{}\",shard=\"{shard}\"}} {depth}",
+                escape_label(&id)
+            );
+        }
+    }
+}
+
+/// A label value as the text format wants it: backslash, double quote and
+/// newline escaped.
+fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for ch in v.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// One sample of the Prometheus exposition: name, type, help, labels and
@@ -494,6 +597,11 @@ impl Counters {
                 &self.messages_dropped,
             ),
             counter(
+                "coremq_publishes_quota_exceeded_total",
+                "PUBACKs/PUBRECs sent to MQTT 5 publishers with 0x97: the message was not queued for every subscriber.",
+                &self.quota_exceeded_acks,
+            ),
+            counter(
                 "coremq_messages_expired_total",
                 "Messages not delivered because their Message Expiry Interval passed.",
                 &self.messages_expired,
@@ -600,6 +708,7 @@ impl Counters {
             }
         }
         self.write_families(&mut out);
+        self.write_queue_families(&mut out);
         let _ = fmt::Write::write_fmt(
             &mut out,
             format_args!(

@@ -149,6 +149,18 @@ pub(super) struct RunArgs {
     /// Most messages queued for one offline or slow session [default: 1000]
     #[arg(long, value_name = "N")]
     max_queued: Option<String>,
+    /// What a QoS 1/2 message meeting a full session queue does:
+    /// backpressure (it waits for room, and its publisher's PUBACK/PUBREC
+    /// and reads wait with it, up to --queue-full-timeout; an offline
+    /// session's full queue drops it at once), drop-newest, drop-oldest;
+    /// a dropped message's MQTT 5 publisher gets reason 0x97
+    /// [default: backpressure]
+    #[arg(long, value_name = "backpressure|drop-newest|drop-oldest")]
+    queue_full: Option<String>,
+    /// Seconds a message may wait for a full queue under backpressure
+    /// before it is dropped as with drop-newest, 1..=3600 [default: 10]
+    #[arg(long, value_name = "SECS")]
+    queue_full_timeout: Option<String>,
     /// Seconds between updates of the $SYS/broker/... topics; 0 disables [default: 10]
     #[arg(long, value_name = "SECS")]
     sys_interval: Option<String>,
@@ -294,7 +306,7 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
     }
     let list = |l: Vec<String>| (!l.is_empty()).then_some(Raw::List(l));
     let switch = |on: bool| on.then(|| Raw::Str("true".into()));
-    let flags: [(Key, Option<Raw<'_>>); 35] = [
+    let flags: [(Key, Option<Raw<'_>>); 37] = [
         (
             Key::Listen,
             (!args.listen.is_empty()).then(|| Raw::List(args.listen.clone())),
@@ -332,6 +344,8 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
         (Key::StatsInterval, args.stats_interval.map(Raw::Str)),
         (Key::MaxInflight, args.max_inflight.map(Raw::Str)),
         (Key::MaxQueued, args.max_queued.map(Raw::Str)),
+        (Key::QueueFull, args.queue_full.map(Raw::Str)),
+        (Key::QueueFullTimeout, args.queue_full_timeout.map(Raw::Str)),
         (Key::SysInterval, args.sys_interval.map(Raw::Str)),
         (Key::MaxKeepalive, args.max_keepalive.map(Raw::Str)),
         (Key::MaxSessionExpiry, args.max_session_expiry.map(Raw::Str)),

@@ -60,6 +60,10 @@ pub enum Key {
     MaxInflight,
     /// `max_queued`
     MaxQueued,
+    /// `queue_full`
+    QueueFull,
+    /// `queue_full_timeout`
+    QueueFullTimeout,
     /// `sys_interval`
     SysInterval,
     /// `max_keepalive`
@@ -78,7 +82,7 @@ pub enum Key {
 
 impl Key {
     /// Every setting, in `--help` order.
-    pub const ALL: [Key; 35] = [
+    pub const ALL: [Key; 37] = [
         Key::Listen,
         Key::Shards,
         Key::Io,
@@ -107,6 +111,8 @@ impl Key {
         Key::StatsInterval,
         Key::MaxInflight,
         Key::MaxQueued,
+        Key::QueueFull,
+        Key::QueueFullTimeout,
         Key::SysInterval,
         Key::MaxKeepalive,
         Key::MaxSessionExpiry,
@@ -147,6 +153,8 @@ impl Key {
             Key::StatsInterval => "stats_interval",
             Key::MaxInflight => "max_inflight",
             Key::MaxQueued => "max_queued",
+            Key::QueueFull => "queue_full",
+            Key::QueueFullTimeout => "queue_full_timeout",
             Key::SysInterval => "sys_interval",
             Key::MaxKeepalive => "max_keepalive",
             Key::MaxSessionExpiry => "max_session_expiry",
@@ -179,6 +187,9 @@ impl Key {
                 Some((0, None))
             }
             Key::ConnectTimeout => Some((1, None)),
+            // Past an hour a held publisher would have given up long
+            // before; 0 would make backpressure a drop.
+            Key::QueueFullTimeout => Some((1, Some(3600))),
             // The kernel's limit for one provided-buffer ring.
             Key::RingBuffers => Some((1, Some(32_768))),
             // Past 10 ms a batch would hold a reply back longer than a
@@ -211,6 +222,7 @@ impl Key {
             | Key::AclFile
             | Key::DataDir
             | Key::Fsync
+            | Key::QueueFull
             | Key::AllowAnonymous
             | Key::ResponseInformation
             | Key::LogLevel => None,

@@ -42,6 +42,8 @@ use clap::Parser;
 use flags::{clap_error, passwd_command, run_command, Cli, SubCommand};
 pub use keys::Key;
 use values::{check_listen, check_log_level};
+
+pub use crate::proto::broker::QueueFull;
 /// The port MQTT listens on when none is given (IANA-assigned, unencrypted).
 pub const DEFAULT_PORT: u16 = 1883;
 
@@ -230,9 +232,15 @@ pub struct Config {
     /// Most QoS 1/2 messages in flight to one client, 1..=65535 (MQTT 5's
     /// Receive Maximum may not be 0). Default: 20 messages.
     pub max_inflight: u16,
-    /// Most messages queued for one offline or slow session; beyond it new
-    /// QoS 1/2 messages are dropped. 0 queues nothing. Default: 1000 messages.
+    /// Most messages queued for one offline or slow session; beyond it
+    /// `queue_full` decides. Default: 1000 messages.
     pub max_queued: usize,
+    /// What a QoS 1/2 message meeting a full session queue does.
+    /// Default: backpressure.
+    pub queue_full: QueueFull,
+    /// How long a message may wait for a full queue under backpressure,
+    /// 1..=3600 s. Default: 10 s.
+    pub queue_full_timeout: Duration,
     /// Period of the `$SYS/broker/...` statistics topics; zero disables
     /// them. Default: 10 s.
     pub sys_interval: Duration,
@@ -292,6 +300,8 @@ impl Default for Config {
             stats_interval: Duration::from_secs(60),
             max_inflight: 20,
             max_queued: 1000,
+            queue_full: QueueFull::Backpressure,
+            queue_full_timeout: Duration::from_secs(10),
             sys_interval: Duration::from_secs(10),
             max_keepalive: 0,
             max_session_expiry: u32::MAX,
@@ -311,7 +321,7 @@ impl Config {
             |key: Key, problem: String| ConfigError::Invalid(format!("{}: {problem}", key.flag()));
         check_listen(&self.listen).map_err(|p| fail(Key::Listen, p))?;
         self.check_listeners().map_err(|(key, p)| fail(key, p))?;
-        let numbers: [(Key, u64); 15] = [
+        let numbers: [(Key, u64); 16] = [
             (Key::Shards, self.shards as u64),
             (Key::RingBuffers, u64::from(self.ring_buffers)),
             (Key::RingBatchUsec, u64::from(self.ring_batch_usec)),
@@ -325,6 +335,12 @@ impl Config {
             (Key::StatsInterval, self.stats_interval.as_secs()),
             (Key::MaxInflight, u64::from(self.max_inflight)),
             (Key::MaxQueued, self.max_queued as u64),
+            // Rounded up, as the connect timeout.
+            (
+                Key::QueueFullTimeout,
+                self.queue_full_timeout.as_secs()
+                    + u64::from(self.queue_full_timeout.subsec_nanos() > 0),
+            ),
             (Key::MaxKeepalive, u64::from(self.max_keepalive)),
             (Key::MaxSessionExpiry, u64::from(self.max_session_expiry)),
             (Key::MaxTopicAlias, u64::from(self.max_topic_alias)),

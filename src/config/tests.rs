@@ -777,3 +777,34 @@ fn tls_and_websocket_settings_must_agree() {
         "--ws-listen: \"0.0.0.0:1883\" is already a listening address"
     );
 }
+
+#[test]
+fn queue_full_policy_and_timeout_from_flags_and_file() {
+    let d = run(&[]);
+    assert_eq!(
+        (d.queue_full, d.queue_full_timeout),
+        (QueueFull::Backpressure, Duration::from_secs(10))
+    );
+    let c = run(&["--queue-full", "drop-oldest", "--queue-full-timeout", "3"]);
+    assert_eq!(
+        (c.queue_full, c.queue_full_timeout),
+        (QueueFull::DropOldest, Duration::from_secs(3))
+    );
+    let f = TempFile::new(
+        "queue-full",
+        "queue_full = \"drop-newest\"\nqueue-full-timeout = 60\n",
+    );
+    let c = run(&["--config", f.arg()]);
+    assert_eq!(
+        (c.queue_full, c.queue_full_timeout),
+        (QueueFull::DropNewest, Duration::from_secs(60))
+    );
+    assert_eq!(
+        err(&["--queue-full", "block"]),
+        "--queue-full: must be backpressure, drop-newest or drop-oldest, got \"block\""
+    );
+    assert_eq!(
+        err(&["--queue-full-timeout", "0"]),
+        "--queue-full-timeout: must be between 1 and 3600, got 0"
+    );
+}

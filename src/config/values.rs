@@ -238,6 +238,8 @@ impl Builder {
             Key::StatsInterval => c.stats_interval = Duration::from_secs(int(&raw)? as u64),
             Key::MaxInflight => c.max_inflight = int(&raw)? as u16,
             Key::MaxQueued => c.max_queued = to_usize(int(&raw)?),
+            Key::QueueFull => c.queue_full = raw.string()?.parse()?,
+            Key::QueueFullTimeout => c.queue_full_timeout = Duration::from_secs(int(&raw)? as u64),
             Key::SysInterval => c.sys_interval = Duration::from_secs(int(&raw)? as u64),
             Key::MaxKeepalive => c.max_keepalive = int(&raw)? as u16,
             Key::MaxSessionExpiry => c.max_session_expiry = int(&raw)? as u32,

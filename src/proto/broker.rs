@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
-use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 use std::hash::BuildHasher;
 
 use super::acl::{Access, Acl};
@@ -44,7 +44,8 @@ use super::keepalive::{KeepAliveWheel, Secs, Verdict};
 use super::persist::{self, Flow, Recovered, SessionState, StoredWill};
 use super::retained::{retained_owner, RetainedMessage, RetainedStore};
 use super::session::{
-    AwaitingRel, Inflight, PendingWill, QueuedMessage, Session, SessionKey, SubOpts, NEVER_EXPIRES,
+    AwaitingRel, Inflight, Parked, PendingWill, QueuedMessage, Session, SessionKey, SubOpts,
+    NEVER_EXPIRES,
 };
 use super::shared::{self, share_owner, Member, Shared, SharedGroups};
 use super::topic::trie::SubscriptionTrie;
@@ -73,6 +74,49 @@ fn is_broker_topic(topic: &TopicName) -> bool {
 /// are dropped: a stuck subscriber costs at most this much.
 pub const MAX_PENDING_OUTGOING: usize = 1 << 20;
 
+/// What happens to a QoS 1/2 message for a subscriber whose session queue
+/// holds `--max-queued` messages already (`--queue-full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueFull {
+    /// The message waits outside the queue ([`super::session::Flows::parked`])
+    /// and its publisher's PUBACK / PUBREC waits with it, its socket not
+    /// read, until the queue has room; after `--queue-full-timeout` it is
+    /// dropped as with `DropNewest`. Only for a connected subscriber: an
+    /// offline session's full queue drops at once, so a device that is
+    /// away cannot hold up the fleet's publishers.
+    #[default]
+    Backpressure,
+    /// The new message is dropped (mosquitto's way).
+    DropNewest,
+    /// The oldest queued message is dropped to make room for the new one.
+    DropOldest,
+}
+
+impl std::str::FromStr for QueueFull {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<QueueFull, String> {
+        match s.trim() {
+            "backpressure" => Ok(QueueFull::Backpressure),
+            "drop-newest" | "drop_newest" => Ok(QueueFull::DropNewest),
+            "drop-oldest" | "drop_oldest" => Ok(QueueFull::DropOldest),
+            other => Err(format!(
+                "must be backpressure, drop-newest or drop-oldest, got {other:?}"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QueueFull::Backpressure => "backpressure",
+            QueueFull::DropNewest => "drop-newest",
+            QueueFull::DropOldest => "drop-oldest",
+        })
+    }
+}
+
 /// What a shard's broker needs to know about its place and its limits.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -86,8 +130,13 @@ pub struct BrokerConfig {
     /// session queue.
     pub max_inflight: usize,
     /// QoS 1/2 messages a session's queue holds (offline, or window full);
-    /// past it new messages for that session are dropped and counted.
+    /// past it `queue_full` decides.
     pub max_queued: usize,
+    /// What a full session queue does to a new message (`--queue-full`).
+    pub queue_full: QueueFull,
+    /// How long a message may wait for a full queue under
+    /// [`QueueFull::Backpressure`], milliseconds (`--queue-full-timeout`).
+    pub queue_full_timeout_ms: u64,
     /// Topic access rules (`--acl-file`); `None` lets everyone do anything.
     pub acl: Option<Arc<Acl>>,
     /// MQTT 5 Server Keep Alive (`--max-keepalive`): a 5.0 client asking for
@@ -124,6 +173,8 @@ impl BrokerConfig {
             max_packet_size: 1 << 20,
             max_inflight: 20,
             max_queued: 1000,
+            queue_full: QueueFull::Backpressure,
+            queue_full_timeout_ms: 10_000,
             acl: None,
             max_keepalive: 0,
             max_session_expiry: NEVER_EXPIRES,
@@ -233,8 +284,19 @@ pub enum ShardMsg {
     /// From a group's owner shard: deliver this to the member it picked.
     ShareDeliver(ShareDelivery),
     /// The answer to a publish carrying a ticket: what this shard stored of
-    /// it is on disk (or it stored nothing).
+    /// it is on disk (or it stored nothing), and every copy it owed a
+    /// session is queued or was dropped for a full queue.
     Stored {
+        /// The publish's ticket.
+        ticket: u64,
+        /// A copy was dropped for a full queue: a 5.0 publisher is told
+        /// 0x97 (Quota exceeded).
+        dropped: bool,
+    },
+    /// Before the [`ShardMsg::Stored`] of a ticketed publish: a copy met a
+    /// full queue and waits for room, so the publisher's socket is not read
+    /// until the answer comes (`--queue-full backpressure`).
+    Parked {
         /// The publish's ticket.
         ticket: u64,
     },
@@ -292,6 +354,10 @@ pub enum Event {
     Broadcast(ShardMsg),
     /// Send this to one other shard.
     SendTo(ShardId, ShardMsg),
+    /// The connection's reads were held (its publishes wait for full
+    /// queues, see [`Broker::reads_held`]) and may go on: feed it the bytes
+    /// it left unread ([`Broker::handle_read`]), then read its socket again.
+    Resume(ConnId),
 }
 
 /// Why a connection ended. Every reason but `Disconnect` publishes the will.
@@ -415,6 +481,10 @@ struct Conn {
     /// every connection instead of a 32-byte empty queue.
     #[allow(clippy::box_collection)]
     held: Option<Box<VecDeque<(u64, Packet)>>>,
+    /// Its publishes waiting for room in full queues: while not 0 its
+    /// packets are not read (`--queue-full backpressure`), nor is it
+    /// closed for the silence that causes.
+    reads_held: u16,
 }
 
 /// An acknowledgement (or a [`ShardMsg::Stored`]) waiting for records to
@@ -425,7 +495,32 @@ struct Held {
     local_gen: Option<u64>,
     /// [`ShardMsg::Stored`] answers still to come.
     remote_left: u32,
+    /// Copies parked here for full queues, not yet queued or dropped.
+    parked_left: u32,
+    /// A copy was dropped for a full queue (here, or a shard answered so).
+    dropped: bool,
+    /// A copy waits for room: the publisher's reads are held (this
+    /// connection's [`Conn::reads_held`] counts it), or the shard it
+    /// answers was told ([`ShardMsg::Parked`]).
+    backpressure: Backpressure,
     then: HeldThen,
+}
+
+/// Whether a [`Held`] holds back its publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backpressure {
+    None,
+    /// It counts in this connection's `reads_held`.
+    Holds(ConnId),
+    /// The shard it answers was told.
+    Told,
+}
+
+impl Held {
+    /// Nothing left to wait for.
+    fn is_settled(&self) -> bool {
+        self.local_gen.is_none() && self.remote_left == 0 && self.parked_left == 0
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -456,6 +551,10 @@ struct Hold {
     ticket: u64,
     log_before: usize,
     fanout: u32,
+    /// Copies parked here for full queues.
+    parked: u32,
+    /// A copy was dropped here for a full queue.
+    dropped: bool,
     /// A generation to wait for even if nothing new is logged: copies
     /// stored earlier under the same inbound id, maybe not yet durable.
     wait_gen: Option<u64>,
@@ -528,6 +627,11 @@ pub struct Broker {
     /// Messages for other shards held until generation `.0` is durable,
     /// in order (see [`Broker::push_mesh`]).
     mesh_hold: VecDeque<(u64, Event)>,
+    /// Sessions with parked messages, whose timeouts the tick checks.
+    parked_sessions: HashSet<SessionKey>,
+    /// Sessions whose queue holds at least a tenth of `max_queued`: where
+    /// [`Broker::deepest_queues`] looks (entries may be stale).
+    deep_queues: HashSet<SessionKey>,
 }
 
 /// Tallies a shard keeps to itself between flushes.
@@ -576,6 +680,8 @@ impl Broker {
             held: HashMap::new(),
             hold: None,
             applied: HashMap::new(),
+            parked_sessions: HashSet::new(),
+            deep_queues: HashSet::new(),
         }
     }
 
@@ -731,6 +837,7 @@ impl Broker {
                 .unwrap_or(u32::MAX),
             aliases: None,
             held: None,
+            reads_held: 0,
         });
 
         // MQTT-3.1.4-2: a client already connected with this id is disconnected.
@@ -837,6 +944,11 @@ impl Broker {
                 buf.clear();
                 return;
             }
+            if c.reads_held > 0 {
+                // A publish of its waits for a full queue: the rest stays
+                // unread until [`Event::Resume`].
+                return;
+            }
             let version = c.version;
             match codec::decode(buf, version, self.config.max_packet_size) {
                 Ok(None) => return,
@@ -896,7 +1008,8 @@ impl Broker {
                 self.apply_routed(&publish, None);
                 self.answer(outer, publish.ticket);
             }
-            ShardMsg::Stored { ticket } => self.stored(ticket),
+            ShardMsg::Stored { ticket, dropped } => self.stored(ticket, dropped),
+            ShardMsg::Parked { ticket } => self.backpressure(ticket),
             ShardMsg::Forget { uid } => self.forget_here(uid),
             ShardMsg::RetainedQuery(query) => {
                 let mut messages = Vec::new();
@@ -1016,7 +1129,10 @@ impl Broker {
                 // Strictly after: both times are whole milliseconds cut
                 // down from the clock, so `>=` could close up to 1 ms
                 // before 1.5 × keep-alive had truly passed.
-                let deadline = c.last_seen.0 + u64::from(c.expiry_ms) + 1;
+                // A client whose reads are held for full queues is not
+                // silent: we are not reading it.
+                let last_seen = if c.reads_held > 0 { now } else { c.last_seen };
+                let deadline = last_seen.0 + u64::from(c.expiry_ms) + 1;
                 if now.0 >= deadline {
                     expired.push(ConnId { index, generation });
                     Verdict::Expired
@@ -1029,6 +1145,9 @@ impl Broker {
         for id in expired {
             bump(&self.counters.keepalive_expiries);
             self.close(id, CloseReason::KeepAliveTimeout, now);
+        }
+        if !self.parked_sessions.is_empty() {
+            self.expire_parked(now);
         }
 
         let mut wills_due = Vec::new();
@@ -1196,7 +1315,7 @@ impl Broker {
                 if let Some((order, step)) = changed {
                     self.log_conn_flow(conn, Some(order), step);
                 }
-                let ticket = self.hold_end(outer, HeldThen::Ack(conn));
+                let (ticket, _) = self.hold_end(outer, HeldThen::Ack(conn));
                 if ack.reason >= 0x80 && v5 {
                     self.pump_conn_queue(conn);
                     return;
@@ -1233,7 +1352,7 @@ impl Broker {
                 if let (true, Some(key)) = (known, self.conn(conn).and_then(|c| c.session)) {
                     self.log_rel_done(key, rel.packet_id.get());
                 }
-                let ticket = self.hold_end(outer, HeldThen::Ack(conn));
+                let (ticket, _) = self.hold_end(outer, HeldThen::Ack(conn));
                 self.send_ack(conn, Packet::PubComp(pub_resp(rel.packet_id, code)), ticket);
             }
             Packet::PubComp(comp) => {
@@ -1370,11 +1489,18 @@ impl Broker {
                 }
             }
             (QoS::AtLeastOnce, Some(id)) => {
-                // With --data-dir the PUBACK waits until every copy that
-                // had to be stored is (here, and the shards it went to).
-                let outer = self.hold_begin(true);
+                // The PUBACK waits until every copy is queued for its
+                // subscriber (or dropped, which a 5.0 client is told), and
+                // with --data-dir until every copy that had to be stored
+                // is: here, and on the shards it went to.
+                let outer = self.hold_begin(self.settles(v5));
                 let code = self.route_and_judge(routed, session, v5);
-                let ticket = self.hold_end(outer, HeldThen::Ack(conn));
+                let (ticket, dropped) = self.hold_end(outer, HeldThen::Ack(conn));
+                let code = if dropped && v5 {
+                    self.quota_exceeded()
+                } else {
+                    code
+                };
                 let ack = Packet::PubAck(self.ack(conn, id, code));
                 self.send_ack(conn, ack, ticket);
             }
@@ -1423,7 +1549,7 @@ impl Broker {
                     }
                     Some(e) => (!e.confirmed, e.uid),
                 };
-                let outer = self.hold_begin(route_it);
+                let outer = self.hold_begin(route_it && self.settles(v5));
                 if entry.is_none() {
                     self.with_session(conn, |s| {
                         s.flows_mut().awaiting_rel.insert(
@@ -1444,15 +1570,23 @@ impl Broker {
                 } else {
                     reason::SUCCESS
                 };
-                let ticket = match session {
+                let (ticket, dropped) = match session {
                     Some(key) => self.hold_end(outer, HeldThen::Rel(conn, key, id.get())),
                     None => self.hold_end(outer, HeldThen::Ack(conn)),
                 };
+                let refused = dropped && v5;
                 if ticket.is_none() {
                     if let Some(key) = session {
-                        self.confirm_rel(key, id.get());
+                        if refused {
+                            // A PUBREC of 0x80 or more ends the flow: no
+                            // PUBREL follows (§4.3.3).
+                            self.end_inbound_qos2(key, id.get());
+                        } else {
+                            self.confirm_rel(key, id.get());
+                        }
                     }
                 }
+                let code = if refused { self.quota_exceeded() } else { code };
                 let ack = Packet::PubRec(self.ack(conn, id, code));
                 self.send_ack(conn, ack, ticket);
             }
@@ -2252,24 +2386,197 @@ impl Broker {
             }
             return;
         }
-        let full = session.queue_len() >= max_queued;
-        if !full {
-            self.log_message(key, &msg);
-            let session = self.session_mut(key).expect("looked up above");
-            session.flows_mut().queue.push_back(msg);
-            bump(&self.counters.messages_queued);
+        // Parked messages go first: one waits only while the queue is full.
+        let full = session.queue_len() >= max_queued || session.parked_len() > 0;
+        if full {
+            self.queue_full(key, conn, msg);
+        } else {
+            self.enqueue(key, msg);
         }
         let session = self.session_mut(key).expect("looked up above");
         let newly_busy = conn.is_some() && session.shares && !session.share_busy;
-        if full {
-            // The queue is full: the newest message is the one dropped, so
-            // what the client does get stays in order.
-            bump(&self.counters.messages_dropped);
-        }
         if newly_busy {
             // Connected, yet a message had to wait: its window is full.
             self.set_share_busy(key, true);
         }
+    }
+
+    /// Puts a message at the end of a session's queue.
+    fn enqueue(&mut self, key: SessionKey, msg: QueuedMessage) {
+        self.log_message(key, &msg);
+        let deep = self.config.max_queued / 10;
+        let Some(session) = self.session_mut(key) else {
+            return;
+        };
+        session.flows_mut().queue.push_back(msg);
+        let len = session.queue_len();
+        bump(&self.counters.messages_queued);
+        if len > deep.max(1) {
+            self.deep_queues.insert(key);
+        }
+    }
+
+    /// A QoS 1/2 message for a session whose queue is full: parked with
+    /// its publisher's acknowledgement, or dropped, as `--queue-full`
+    /// says (see [`QueueFull`]). Every outcome is counted.
+    fn queue_full(&mut self, key: SessionKey, conn: Option<ConnId>, msg: QueuedMessage) {
+        let policy = self.config.queue_full;
+        let max_queued = self.config.max_queued;
+        let now = self.now;
+        let Some(session) = self.session_mut(key) else {
+            return;
+        };
+        if !session.queue_full_seen {
+            session.queue_full_seen = true;
+            tracing::warn!(
+                client_id = %session.client_id,
+                max_queued,
+                %policy,
+                "session queue full (logged once per session)"
+            );
+        }
+        let stalled = session.flows().is_some_and(|f| f.stalled);
+        let queued = session.queue_len();
+        match policy {
+            QueueFull::Backpressure if conn.is_some() && !stalled && self.hold.is_some() => {
+                let hold = self.hold.as_mut().expect("checked above");
+                hold.parked += 1;
+                let ticket = hold.ticket;
+                let session = self.session_mut(key).expect("looked up above");
+                session.flows_mut().parked.push_back(Parked {
+                    msg,
+                    ticket,
+                    since: now,
+                });
+                self.parked_sessions.insert(key);
+                bump(&self.counters.queue_full_held);
+            }
+            QueueFull::DropOldest if queued > 0 => {
+                let session = self.session_mut(key).expect("looked up above");
+                if let Some(old) = session.flows_mut().queue.pop_front() {
+                    drop_one(&self.counters.messages_queued);
+                    self.log_flow(key, old.id, Step::Done);
+                }
+                bump(&self.counters.messages_dropped);
+                bump(&self.counters.queue_full_dropped_oldest);
+                self.enqueue(key, msg);
+            }
+            _ => {
+                // The newest message is the one dropped, so what the client
+                // does get stays in order.
+                if let Some(hold) = &mut self.hold {
+                    hold.dropped = true;
+                }
+                bump(&self.counters.messages_dropped);
+                bump(&self.counters.queue_full_dropped_newest);
+            }
+        }
+    }
+
+    /// Moves parked messages into the queue while it has room (one even
+    /// with `--max-queued 0`, so a parked message can still go when the
+    /// window opens), settling their publishes. True if any moved.
+    fn unpark(&mut self, key: SessionKey) -> bool {
+        let room = self.config.max_queued.max(1);
+        let mut moved = false;
+        while let Some(session) = self.session_mut(key) {
+            if session.queue_len() >= room {
+                break;
+            }
+            let Some(p) = session
+                .existing_flows_mut()
+                .and_then(|f| f.parked.pop_front())
+            else {
+                break;
+            };
+            self.enqueue(key, p.msg);
+            self.park_settled(p.ticket, false);
+            moved = true;
+        }
+        if self.session(key).is_none_or(|s| s.parked_len() == 0) {
+            self.parked_sessions.remove(&key);
+        }
+        moved
+    }
+
+    /// Drops every message parked for `key` (its client went away, or it
+    /// stopped reading past the timeout), settling their publishes as
+    /// dropped.
+    fn drop_parked(&mut self, key: SessionKey, timed_out: bool) {
+        self.parked_sessions.remove(&key);
+        let parked = match self.session_mut(key).and_then(|s| s.existing_flows_mut()) {
+            Some(f) => {
+                if timed_out {
+                    f.stalled = true;
+                }
+                std::mem::take(&mut f.parked)
+            }
+            None => return,
+        };
+        for p in parked {
+            bump(&self.counters.messages_dropped);
+            bump(if timed_out {
+                &self.counters.queue_full_timeouts
+            } else {
+                &self.counters.queue_full_dropped_newest
+            });
+            self.park_settled(p.ticket, true);
+        }
+    }
+
+    /// The tick's look at parked messages: a session whose oldest has
+    /// waited `--queue-full-timeout` is not reading; what it has parked is
+    /// dropped and it is marked stalled.
+    fn expire_parked(&mut self, now: Millis) {
+        let timeout = self.config.queue_full_timeout_ms;
+        let due: Vec<SessionKey> = self
+            .parked_sessions
+            .iter()
+            .copied()
+            .filter(|&key| {
+                self.session(key)
+                    .and_then(|s| s.flows())
+                    .and_then(|f| f.parked.front())
+                    .is_none_or(|p| p.since.0 + timeout <= now.0)
+            })
+            .collect();
+        for key in due {
+            if let Some(s) = self.session(key) {
+                tracing::warn!(
+                    client_id = %s.client_id,
+                    parked = s.parked_len(),
+                    "session not reading: messages waiting for its full queue dropped after the timeout"
+                );
+            }
+            self.drop_parked(key, true);
+        }
+    }
+
+    /// Up to `n` sessions with the deepest queues (parked messages
+    /// included), deepest first: their clientIds and depths, for the
+    /// metrics endpoint and `$SYS`. Only sessions past a tenth of
+    /// `--max-queued` are looked at.
+    pub fn deepest_queues(&mut self, n: usize) -> Vec<(ByteString, u64)> {
+        let deep = (self.config.max_queued / 10).max(1);
+        let sessions = &self.sessions;
+        let depth = |key: SessionKey| {
+            sessions
+                .get(key.0 as usize)
+                .and_then(Option::as_ref)
+                .map_or(0, |s| s.queue_len() + s.parked_len())
+        };
+        self.deep_queues.retain(|&key| depth(key) > deep);
+        let mut all: Vec<(ByteString, u64)> = self
+            .deep_queues
+            .iter()
+            .filter_map(|&key| {
+                let s = self.sessions.get(key.0 as usize)?.as_ref()?;
+                Some((s.client_id.clone(), (s.queue_len() + s.parked_len()) as u64))
+            })
+            .collect();
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
     }
 
     /// QoS 1/2 messages that may be in flight to `conn` at once: its 5.0
@@ -2284,8 +2591,18 @@ impl Broker {
         }
     }
 
-    /// Moves queued messages into flight while the window has room.
+    /// Moves queued messages into flight while the window has room, and
+    /// parked messages into the queue while it has room.
     fn pump_queue(&mut self, key: SessionKey) {
+        loop {
+            self.pump_queue_once(key);
+            if !self.unpark(key) {
+                return;
+            }
+        }
+    }
+
+    fn pump_queue_once(&mut self, key: SessionKey) {
         loop {
             let Some(conn) = self.session(key).and_then(|s| s.conn) else {
                 return;
@@ -2301,6 +2618,8 @@ impl Broker {
                 self.set_share_busy(key, false);
                 return;
             };
+            // It takes messages again: what meets its full queue may wait.
+            session.flows_mut().stalled = false;
             drop_one(&self.counters.messages_queued);
             self.send_now(conn, key, msg);
         }
@@ -2478,6 +2797,8 @@ impl Broker {
                 .and_then(|w| w.properties.as_ref())
                 .and_then(|p| p.will_delay_interval)
                 .unwrap_or(0);
+            // Backpressure is for connected subscribers only.
+            self.drop_parked(key, false);
             let expiry = match self.session_mut(key) {
                 Some(s) => {
                     s.conn = None;
@@ -2641,6 +2962,7 @@ impl Broker {
     }
 
     fn remove_session(&mut self, key: SessionKey) {
+        self.drop_parked(key, false);
         let Some(session) = self.sessions.get_mut(key.0 as usize).and_then(Option::take) else {
             return;
         };
@@ -2931,8 +3253,11 @@ impl Broker {
             self.gen_waiters.pop_front();
             let done = match self.held.get_mut(&ticket) {
                 Some(h) => {
-                    h.local_gen = None;
-                    h.remote_left == 0
+                    // A parked copy queued later may wait for a later one.
+                    if h.local_gen.is_some_and(|lg| lg <= g) {
+                        h.local_gen = None;
+                    }
+                    h.is_settled()
                 }
                 None => false,
             };
@@ -2959,36 +3284,67 @@ impl Broker {
     /// interrupts, for [`Broker::hold_end`].
     fn hold_begin(&mut self, active: bool) -> Option<Hold> {
         let outer = self.hold.take();
-        if active && self.config.persist {
+        if active {
             let ticket = self.next_id();
             self.hold = Some(Hold {
                 ticket,
                 log_before: self.log.len(),
                 fanout: 0,
+                parked: 0,
+                dropped: false,
                 wait_gen: None,
             });
         }
         outer
     }
 
-    /// Ends a hold: when the publish stored something here, or went to
-    /// other shards with its ticket, `then` waits for those, and its ticket
-    /// is returned; `None` when nothing needs waiting for.
-    fn hold_end(&mut self, outer: Option<Hold>, then: HeldThen) -> Option<u64> {
-        let h = std::mem::replace(&mut self.hold, outer)?;
+    /// Whether a client's QoS 1/2 PUBLISH is routed under a hold, so that
+    /// its acknowledgement learns what became of every copy: with
+    /// `--data-dir` (it waits for the disk), under backpressure (it waits
+    /// for room), and for a 5.0 client (it is told of a drop, 0x97). A
+    /// 3.x publisher under a drop policy has nothing to wait for or be
+    /// told, and its publishes cost the other shards no answer.
+    fn settles(&self, v5: bool) -> bool {
+        self.config.persist || v5 || self.config.queue_full == QueueFull::Backpressure
+    }
+
+    /// Ends a hold: when the publish stored something here, parked a copy,
+    /// or went to other shards with its ticket, `then` waits for those, and
+    /// its ticket is returned; `None` when nothing needs waiting for. With
+    /// it, whether a copy was dropped for a full queue already.
+    fn hold_end(&mut self, outer: Option<Hold>, then: HeldThen) -> (Option<u64>, bool) {
+        let Some(h) = std::mem::replace(&mut self.hold, outer) else {
+            return (None, false);
+        };
         let local_gen = if self.log.len() > h.log_before {
             Some(self.log_gen)
         } else {
             h.wait_gen
         };
-        if local_gen.is_none() && h.fanout == 0 {
-            return None;
+        if local_gen.is_none() && h.fanout == 0 && h.parked == 0 {
+            return (None, h.dropped);
         }
-        self.wait_for(h.ticket, local_gen, h.fanout, then);
-        Some(h.ticket)
+        self.held.insert(
+            h.ticket,
+            Held {
+                local_gen,
+                remote_left: h.fanout,
+                parked_left: h.parked,
+                dropped: h.dropped,
+                backpressure: Backpressure::None,
+                then,
+            },
+        );
+        if let Some(g) = local_gen {
+            self.gen_waiters.push_back((g, h.ticket));
+        }
+        if h.parked > 0 {
+            self.backpressure(h.ticket);
+        }
+        (Some(h.ticket), h.dropped)
     }
 
-    fn wait_for(&mut self, ticket: u64, local_gen: Option<u64>, remote_left: u32, then: HeldThen) {
+    fn wait_for(&mut self, ticket: u64, local_gen: Option<u64>, then: HeldThen) {
         if let Some(g) = local_gen {
             self.gen_waiters.push_back((g, ticket));
         }
@@ -2996,10 +3352,81 @@ impl Broker {
             ticket,
             Held {
                 local_gen,
-                remote_left,
+                remote_left: 0,
+                parked_left: 0,
+                dropped: false,
+                backpressure: Backpressure::None,
                 then,
             },
         );
+    }
+
+    /// A copy of held publish `ticket` waits for room in a full queue
+    /// (here, or on a shard that said so): the publisher's reads are held
+    /// until the publish is settled, or the shard it answers is told.
+    fn backpressure(&mut self, ticket: u64) {
+        let Some(h) = self.held.get(&ticket) else {
+            return;
+        };
+        if h.backpressure != Backpressure::None {
+            return;
+        }
+        let now = match h.then {
+            HeldThen::Ack(conn) | HeldThen::Rel(conn, _, _) => {
+                let Some(c) = self.conn_mut(conn) else { return };
+                c.reads_held += 1;
+                Backpressure::Holds(conn)
+            }
+            HeldThen::Reply(shard, t) => {
+                self.send_to_shard(shard, ShardMsg::Parked { ticket: t });
+                Backpressure::Told
+            }
+        };
+        if let Some(h) = self.held.get_mut(&ticket) {
+            h.backpressure = now;
+        }
+    }
+
+    /// `conn` no longer waits for one of its held publishes: once none is
+    /// left its reads go on ([`Event::Resume`]).
+    fn release_reads(&mut self, conn: ConnId) {
+        let now = self.now;
+        let Some(c) = self.conn_mut(conn) else { return };
+        c.reads_held = c.reads_held.saturating_sub(1);
+        if c.reads_held == 0 {
+            c.last_seen = now;
+            self.events.push_back(Event::Resume(conn));
+        }
+    }
+
+    /// Whether `conn`'s reads are held: a publish of its waits for room
+    /// in a full queue (`--queue-full backpressure`). The shell stops
+    /// reading its socket until [`Event::Resume`].
+    pub fn reads_held(&self, conn: ConnId) -> bool {
+        self.conn(conn).is_some_and(|c| c.reads_held > 0)
+    }
+
+    /// The reason code of an acknowledgement whose message could not be
+    /// queued for every matching subscription (counted).
+    fn quota_exceeded(&self) -> u8 {
+        bump(&self.counters.quota_exceeded_acks);
+        reason::QUOTA_EXCEEDED
+    }
+
+    /// An inbound QoS 2 flow that ends without PUBREL: its PUBREC refuses
+    /// the message.
+    fn end_inbound_qos2(&mut self, key: SessionKey, packet_id: u16) {
+        let ended = self.session_mut(key).and_then(|s| {
+            let e = s.flows_mut().awaiting_rel.remove(&packet_id);
+            s.release_idle_flows();
+            e
+        });
+        if let Some(e) = ended {
+            if e.uid != 0 {
+                self.forget(e.uid);
+            }
+            self.log_rel_done(key, packet_id);
+        }
     }
 
     /// Gives an outgoing publish the current hold's ticket (or none), and
@@ -3021,17 +3448,19 @@ impl Broker {
             self.hold = outer;
             return;
         };
-        if self.hold_end(outer, HeldThen::Reply(from, t)).is_none() {
-            self.send_to_shard(from, ShardMsg::Stored { ticket: t });
+        if let (None, dropped) = self.hold_end(outer, HeldThen::Reply(from, t)) {
+            self.send_to_shard(from, ShardMsg::Stored { ticket: t, dropped });
         }
     }
 
-    /// A remote shard's part of a held publish is durable.
-    fn stored(&mut self, ticket: u64) {
+    /// A remote shard's part of a held publish is settled: durable, and
+    /// queued or `dropped`.
+    fn stored(&mut self, ticket: u64, dropped: bool) {
         let done = match self.held.get_mut(&ticket) {
             Some(h) => {
                 h.remote_left = h.remote_left.saturating_sub(1);
-                h.remote_left == 0 && h.local_gen.is_none()
+                h.dropped |= dropped;
+                h.is_settled()
             }
             None => false,
         };
@@ -3040,18 +3469,80 @@ impl Broker {
         }
     }
 
+    /// A copy of held publish `ticket` parked here left the park: queued
+    /// (and logged, when its session persists), or `dropped`.
+    fn park_settled(&mut self, ticket: u64, dropped: bool) {
+        let logged = (!dropped && !self.log.is_empty()).then_some(self.log_gen);
+        let Some(h) = self.held.get_mut(&ticket) else {
+            return;
+        };
+        h.parked_left = h.parked_left.saturating_sub(1);
+        h.dropped |= dropped;
+        if let Some(g) = logged {
+            if h.local_gen.is_none_or(|lg| lg < g) {
+                h.local_gen = Some(g);
+                self.gen_waiters.push_back((g, ticket));
+            }
+        }
+        if self.held.get(&ticket).is_some_and(Held::is_settled) {
+            self.complete(ticket);
+        }
+    }
+
     fn complete(&mut self, ticket: u64) {
         let Some(h) = self.held.remove(&ticket) else {
             return;
         };
+        if let Backpressure::Holds(conn) = h.backpressure {
+            self.release_reads(conn);
+        }
         match h.then {
-            HeldThen::Reply(shard, t) => self.send_to_shard(shard, ShardMsg::Stored { ticket: t }),
-            HeldThen::Ack(conn) => self.release_held(conn),
+            HeldThen::Reply(shard, t) => self.send_to_shard(
+                shard,
+                ShardMsg::Stored {
+                    ticket: t,
+                    dropped: h.dropped,
+                },
+            ),
+            HeldThen::Ack(conn) => {
+                if h.dropped {
+                    self.refuse_held(conn, ticket);
+                }
+                self.release_held(conn);
+            }
             HeldThen::Rel(conn, key, packet_id) => {
-                self.confirm_rel(key, packet_id);
+                if h.dropped && self.refuse_held(conn, ticket) {
+                    self.end_inbound_qos2(key, packet_id);
+                } else {
+                    self.confirm_rel(key, packet_id);
+                }
                 self.release_held(conn);
             }
         }
+    }
+
+    /// A held PUBACK / PUBREC of a 5.0 client whose message could not be
+    /// queued for every subscriber gets 0x97 (Quota exceeded); true when
+    /// it did (a 3.x client cannot be told).
+    fn refuse_held(&mut self, conn: ConnId, ticket: u64) -> bool {
+        let v5 = self.conn(conn).is_some_and(|c| c.version.is_v5());
+        if !v5 {
+            return false;
+        }
+        let code = self.quota_exceeded();
+        let Some(held) = self.conn_mut(conn).and_then(|c| c.held.as_mut()) else {
+            return false;
+        };
+        for (t, packet) in held.iter_mut() {
+            if *t == ticket {
+                if let Packet::PubAck(r) | Packet::PubRec(r) = packet {
+                    r.reason = code;
+                    r.properties = None;
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Queues acknowledgement `packet` for `conn`: at once, unless it waits
@@ -3107,7 +3598,7 @@ impl Broker {
         };
         let ticket = generation.map(|g| {
             let t = self.next_id();
-            self.wait_for(t, Some(g), 0, HeldThen::Ack(conn));
+            self.wait_for(t, Some(g), HeldThen::Ack(conn));
             t
         });
         self.send_ack(conn, packet, ticket);

@@ -90,6 +90,9 @@ pub struct Session {
     /// With `--data-dir`: a `Session` record of it is in the log, so its
     /// end must be logged too.
     pub logged: bool,
+    /// Its queue has been full once (the log line that says so is written
+    /// once per session).
+    pub queue_full_seen: bool,
     /// The username its client last connected with, kept only when an ACL
     /// is in use (the rules are per user).
     pub username: Option<Box<str>>,
@@ -116,6 +119,28 @@ pub struct Flows {
     /// offline (a persistent session), or its inflight window is full. Sent in
     /// order, after the messages in flight (MQTT-4.6.0).
     pub queue: VecDeque<QueuedMessage>,
+    /// `--queue-full backpressure`: messages that met the queue full while
+    /// the client was connected. Each waits here, outside the queue, with
+    /// its publisher's acknowledgement, until the queue has room (then it
+    /// joins the queue's end, so deliveries keep their order) or the
+    /// timeout passes. Never holds a message unless the queue is full.
+    pub parked: VecDeque<Parked>,
+    /// A parked message timed out: the client is not reading, so until
+    /// it takes a message from the queue, what meets the full queue is
+    /// dropped at once instead of holding more publishers.
+    pub stalled: bool,
+}
+
+/// A message parked for a full queue (see [`Flows::parked`]).
+#[derive(Debug)]
+pub struct Parked {
+    /// The message.
+    pub msg: QueuedMessage,
+    /// The ticket of the publish it belongs to, answered when it is queued
+    /// or dropped.
+    pub ticket: u64,
+    /// When it was parked.
+    pub since: Millis,
 }
 
 impl Flows {
@@ -140,7 +165,10 @@ impl Flows {
     }
 
     fn is_empty(&self) -> bool {
-        self.inflight.is_empty() && self.awaiting_rel.is_empty() && self.queue.is_empty()
+        self.inflight.is_empty()
+            && self.awaiting_rel.is_empty()
+            && self.queue.is_empty()
+            && self.parked.is_empty()
     }
 }
 
@@ -205,6 +233,7 @@ impl Session {
             shares: false,
             share_busy: false,
             logged: false,
+            queue_full_seen: false,
             username: None,
             subscriptions: Vec::new(),
             flows: None,
@@ -270,6 +299,11 @@ impl Session {
         self.flows.get_or_insert_with(Default::default)
     }
 
+    /// Its QoS 1/2 state, if any (none is created).
+    pub fn existing_flows_mut(&mut self) -> Option<&mut Flows> {
+        self.flows.as_deref_mut()
+    }
+
     /// Frees the QoS 1/2 state once nothing is in flight or waiting, so an
     /// idle session costs no tables.
     pub fn release_idle_flows(&mut self) {
@@ -286,6 +320,11 @@ impl Session {
     /// Messages waiting to be put in flight.
     pub fn queue_len(&self) -> usize {
         self.flows.as_ref().map_or(0, |f| f.queue.len())
+    }
+
+    /// Messages parked for its full queue ([`Flows::parked`]).
+    pub fn parked_len(&self) -> usize {
+        self.flows.as_ref().map_or(0, |f| f.parked.len())
     }
 
     /// The next packet id not in flight (MQTT-2.3.1-2: an id is reusable only

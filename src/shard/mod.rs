@@ -175,6 +175,7 @@ impl Shard {
                 None => return,
                 Some(Event::Transmit(id)) => self.transmit(id),
                 Some(Event::Close(id)) => self.close_conn(id),
+                Some(Event::Resume(id)) => self.resume_held_reads(id),
                 Some(Event::Broadcast(msg)) => {
                     let mut outbox = self.outbox.borrow_mut();
                     for (peer, batch) in outbox.iter_mut().enumerate() {
@@ -263,6 +264,7 @@ impl Shard {
         self.ticks.set(ticks);
         if ticks % 10 == 0 {
             crate::sys::release_freed_memory();
+            self.report_deepest_queues();
         }
         let stats_every = self.config.stats_interval;
         if self.id.0 == 0
@@ -272,6 +274,23 @@ impl Shard {
             self.last_stats.set(Instant::now());
             tracing::info!("stats {}", self.counters);
         }
+    }
+
+    /// Once a second: this shard's deepest session queues, for the metrics
+    /// endpoint and `$SYS/broker/queues/deepest`.
+    fn report_deepest_queues(&self) {
+        let Some(slot) = self.counters.deepest_queues.get(usize::from(self.id.0)) else {
+            return;
+        };
+        let deepest = self
+            .broker
+            .borrow_mut()
+            .deepest_queues(crate::metrics::DEEPEST_QUEUES);
+        let list = deepest
+            .into_iter()
+            .map(|(id, depth)| (id.to_string(), depth))
+            .collect();
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = list;
     }
 
     /// Every `--sys-interval`, publishes the `$SYS/broker/...` topics whose
@@ -569,6 +588,8 @@ pub fn run(
                             max_packet_size: config.max_packet_size,
                             max_inflight: usize::from(config.max_inflight),
                             max_queued: config.max_queued,
+                            queue_full: config.queue_full,
+                            queue_full_timeout_ms: config.queue_full_timeout.as_millis() as u64,
                             acl: acl.clone(),
                             max_keepalive: config.max_keepalive,
                             max_session_expiry: config.max_session_expiry,

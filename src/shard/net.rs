@@ -1089,6 +1089,7 @@ fn admit(shard: &Shard, conn: Handoff, registered: bool) {
         shard.feed(id, &mut rest);
     }
     shard.dispatch();
+    shard.pause_reading_if_backlogged(id);
 }
 
 impl Shard {
@@ -1130,6 +1131,14 @@ impl Shard {
     }
 
     fn read_ready(&self, id: ConnId) {
+        if self.broker.borrow().reads_held(id) {
+            // Paused for full queues, maybe by another shard's answer
+            // (no read of ours narrowed its interest then): narrowed now,
+            // and only a reset is looked for, so that neither its data
+            // nor a hang-up makes a level-triggered event repeat.
+            self.pause_reading_if_backlogged(id);
+            return self.check_held_socket(id);
+        }
         if self.is_layered(id) {
             let Some((raw, half_closed)) = self
                 .net
@@ -1266,6 +1275,56 @@ impl Shard {
         }
     }
 
+    /// epoll: an event on a connection whose reads are held. Its data
+    /// waits; a reset or error ends it.
+    fn check_held_socket(&self, id: ConnId) {
+        let Some(raw) = self.net.borrow_mut().sock_mut(id).map(|s| s.fd.as_raw_fd()) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        // SAFETY: a one-byte peek into a local buffer, on a descriptor we own.
+        let n = unsafe {
+            libc::recv(
+                raw,
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        let would_block = n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock;
+        if n == 0 || (n < 0 && !would_block) {
+            self.lost(id);
+            self.dispatch();
+        }
+    }
+
+    /// The broker let `id` be read again (its publishes no longer wait
+    /// for full queues): the bytes it left unread go first, then its
+    /// socket is read again.
+    pub(crate) fn resume_held_reads(&self, id: ConnId) {
+        if let Some((_, mut buf)) = self.read_buf(id) {
+            if !buf.is_empty() {
+                self.feed(id, &mut buf);
+            }
+        }
+        if self.broker.borrow().reads_held(id) {
+            return;
+        }
+        match &self.io {
+            Io::Epoll(epoll) => {
+                let mut net = self.net.borrow_mut();
+                let Some(sock) = net.sock_mut(id) else { return };
+                if sock.closing {
+                    return;
+                }
+                let interest = if sock.writing { READ_WRITE } else { READ };
+                let _ = epoll.modify(sock.fd.as_raw_fd(), interest, Token::Conn(id).encode());
+            }
+            Io::Uring(_) => self.resume_reading(id),
+        }
+        self.pause_reading_if_backlogged(id);
+    }
+
     /// Stops reading a client whose replies pile up because it does not read
     /// them (a PINGREQ or QoS 1 PUBLISH flood from a client that never takes
     /// its PINGRESPs or PUBACKs): what it owes us waits in its own socket
@@ -1274,21 +1333,33 @@ impl Shard {
     /// when the socket drains ([`Shard::write_ready`], or
     /// [`Shard::send_done`] on io_uring, which cancels the connection's
     /// recv here and arms it again then).
-    fn pause_reading_if_backlogged(&self, id: ConnId) {
+    ///
+    /// Also stops reading a client whose reads the broker holds because a
+    /// publish of its waits for full queues (`--queue-full backpressure`):
+    /// until [`Shard::resume_held_reads`], what it sends waits in the
+    /// socket, and the kernel's window slows it.
+    pub(crate) fn pause_reading_if_backlogged(&self, id: ConnId) {
+        let held = self.broker.borrow().reads_held(id);
         let broker_bytes = self.broker.borrow().outgoing_len(id);
         let mut net = self.net.borrow_mut();
         let Some(sock) = net.sock_mut(id) else { return };
-        if !sock.writing || sock.closing {
+        if sock.closing {
             return;
         }
         let unsent = sock.bufs.as_ref().map_or(0, |b| b.unsent.len());
-        if broker_bytes + unsent <= MAX_PENDING_OUTGOING {
+        let backlogged = sock.writing && broker_bytes + unsent > MAX_PENDING_OUTGOING;
+        if !backlogged && !held {
             return;
         }
         let raw = sock.fd.as_raw_fd();
         match &self.io {
             Io::Epoll(epoll) => {
-                let _ = epoll.modify(raw, libc::EPOLLOUT as u32, Token::Conn(id).encode());
+                let interest = if sock.writing {
+                    libc::EPOLLOUT as u32
+                } else {
+                    0
+                };
+                let _ = epoll.modify(raw, interest, Token::Conn(id).encode());
             }
             Io::Uring(ring) => {
                 if sock.recv != Recv::Armed {
@@ -1300,13 +1371,18 @@ impl Shard {
             }
         }
         drop(net);
-        bump(&self.counters.reads_paused);
+        if backlogged {
+            bump(&self.counters.reads_paused);
+        }
     }
 
     /// io_uring: arms `id`'s multishot recv again if nothing is armed and
     /// it should read: not closing, not paused for a backlog.
     pub(crate) fn resume_reading(&self, id: ConnId) {
         let Io::Uring(ring) = &self.io else { return };
+        if self.broker.borrow().reads_held(id) {
+            return;
+        }
         let mut net = self.net.borrow_mut();
         let Some(sock) = net.sock_mut(id) else { return };
         if sock.recv != Recv::Off || sock.closing {
@@ -1383,6 +1459,7 @@ impl Shard {
 
     fn write_ready(&self, id: ConnId) {
         let Io::Epoll(epoll) = &self.io else { return };
+        let held = self.broker.borrow().reads_held(id);
         let flushed = {
             let mut net = self.net.borrow_mut();
             let Some(sock) = net.sock_mut(id) else { return };
@@ -1398,7 +1475,8 @@ impl Shard {
                         sock.writing = false;
                         sock.release_empty_bufs();
                         if !sock.closing {
-                            let _ = epoll.modify(raw, READ, Token::Conn(id).encode());
+                            let interest = if held { 0 } else { READ };
+                            let _ = epoll.modify(raw, interest, Token::Conn(id).encode());
                         }
                         Ok(true)
                     } else {
@@ -1433,6 +1511,7 @@ impl Shard {
         };
         let out = self.broker.borrow_mut().take_outgoing(id);
         let closing = self.broker.borrow().is_closing(id);
+        let held = self.broker.borrow().reads_held(id);
         let out = self.through_layer(id, out, closing);
         if !out.is_empty() {
             let sent = match &self.io {
@@ -1450,7 +1529,7 @@ impl Shard {
                     sock.writing = true;
                     match &self.io {
                         Io::Epoll(epoll) => {
-                            let interest = if sock.closing || closing {
+                            let interest = if sock.closing || closing || held {
                                 libc::EPOLLOUT as u32
                             } else {
                                 READ_WRITE

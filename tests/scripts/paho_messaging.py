@@ -12,6 +12,10 @@
     python paho_messaging.py PORT publish USER PASSWORD TOPIC PAYLOAD
         Publishes one QoS 1 message as USER and prints {"acked": true} once
         its PUBACK arrived.
+
+    python paho_messaging.py PORT publish_many TOPIC COUNT SIZE
+        Publishes COUNT QoS 1 messages of SIZE bytes (up to 100 in flight)
+        and prints {"acked": n} once every PUBACK arrived (at most 50 s).
 """
 import json
 import sys
@@ -106,6 +110,39 @@ def publish(port, user, password, topic, payload):
     c.disconnect()
 
 
+def publish_many(port, topic, count, size):
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id="paho-publish-many",
+        protocol=mqtt.MQTTv311,
+    )
+    c.max_inflight_messages_set(100)
+    c.max_queued_messages_set(0)
+    acked = []
+    done = threading.Event()
+
+    def on_publish(_c, _u, mid, _rc, _props):
+        acked.append(mid)
+        if len(acked) >= count:
+            done.set()
+
+    connected = threading.Event()
+    c.on_publish = on_publish
+    c.on_connect = lambda *a: connected.set()
+    c.connect("127.0.0.1", port, keepalive=60)
+    c.loop_start()
+    if not connected.wait(5):
+        out({"error": "no CONNACK"})
+        sys.exit(1)
+    payload = b"x" * size
+    for _ in range(count):
+        c.publish(topic, payload, qos=1)
+    done.wait(50)
+    out({"acked": len(acked)})
+    c.disconnect()
+    c.loop_stop()
+
+
 def main():
     port = int(sys.argv[1])
     mode = sys.argv[2]
@@ -115,6 +152,8 @@ def main():
         subscribe(port, sys.argv[3], sys.argv[4], sys.argv[5:])
     elif mode == "publish":
         publish(port, sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6])
+    elif mode == "publish_many":
+        publish_many(port, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
         out({"error": f"unknown mode {mode}"})
         sys.exit(2)

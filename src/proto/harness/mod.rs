@@ -45,6 +45,9 @@ struct Harness {
     versions: hashbrown::HashMap<(usize, ConnId), ProtocolVersion>,
     /// What each shard committed to its log (`--data-dir`), for restarts.
     disk: Vec<BytesMut>,
+    /// Bytes a connection sent that its broker left unread (its reads are
+    /// held for full queues), fed again on [`Event::Resume`].
+    unread: hashbrown::HashMap<(usize, ConnId), BytesMut>,
 }
 
 impl Harness {
@@ -80,6 +83,7 @@ impl Harness {
             hold_mesh: false,
             versions: hashbrown::HashMap::new(),
             disk: (0..shards).map(|_| BytesMut::new()).collect(),
+            unread: hashbrown::HashMap::new(),
         }
     }
 
@@ -122,9 +126,20 @@ impl Harness {
     }
 
     fn send_bytes(&mut self, client: Client, bytes: &[u8]) {
-        let mut buf = BytesMut::from(bytes);
-        self.brokers[client.shard].handle_read(client.conn, &mut buf, self.now);
+        let key = (client.shard, client.conn);
+        let mut buf = self.unread.remove(&key).unwrap_or_default();
+        buf.extend_from_slice(bytes);
+        self.feed(key, buf);
         self.pump();
+    }
+
+    /// Hands bytes to the broker as the shell does, keeping what it
+    /// leaves unread.
+    fn feed(&mut self, (shard, conn): (usize, ConnId), mut buf: BytesMut) {
+        self.brokers[shard].handle_read(conn, &mut buf, self.now);
+        if !buf.is_empty() {
+            self.unread.insert((shard, conn), buf);
+        }
     }
 
     /// The socket of `client` drops without DISCONNECT.
@@ -180,6 +195,11 @@ impl Harness {
                         }
                         Event::SendTo(peer, msg) => {
                             self.mesh[usize::from(peer.0)].push_back(msg);
+                        }
+                        Event::Resume(conn) => {
+                            if let Some(buf) = self.unread.remove(&(shard, conn)) {
+                                self.feed((shard, conn), buf);
+                            }
                         }
                     }
                 }
@@ -1134,4 +1154,5 @@ fn clients_may_not_publish_or_leave_wills_on_sys_topics() {
 
 mod interest;
 mod persist;
+mod queue_full;
 mod v5;
