@@ -223,3 +223,71 @@ fn a_metrics_port_in_use_is_a_one_line_error() {
     assert_ne!(code, Some(0), "{out}{err}");
     assert!(err.contains(&format!("--metrics-listen {addr}")), "{err}");
 }
+
+/// A full session queue is visible (issue 14, item 2): the deepest queues
+/// by clientId in `/metrics` and in `$SYS/broker/queues/deepest`, and each
+/// `--queue-full` outcome counted. An offline persistent session's full
+/// queue drops the newest at once, whatever the policy.
+#[test]
+fn the_deepest_queues_and_full_queue_outcomes_are_visible() {
+    let mport = unused_port();
+    let broker = Broker::start(&[
+        "--shards",
+        "1",
+        "--max-queued",
+        "10",
+        "--sys-interval",
+        "1",
+        "--metrics-listen",
+        &format!("127.0.0.1:{mport}"),
+    ]);
+    let port = broker.port();
+    let away = ConnectOpts {
+        clean: false,
+        ..ConnectOpts::id("slow-away")
+    };
+    let (mut c, _) = RawClient::connect(port, &away);
+    c.subscribe("q/#", 1);
+    c.send(&disconnect_packet());
+    c.expect_closed(5 * SEC);
+    let (code, out, err) = run_bounded(
+        &mut python_script(
+            "paho_messaging.py",
+            &[&port.to_string(), "publish_many", "q/x", "15", "20"],
+        ),
+        30 * SEC,
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("\"acked\": 15"), "{out}");
+
+    // Reported once a second.
+    let depth = "coremq_session_queue_depth{client_id=slow-away,shard=0}";
+    let mut m = scrape(mport);
+    for _ in 0..30 {
+        if m.contains_key(&format!("s:{depth}")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        m = scrape(mport);
+    }
+    assert_eq!(sample(&m, depth), 10);
+    assert_eq!(
+        sample(&m, "coremq_queue_full_total{outcome=dropped_newest}"),
+        5
+    );
+    assert_eq!(sample(&m, "coremq_queue_full_total{outcome=held}"), 0);
+    assert_eq!(
+        m.get("t:coremq_queue_full").and_then(|v| v.as_str()),
+        Some("counter")
+    );
+
+    // The same in $SYS (retained, published every --sys-interval).
+    let (code, out, err) = run_bounded(
+        Command::new(&tools().mosquitto_sub)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-t", "$SYS/broker/queues/deepest", "-C", "1", "-W", "10"]),
+        15 * SEC,
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.trim(), "10 slow-away");
+}

@@ -252,6 +252,11 @@ pub struct CompareArgs {
     /// pubsub: PUBLISHes per second over all publishers (default: as fast as they go).
     #[arg(long, value_name = "MSGS_PER_SEC")]
     pub pubsub_rate: Option<f64>,
+    /// pubsub: each subscriber acknowledges at most this many messages a
+    /// second (`loadgen pubsub --slow-subscribers`): what each broker does
+    /// when its session queues fill.
+    #[arg(long, value_name = "MSGS_PER_SEC")]
+    pub pubsub_slow_subscribers: Option<f64>,
     /// Write the raw per-run results (every loadgen report) and the medians as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -836,6 +841,11 @@ fn validate(mut a: CompareArgs) -> CompareArgs {
     if a.pubsub_rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         usage_error("--pubsub-rate must be a positive number per second");
     }
+    if a.pubsub_slow_subscribers
+        .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+    {
+        usage_error("--pubsub-slow-subscribers must be a positive number per second");
+    }
     for (flag, cpu) in [
         ("--broker-cpu", a.broker_cpu),
         ("--loadgen-cpu", a.loadgen_cpu),
@@ -1356,6 +1366,9 @@ fn pubsub_args(a: &CompareArgs) -> Vec<String> {
     if let Some(r) = a.pubsub_rate {
         v.extend(["--rate".to_string(), r.to_string()]);
     }
+    if let Some(r) = a.pubsub_slow_subscribers {
+        v.extend(["--slow-subscribers".to_string(), r.to_string()]);
+    }
     v
 }
 
@@ -1603,6 +1616,7 @@ fn run_all(a: &CompareArgs, bins: &Bins, dir: &Path) -> Result<i32> {
                 "pubsub_pairs": a.pubsub_pairs, "pubsub_qos": a.pubsub_qos,
                 "pubsub_payload": a.pubsub_payload, "pubsub_duration": a.pubsub_duration,
                 "pubsub_rate": a.pubsub_rate,
+                "pubsub_slow_subscribers": a.pubsub_slow_subscribers,
                 "io": a.io.iter().map(|m| m.name()).collect::<Vec<_>>(),
                 "syscalls": a.syscalls,
                 "variants": vs.iter().map(|v| v.name()).collect::<Vec<_>>(),

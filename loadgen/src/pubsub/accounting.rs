@@ -147,7 +147,7 @@ impl Run {
             self.fail("wrong_qos");
         }
         match (p.qos, p.packet_id) {
-            (QoS::AtLeastOnce, Some(id)) => self.ack(Packet::PubAck(resp(id.get()))),
+            (QoS::AtLeastOnce, Some(id)) => self.sub_ack(sub, Packet::PubAck(resp(id.get())), now),
             (QoS::ExactlyOnce, Some(id)) => {
                 let id = id.get();
                 let q = &mut self.subs[sub as usize].qos2;
@@ -160,7 +160,7 @@ impl Run {
                     q.push(id);
                     self.sub_qos2_pending += 1;
                 }
-                self.ack(Packet::PubRec(resp(id)));
+                self.sub_ack(sub, Packet::PubRec(resp(id)), now);
             }
             _ => {}
         }

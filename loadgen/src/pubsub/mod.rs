@@ -120,6 +120,14 @@ pub struct PubsubArgs {
     /// --prefix. Publishers stay clean.
     #[arg(long)]
     pub persistent: bool,
+    /// Each subscriber acknowledges at most this many messages a second (its
+    /// PUBACK/PUBREC waits until due, and the broker's inflight window then
+    /// holds further deliveries back): a consumer slower than its
+    /// publishers, to see what a broker does when session queues fill.
+    /// Unpaced publishers then outrun it; `lost` counts what a broker
+    /// acknowledged and never delivered.
+    #[arg(long, value_name = "MSGS_PER_SEC")]
+    pub slow_subscribers: Option<f64>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -170,6 +178,9 @@ struct Cfg {
     group: Option<String>,
     /// --persistent: subscribers keep their session.
     persistent: bool,
+    /// --slow-subscribers: acknowledgements per second per subscriber; 0:
+    /// at once.
+    sub_rate: f64,
 }
 
 impl Cfg {
@@ -188,6 +199,7 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
         .unwrap_or(0);
     crate::coord::check_common(&a.common);
     crate::coord::check_rate("--rate", a.rate);
+    crate::coord::check_rate("--slow-subscribers", a.slow_subscribers);
     if !(a.duration > 0.0 && a.duration.is_finite()) {
         usage_error("--duration must be a positive number of seconds");
     }
@@ -279,12 +291,14 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
         protocol: a.common.protocol,
         group: a.share_group.clone(),
         persistent: a.persistent,
+        sub_rate: a.slow_subscribers.unwrap_or(0.0),
     };
     let params = serde_json::json!({
         "shape": shape.name(), "n": n, "qos": a.qos, "payload": a.payload,
         "duration": a.duration, "rate": a.rate, "window": a.window, "inflight": a.inflight,
         "keepalive": a.keepalive, "prefix": a.prefix, "timeout": a.common.timeout,
         "publishers": pubs, "share_group": a.share_group, "persistent": a.persistent,
+        "slow_subscribers": a.slow_subscribers,
     });
     let t0 = std::time::Instant::now();
     let mut run = Run::new(cfg)?;

@@ -105,6 +105,10 @@ pub(super) struct SubSt {
     pub(super) subscribed: bool,
     /// QoS 2 packet ids PUBREC'd, waiting for PUBREL.
     pub(super) qos2: Vec<u16>,
+    /// --slow-subscribers: acknowledgements not yet due, with when they are.
+    pub(super) acks: VecDeque<(u64, Packet)>,
+    /// --slow-subscribers: when its next acknowledgement may go.
+    pub(super) next_ack: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -141,6 +145,9 @@ pub(super) struct Run {
     pub(super) conns: Vec<Conn>,
     pub(super) pubs: Vec<PubSt>,
     pub(super) subs: Vec<SubSt>,
+    /// --slow-subscribers: the subscribers with acknowledgements not yet
+    /// sent.
+    pub(super) slow_pending: Vec<u32>,
     /// Per (publisher, subscriber): new, duplicate or late (empty for a
     /// shared fan-out group).
     pub(super) streams: Vec<Stream>,
@@ -278,6 +285,8 @@ impl Run {
                 active: false,
                 subscribed: false,
                 qos2: Vec::new(),
+                acks: VecDeque::new(),
+                next_ack: 0,
             })
             .collect();
         let shared_fan_out = cfg.shared_fan_out();
@@ -307,6 +316,7 @@ impl Run {
             conns,
             pubs,
             subs,
+            slow_pending: Vec::new(),
             streams,
             shared_fan_out,
             group_seen,
@@ -712,6 +722,46 @@ impl Run {
 
     pub(super) fn ack(&mut self, p: Packet) {
         p.encode(self.v, &mut self.obuf);
+    }
+
+    /// A subscriber's PUBACK / PUBREC: at once, or with
+    /// `--slow-subscribers` when its turn comes ([`Run::release_acks`]).
+    pub(super) fn sub_ack(&mut self, sub: u32, p: Packet, now: u64) {
+        if self.cfg.sub_rate <= 0.0 {
+            return self.ack(p);
+        }
+        let gap = (1e6 / self.cfg.sub_rate) as u64;
+        let s = &mut self.subs[sub as usize];
+        let due = s.next_ack.max(now);
+        s.next_ack = due + gap;
+        if s.acks.is_empty() {
+            self.slow_pending.push(sub);
+        }
+        s.acks.push_back((due, p));
+    }
+
+    /// `--slow-subscribers`: sends the acknowledgements that are due.
+    fn release_acks(&mut self, now: u64) {
+        let mut i = 0;
+        while i < self.slow_pending.len() {
+            let sub = self.slow_pending[i];
+            let mut out = BytesMut::new();
+            let acks = &mut self.subs[sub as usize].acks;
+            while acks.front().is_some_and(|(due, _)| *due <= now) {
+                let (_, p) = acks.pop_front().expect("looked at");
+                p.encode(self.v, &mut out);
+            }
+            let empty = acks.is_empty();
+            // Subscribers are the first tokens: subscriber i is token i.
+            if !out.is_empty() && self.live(sub) {
+                self.send(sub, &out);
+            }
+            if empty {
+                self.slow_pending.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn on_packet(&mut self, tok: u32, p: Packet, now: u64) {
@@ -1242,7 +1292,9 @@ impl Run {
         loop {
             let timeout_ms = if !self.runnable.is_empty() || !self.read_again.is_empty() {
                 0
-            } else if self.phase == Phase::Publish && self.cfg.rate > 0.0 {
+            } else if (self.phase == Phase::Publish && self.cfg.rate > 0.0)
+                || !self.slow_pending.is_empty()
+            {
                 1
             } else {
                 10
@@ -1267,6 +1319,7 @@ impl Run {
             let now = mono_us();
             self.expire(now);
             self.ping(now);
+            self.release_acks(now);
             match self.phase {
                 Phase::Subscribe => {
                     self.ramp(subs);
