@@ -1326,11 +1326,11 @@ fn scenario_args(s: Scenario, b: Broker, a: &CompareArgs) -> (Result<Vec<String>
         Scenario::Pubsub if b == Broker::Null => {
             (Err("n/a: the null broker routes no messages".into()), 0.0)
         }
-        // Publishing, then up to loadgen's 5 s drain and its timeouts, plus
+        // Publishing, then up to loadgen's drain and its timeouts, plus
         // connecting 2 × pairs sockets.
         Scenario::Pubsub => (
             Ok(pubsub_args(a)),
-            a.pubsub_duration + 60.0 + f64::from(a.pubsub_pairs) / 250.0,
+            a.pubsub_duration + 60.0 + slow_drain(a) + f64::from(a.pubsub_pairs) / 250.0,
         ),
         Scenario::Takeover => (
             v(&[
@@ -1368,8 +1368,17 @@ fn pubsub_args(a: &CompareArgs) -> Vec<String> {
     }
     if let Some(r) = a.pubsub_slow_subscribers {
         v.extend(["--slow-subscribers".to_string(), r.to_string()]);
+        v.extend(["--timeout".to_string(), slow_drain(a).to_string()]);
     }
     v
+}
+
+/// `--pubsub-slow-subscribers R`: the drain a full queue needs — both
+/// brokers' default 1,000 queued plus 20 in flight and the publisher's
+/// window, acknowledged at R a second — plus 5 s.
+fn slow_drain(a: &CompareArgs) -> f64 {
+    a.pubsub_slow_subscribers
+        .map_or(0.0, |r| (1_100.0 / r + 5.0).ceil())
 }
 
 /// loadgen keepalive's default hold: ⌈1.5 K⌉ + 3 s.
