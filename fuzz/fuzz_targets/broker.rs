@@ -54,6 +54,9 @@ impl World {
                         Event::SendTo(peer, msg) => {
                             self.brokers[usize::from(peer.0)].handle_remote(msg, self.now);
                         }
+                        // This shell keeps no bytes a held connection left
+                        // unread (each input is fed once): nothing to resume.
+                        Event::Resume(_) => {}
                     }
                 }
             }
