@@ -36,6 +36,8 @@ fn help_exits_0_and_explains_every_flag_with_its_default() {
         ("--stats-interval", "[default: 60]"),
         ("--max-inflight", "[default: 20]"),
         ("--max-queued", "[default: 1000]"),
+        ("--queue-full", "[default: backpressure]"),
+        ("--queue-full-timeout", "[default: 10]"),
         ("--acl-file", "[default: none]"),
         ("--data-dir", "[default: none: nothing is kept]"),
         ("--fsync", "[default: batch]"),

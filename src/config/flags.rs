@@ -155,7 +155,7 @@ pub(super) struct RunArgs {
     /// session's full queue drops it at once), drop-newest, drop-oldest;
     /// a dropped message's MQTT 5 publisher gets reason 0x97
     /// [default: backpressure]
-    #[arg(long, value_name = "backpressure|drop-newest|drop-oldest")]
+    #[arg(long, value_name = "POLICY")]
     queue_full: Option<String>,
     /// Seconds a message may wait for a full queue under backpressure
     /// before it is dropped as with drop-newest, 1..=3600 [default: 10]
