@@ -283,6 +283,10 @@ pub enum ShardMsg {
     },
     /// From a group's owner shard: deliver this to the member it picked.
     ShareDeliver(ShareDelivery),
+    /// Several [`ShardMsg::Stored`] answers at once: the publishes this
+    /// shard settled as soon as they came, gathered over a turn (ticket,
+    /// dropped).
+    StoredMany(Vec<(u64, bool)>),
     /// The answer to a publish carrying a ticket: what this shard stored of
     /// it is on disk (or it stored nothing), and every copy it owed a
     /// session is queued or was dropped for a full queue.
@@ -475,10 +479,12 @@ struct Conn {
     /// limit but the protocol's).
     max_packet: u32,
     aliases: Option<Box<Aliases>>,
-    /// With `--data-dir`: acknowledgements waiting for their records to be
-    /// durable, in the order they must be sent (MQTT-4.6.0-2); a ticket
+    /// Acknowledgements waiting for their messages to be queued everywhere
+    /// (and, with `--data-dir`, for their records to be durable), in the
+    /// order they must be sent (MQTT-4.6.0-2); a ticket
     /// of 0 waits for nothing but the ones before it. Boxed: 8 bytes in
-    /// every connection instead of a 32-byte empty queue.
+    /// every connection instead of a 32-byte empty queue; made on a
+    /// connection's first held acknowledgement and kept.
     #[allow(clippy::box_collection)]
     held: Option<Box<VecDeque<(u64, Packet)>>>,
     /// Its publishes waiting for room in full queues: while not 0 its
@@ -627,6 +633,11 @@ pub struct Broker {
     /// Messages for other shards held until generation `.0` is durable,
     /// in order (see [`Broker::push_mesh`]).
     mesh_hold: VecDeque<(u64, Event)>,
+    /// Answers to publishes from each peer settled at once, sent as one
+    /// [`ShardMsg::StoredMany`] per peer when the events are drained.
+    settled: Vec<Vec<(u64, bool)>>,
+    /// How many answers `settled` holds.
+    settled_count: usize,
     /// Sessions with parked messages, whose timeouts the tick checks.
     parked_sessions: HashSet<SessionKey>,
     /// Sessions whose queue holds at least a tenth of `max_queued`: where
@@ -648,6 +659,7 @@ struct LocalCounts {
 impl Broker {
     /// An empty broker for one shard; `now` starts its keep-alive clock.
     pub fn new(config: BrokerConfig, counters: Arc<Counters>, now: Millis) -> Self {
+        let config_shards = config.shards;
         Broker {
             config,
             counters,
@@ -680,6 +692,8 @@ impl Broker {
             held: HashMap::new(),
             hold: None,
             applied: HashMap::new(),
+            settled: vec![Vec::new(); usize::from(config_shards)],
+            settled_count: 0,
             parked_sessions: HashSet::new(),
             deep_queues: HashSet::new(),
         }
@@ -732,9 +746,26 @@ impl Broker {
         self.retained.len()
     }
 
-    /// Next thing the shell must do, if any.
+    /// Next thing the shell must do, if any. Once the others are drained,
+    /// the answers gathered for each peer go, one message each.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        if let Some(event) = self.events.pop_front() {
+            return Some(event);
+        }
+        if self.settled_count == 0 {
+            return None;
+        }
+        let (peer, list) = self
+            .settled
+            .iter_mut()
+            .enumerate()
+            .find(|(_, l)| !l.is_empty())?;
+        let answers = std::mem::take(list);
+        self.settled_count -= answers.len();
+        Some(Event::SendTo(
+            ShardId(peer as u16),
+            ShardMsg::StoredMany(answers),
+        ))
     }
 
     /// Takes the bytes waiting for `conn`'s socket (empty if none, or if
@@ -1009,6 +1040,11 @@ impl Broker {
                 self.answer(outer, publish.ticket);
             }
             ShardMsg::Stored { ticket, dropped } => self.stored(ticket, dropped),
+            ShardMsg::StoredMany(answers) => {
+                for (ticket, dropped) in answers {
+                    self.stored(ticket, dropped);
+                }
+            }
             ShardMsg::Parked { ticket } => self.backpressure(ticket),
             ShardMsg::Forget { uid } => self.forget_here(uid),
             ShardMsg::RetainedQuery(query) => {
@@ -3449,7 +3485,16 @@ impl Broker {
             return;
         };
         if let (None, dropped) = self.hold_end(outer, HeldThen::Reply(from, t)) {
-            self.send_to_shard(from, ShardMsg::Stored { ticket: t, dropped });
+            // Settled at once, as most are: gathered into one message per
+            // peer (see `poll_event`), unless messages to peers wait for
+            // the log (`mesh_hold`), which an answer must not overtake.
+            match self.settled.get_mut(usize::from(from.0)) {
+                Some(list) if self.mesh_hold.is_empty() && from != self.config.shard => {
+                    list.push((t, dropped));
+                    self.settled_count += 1;
+                }
+                _ => self.send_to_shard(from, ShardMsg::Stored { ticket: t, dropped }),
+            }
         }
     }
 
@@ -3549,7 +3594,8 @@ impl Broker {
     /// for `ticket` or for acknowledgements held before it.
     fn send_ack(&mut self, conn: ConnId, packet: Packet, ticket: Option<u64>) {
         let Some(c) = self.conn_mut(conn) else { return };
-        if ticket.is_none() && c.held.is_none() {
+        let waiting = c.held.as_ref().is_some_and(|q| !q.is_empty());
+        if ticket.is_none() && !waiting {
             self.queue_packet(conn, &packet);
             return;
         }
@@ -3565,12 +3611,10 @@ impl Broker {
             let ready = match self.conn(conn).and_then(|c| c.held.as_ref()) {
                 Some(q) => match q.front() {
                     Some((t, _)) => *t == 0 || !self.held.contains_key(t),
-                    None => {
-                        if let Some(c) = self.conn_mut(conn) {
-                            c.held = None;
-                        }
-                        return;
-                    }
+                    // Kept, empty: a publisher that waited once waits again
+                    // (every cross-shard QoS 1/2 publish does), and freeing
+                    // and making it per publish cost more than its bytes.
+                    None => return,
                 },
                 None => return,
             };
