@@ -2602,17 +2602,19 @@ impl Broker {
                 .map_or(0, |s| s.queue_len() + s.parked_len())
         };
         self.deep_queues.retain(|&key| depth(key) > deep);
-        let mut all: Vec<(ByteString, u64)> = self
-            .deep_queues
-            .iter()
-            .filter_map(|&key| {
-                let s = self.sessions.get(key.0 as usize)?.as_ref()?;
-                Some((s.client_id.clone(), (s.queue_len() + s.parked_len()) as u64))
-            })
-            .collect();
-        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        // The n deepest without sorting them all (a fleet may have many
+        // deep queues), then only those sorted and named.
+        let mut all: Vec<(usize, SessionKey)> =
+            self.deep_queues.iter().map(|&k| (depth(k), k)).collect();
+        let deepest_first = |a: &(usize, SessionKey), b: &(usize, SessionKey)| b.cmp(a);
+        if n > 0 && all.len() > n {
+            all.select_nth_unstable_by(n - 1, deepest_first);
+        }
         all.truncate(n);
-        all
+        all.sort_unstable_by(deepest_first);
+        all.into_iter()
+            .filter_map(|(d, key)| Some((self.session(key)?.client_id.clone(), d as u64)))
+            .collect()
     }
 
     /// QoS 1/2 messages that may be in flight to `conn` at once: its 5.0

@@ -216,3 +216,25 @@ fn a_qos2_message_refused_with_0x97_frees_its_packet_id_mqtt_4_3_3() {
         .collect();
     assert_eq!(delivered, [Bytes::from_static(b"100")]);
 }
+
+#[test]
+fn the_deepest_queues_are_reported_deepest_first() {
+    let mut h = harness(1, QueueFull::Backpressure);
+    // Three offline persistent sessions on their own topics.
+    for (id, topic) in [("a", "q/a"), ("b", "q/b"), ("c", "q/c")] {
+        let (c, _) = h.connect(connect(id, false, 0));
+        h.send(c, subscribe(topic, QoS::AtLeastOnce));
+        h.send(c, disconnect());
+    }
+    let (p, _) = h.connect(connect("p", true, 0));
+    for (topic, n) in [("q/a", 5u16), ("q/b", 12), ("q/c", 7)] {
+        for i in 1..=n {
+            h.send(p, publish(topic, "m", QoS::AtLeastOnce, false, Some(i)));
+        }
+    }
+    let deepest = h.brokers[0].deepest_queues(2);
+    let named: Vec<(&str, u64)> = deepest.iter().map(|(id, d)| (&id[..], *d)).collect();
+    // b's queue holds its limit of 10 (2 were dropped: it is offline).
+    assert_eq!(named, [("b", 10), ("c", 7)]);
+    assert_eq!(get(&h.counters.queue_full_dropped_newest), 2);
+}
