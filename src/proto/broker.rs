@@ -36,8 +36,8 @@ use std::hash::BuildHasher;
 
 use super::acl::{Access, Acl};
 use super::codec::{
-    self, reason, return_code, ConnAck, Connect, Disconnect, LastWill, Packet, PacketId,
-    Properties, ProtocolVersion, PubResp, Publish, QoS, SubAck, UnsubAck,
+    self, reason, return_code, ConnAck, Connect, Disconnect, FixedHeader, LastWill, Packet,
+    PacketId, Properties, ProtocolVersion, PubResp, Publish, QoS, SubAck, UnsubAck,
 };
 use super::interest::{Interest, ShardSet, MAX_ROUTED_SHARDS};
 use super::keepalive::{KeepAliveWheel, Secs, Verdict};
@@ -976,8 +976,13 @@ impl Broker {
                 return;
             }
             if c.reads_held > 0 {
-                // A publish of its waits for a full queue: the rest stays
-                // unread until [`Event::Resume`].
+                // A publish of its waits for a full queue: its next PUBLISH
+                // stays unread until [`Event::Resume`]. Meanwhile its
+                // acknowledgements and PINGREQs are taken from the unread
+                // bytes (`skim_held`); if those free it, read on.
+                if self.skim_held(conn, buf, now) {
+                    continue;
+                }
                 return;
             }
             let version = c.version;
@@ -998,6 +1003,66 @@ impl Broker {
                     buf.clear();
                     return;
                 }
+            }
+        }
+    }
+
+    /// A connection whose reads are held: takes its PUBACKs, PUBRECs,
+    /// PUBRELs, PUBCOMPs and PINGREQs out of the unread bytes and handles
+    /// them, leaving everything else in order. They answer other flows than
+    /// the publish that waits (ours to it, or its QoS 2 flows already
+    /// acknowledged), so taking them early changes no order a client can
+    /// see, and a client waiting on them — for its keep-alive, or to drain
+    /// its own subscription's full queue — is not stuck behind the publish.
+    /// Stops at a CONNECT, SUBSCRIBE, UNSUBSCRIBE, DISCONNECT or AUTH: what
+    /// follows one of those keeps its place. True when this freed the
+    /// connection's reads.
+    fn skim_held(&mut self, conn: ConnId, buf: &mut BytesMut, now: Millis) -> bool {
+        let max = self.config.max_packet_size;
+        let mut at = 0;
+        loop {
+            let Some(c) = self.conn(conn) else {
+                return false;
+            };
+            if c.closing {
+                return false;
+            }
+            if c.reads_held == 0 {
+                return true;
+            }
+            let version = c.version;
+            let Ok(Some(h)) = FixedHeader::parse(&buf[at..]) else {
+                // Incomplete, or malformed: judged when it is read in turn.
+                return false;
+            };
+            let len = h.packet_len();
+            if len > max || buf.len() - at < len {
+                return false;
+            }
+            match h.packet_type {
+                4..=7 | 12 => {
+                    let mut tail = buf.split_off(at);
+                    let mut packet = tail.split_to(len);
+                    buf.unsplit(tail);
+                    match codec::decode(&mut packet, version, max) {
+                        Ok(Some(p)) => {
+                            self.counts.packets_in += 1;
+                            if let Some(c) = self.conn_mut(conn) {
+                                c.last_seen = now;
+                            }
+                            self.handle_packet(conn, p, now);
+                        }
+                        Ok(None) => return false,
+                        Err(error) => {
+                            bump(&self.counters.malformed_packets);
+                            self.close(conn, CloseReason::ProtocolError(error.reason_code()), now);
+                            buf.clear();
+                            return false;
+                        }
+                    }
+                }
+                1 | 8 | 10 | 14 | 15 => return false,
+                _ => at += len,
             }
         }
     }

@@ -61,6 +61,12 @@ const MESH_BATCH: usize = 256;
 /// socket is closed regardless.
 const CLOSE_LINGER_MS: u64 = 5_000;
 
+/// Bytes a connection held for full queues may leave unread in its buffer
+/// before its socket stops being read (`--queue-full backpressure`): below
+/// it, its acknowledgements and PINGREQs still arrive (the broker takes them
+/// out of the unread bytes); past it, the kernel's window slows it.
+const HELD_UNREAD_CAP: usize = 64 * 1024;
+
 /// What an epoll token or an io_uring operation's user data refers to:
 /// bits 61–63 the kind, bits 32–60 a generation, bits 0–31 an index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1131,7 +1137,7 @@ impl Shard {
     }
 
     fn read_ready(&self, id: ConnId) {
-        if self.broker.borrow().reads_held(id) {
+        if self.held_and_full(id) {
             // Paused for full queues, maybe by another shard's answer
             // (no read of ours narrowed its interest then): narrowed now,
             // and only a reset is looked for, so that neither its data
@@ -1275,6 +1281,20 @@ impl Shard {
         }
     }
 
+    /// Whether `id` is no longer read for full queues: a publish of its
+    /// waits ([`Broker::reads_held`](crate::proto::broker::Broker::reads_held))
+    /// and it has [`HELD_UNREAD_CAP`] bytes unread. Below that it is still
+    /// read, so that its acknowledgements and PINGREQs reach the broker,
+    /// which takes them out of the unread bytes.
+    fn held_and_full(&self, id: ConnId) -> bool {
+        self.broker.borrow().reads_held(id)
+            && self.net.borrow_mut().sock_mut(id).is_some_and(|s| {
+                s.bufs
+                    .as_ref()
+                    .is_some_and(|b| b.partial.len() >= HELD_UNREAD_CAP)
+            })
+    }
+
     /// epoll: an event on a connection whose reads are held. Its data
     /// waits; a reset or error ends it.
     fn check_held_socket(&self, id: ConnId) {
@@ -1307,7 +1327,7 @@ impl Shard {
                 self.feed(id, &mut buf);
             }
         }
-        if self.broker.borrow().reads_held(id) {
+        if self.held_and_full(id) {
             return;
         }
         match &self.io {
@@ -1335,9 +1355,10 @@ impl Shard {
     /// recv here and arms it again then).
     ///
     /// Also stops reading a client whose reads the broker holds because a
-    /// publish of its waits for full queues (`--queue-full backpressure`):
-    /// until [`Shard::resume_held_reads`], what it sends waits in the
-    /// socket, and the kernel's window slows it.
+    /// publish of its waits for full queues (`--queue-full backpressure`),
+    /// once it has left [`HELD_UNREAD_CAP`] bytes unread: until
+    /// [`Shard::resume_held_reads`], what it sends waits in the socket, and
+    /// the kernel's window slows it.
     pub(crate) fn pause_reading_if_backlogged(&self, id: ConnId) {
         let held = self.broker.borrow().reads_held(id);
         let broker_bytes = self.broker.borrow().outgoing_len(id);
@@ -1346,6 +1367,11 @@ impl Shard {
         if sock.closing {
             return;
         }
+        let held = held
+            && sock
+                .bufs
+                .as_ref()
+                .is_some_and(|b| b.partial.len() >= HELD_UNREAD_CAP);
         let unsent = sock.bufs.as_ref().map_or(0, |b| b.unsent.len());
         let backlogged = sock.writing && broker_bytes + unsent > MAX_PENDING_OUTGOING;
         if !backlogged && !held {
@@ -1380,7 +1406,7 @@ impl Shard {
     /// it should read: not closing, not paused for a backlog.
     pub(crate) fn resume_reading(&self, id: ConnId) {
         let Io::Uring(ring) = &self.io else { return };
-        if self.broker.borrow().reads_held(id) {
+        if self.held_and_full(id) {
             return;
         }
         let mut net = self.net.borrow_mut();
@@ -1459,7 +1485,7 @@ impl Shard {
 
     fn write_ready(&self, id: ConnId) {
         let Io::Epoll(epoll) = &self.io else { return };
-        let held = self.broker.borrow().reads_held(id);
+        let held = self.held_and_full(id);
         let flushed = {
             let mut net = self.net.borrow_mut();
             let Some(sock) = net.sock_mut(id) else { return };
@@ -1511,7 +1537,7 @@ impl Shard {
         };
         let out = self.broker.borrow_mut().take_outgoing(id);
         let closing = self.broker.borrow().is_closing(id);
-        let held = self.broker.borrow().reads_held(id);
+        let held = self.held_and_full(id);
         let out = self.through_layer(id, out, closing);
         if !out.is_empty() {
             let sent = match &self.io {

@@ -238,3 +238,52 @@ fn the_deepest_queues_are_reported_deepest_first() {
     assert_eq!(named, [("b", 10), ("c", 7)]);
     assert_eq!(get(&h.counters.queue_full_dropped_newest), 2);
 }
+
+/// A held publisher's acknowledgements and PINGREQs are taken from behind
+/// its waiting PUBLISH: a client that fills its own subscription's queue
+/// frees itself by acknowledging what it was sent, and its keep-alive is
+/// answered while it waits.
+#[test]
+fn a_held_client_is_still_heard_acknowledging_and_pinging() {
+    let mut h = harness(1, QueueFull::Backpressure);
+    let x = subscribed(
+        &mut h,
+        connect("self-loop", true, 0),
+        subscribe("t", QoS::AtLeastOnce),
+    );
+    burst(&mut h, x, 1..=16, QoS::AtLeastOnce);
+    let mut delivered = Vec::new();
+    let mut acked = Vec::new();
+    for p in h.recv(x) {
+        match p {
+            Packet::Publish(p) => delivered.push(p.packet_id.expect("QoS 1")),
+            Packet::PubAck(r) => acked.push(r.packet_id.get()),
+            _ => {}
+        }
+    }
+    assert_eq!(acked, (1..=15).collect::<Vec<_>>());
+    assert_eq!(delivered.len(), 5, "its own window's worth");
+    assert!(h.brokers[0].reads_held(x.conn));
+    // Another PUBLISH, then its acknowledgements of what it got, then a
+    // PINGREQ: the last two are heard although the PUBLISH waits.
+    let mut bytes = BytesMut::new();
+    publish("t", "17", QoS::AtLeastOnce, false, Some(17))
+        .encode(ProtocolVersion::V3_1_1, &mut bytes);
+    for id in delivered {
+        Packet::PubAck(PubResp::new(id)).encode(ProtocolVersion::V3_1_1, &mut bytes);
+    }
+    Packet::PingReq.encode(ProtocolVersion::V3_1_1, &mut bytes);
+    h.send_bytes(x, &bytes);
+    let after = h.recv(x);
+    assert!(after.contains(&Packet::PingResp), "{after:?}");
+    let acked: Vec<u16> = after
+        .iter()
+        .filter_map(|p| match p {
+            Packet::PubAck(r) => Some(r.packet_id.get()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acked, [16, 17], "freed by its own acknowledgements");
+    assert!(!h.brokers[0].reads_held(x.conn));
+    assert_eq!(get(&h.counters.messages_dropped), 0);
+}
