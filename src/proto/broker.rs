@@ -25,6 +25,16 @@
 //! reaches answers [`ShardMsg::Stored`] once its own copy is durable (at
 //! once if it stored none), and the PUBACK / PUBREC goes when the local
 //! records and every answer are in, in the client's order.
+//!
+//! The same hold serves `--queue-full` ([`QueueFull`]), with or without
+//! `--data-dir`: an answer also means "every copy here is queued" (or says
+//! one was dropped, which a 5.0 publisher hears as 0x97). Under
+//! backpressure a copy that meets a full queue of a connected subscriber
+//! is parked with the publish's ticket until the queue has room; the shard
+//! tells the publisher's shard ([`ShardMsg::Parked`]), which stops
+//! reading the publisher ([`Broker::reads_held`], [`Event::Resume`]) until
+//! the answer comes. Answers settled at once are gathered into one
+//! [`ShardMsg::StoredMany`] per peer.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
