@@ -292,6 +292,8 @@ fn run(plan: Plan) -> Result<i32> {
             timeout_secs: plan.common.timeout,
             will_subscriber: plan.mode == Mode::Keepalive && i == 0,
             protocol: plan.common.protocol,
+            tls_ca: plan.common.tls_ca.clone(),
+            tls_server_name: plan.common.tls_server_name.clone(),
         };
         let mut child = Command::new(&exe)
             .arg("worker")

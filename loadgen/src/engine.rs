@@ -25,6 +25,9 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::sync::Arc;
 
 use crate::protocol;
 use crate::spec::{
@@ -64,6 +67,9 @@ struct Partial {
 
 struct Conn {
     stream: Option<TcpStream>,
+    /// `--tls-ca`: the TLS client of this connection; MQTT bytes go through
+    /// it (the socket then carries only TLS records).
+    tls: Option<Box<rustls::ClientConnection>>,
     partial: Option<Box<Partial>>,
     /// connect() called (µs, CLOCK_MONOTONIC).
     t_start: u64,
@@ -102,6 +108,9 @@ pub fn cause_of(e: &io::Error) -> String {
         Some(libc::EADDRNOTAVAIL) | Some(libc::EADDRINUSE) => "addr_unavailable".into(),
         Some(libc::ENOBUFS) | Some(libc::ENOMEM) => "no_memory".into(),
         Some(n) => format!("errno_{n}"),
+        // `--tls-ca`: the TLS client refused the exchange (a certificate
+        // it does not trust, an alert from the broker).
+        None if e.kind() == io::ErrorKind::InvalidData => "tls".into(),
         None => format!("io_{:?}", e.kind()).to_lowercase(),
     }
 }
@@ -182,6 +191,8 @@ fn pattern(pat: &str, n: u32) -> String {
 /// The worker's state.
 pub struct Engine {
     spec: WorkerSpec,
+    /// `--tls-ca`: the client configuration and the broker's name.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     poll: Poll,
     dst: libc::sockaddr_in,
     conns: Vec<Conn>,
@@ -244,6 +255,33 @@ pub struct Engine {
     restart: Vec<u32>,
 }
 
+/// The TLS client configuration of `--tls-ca`: the CA's certificates as
+/// the only roots, the ring provider, TLS 1.2 and 1.3, resumption on (an
+/// in-memory ticket cache per worker, as a client library keeps).
+fn tls_client(
+    ca: &std::path::Path,
+    name: &str,
+) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>)> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("--tls-ca {}", ca.display()))?
+    {
+        let cert = cert.with_context(|| format!("--tls-ca {}", ca.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("--tls-ca {}: a certificate", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from(name.to_string())
+        .with_context(|| format!("--tls-server-name {name}"))?;
+    Ok((Arc::new(config), name))
+}
+
 impl Engine {
     /// Sets up the poller and stdin.
     pub fn new(spec: WorkerSpec) -> Result<Engine> {
@@ -268,7 +306,12 @@ impl Engine {
         } else {
             Vec::new()
         };
+        let tls = match &spec.tls_ca {
+            Some(ca) => Some(tls_client(ca, &spec.tls_server_name)?),
+            None => None,
+        };
         Ok(Engine {
+            tls,
             dst: sockaddr(broker),
             poll,
             conns: Vec::new(),
@@ -359,6 +402,7 @@ impl Engine {
         }
         self.conns.push(Conn {
             stream: None,
+            tls: None,
             partial: None,
             t_start: 0,
             t_sent: 0,
@@ -378,6 +422,7 @@ impl Engine {
         }
         // Closing the fd removes it from epoll.
         c.stream = None;
+        c.tls = None;
         c.partial = None;
         c.st = St::Free;
         c.flags = 0;
@@ -475,6 +520,10 @@ impl Engine {
     /// Writes `bytes` or keeps the rest for the next writable event.
     /// Err: the connection is broken.
     fn write(&mut self, tok: u32, bytes: &[u8]) -> io::Result<()> {
+        if let Some(t) = self.conns[tok as usize].tls.as_mut() {
+            t.writer().write_all(bytes)?;
+            return self.tls_out(tok);
+        }
         let c = &mut self.conns[tok as usize];
         let Some(s) = c.stream.as_mut() else {
             return Ok(());
@@ -501,7 +550,29 @@ impl Engine {
         Ok(())
     }
 
+    /// `--tls-ca`: writes the TLS records the connection has ready (the
+    /// handshake's, or MQTT bytes encrypted) until the socket is full; the
+    /// rest waits in the TLS client for the next writable event.
+    fn tls_out(&mut self, tok: u32) -> io::Result<()> {
+        let c = &mut self.conns[tok as usize];
+        let (Some(s), Some(t)) = (c.stream.as_mut(), c.tls.as_mut()) else {
+            return Ok(());
+        };
+        while t.wants_write() {
+            match t.write_tls(s) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     fn flush(&mut self, tok: u32) -> io::Result<()> {
+        if self.conns[tok as usize].tls.is_some() {
+            return self.tls_out(tok);
+        }
         let c = &mut self.conns[tok as usize];
         let (Some(s), Some(p)) = (c.stream.as_mut(), c.partial.as_mut()) else {
             return Ok(());
@@ -525,6 +596,9 @@ impl Engine {
     /// Sends CONNECT on a socket in `Connecting`; leaves it there when the
     /// TCP handshake is not done yet.
     fn send_connect(&mut self, tok: u32) {
+        if self.tls.is_some() {
+            return self.send_connect_tls(tok);
+        }
         let (n, flags) = {
             let c = &self.conns[tok as usize];
             (c.n, c.flags)
@@ -552,6 +626,72 @@ impl Engine {
                         .get_or_insert_with(Default::default)
                         .wbuf
                         .extend_from_slice(&buf[k..]);
+                }
+                let c = &mut self.conns[tok as usize];
+                c.st = St::AwaitConnack;
+                c.t_sent = now;
+                let tcp = now.saturating_sub(c.t_start).max(1);
+                self.h_tcp.saturating_record(tcp);
+                if flags & F_TAKEOVER != 0 {
+                    self.mark_taken_over(n, now);
+                }
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.raw_os_error() == Some(libc::ENOTCONN) => {}
+            Err(e) => self.conn_error(tok, &e),
+        }
+        self.wscratch = buf;
+    }
+
+    /// [`Engine::send_connect`] over TLS: the ClientHello goes first (its
+    /// write says whether the TCP handshake is done); the CONNECT waits in
+    /// the TLS client until the TLS handshake is, and CONNACK latency then
+    /// includes it.
+    fn send_connect_tls(&mut self, tok: u32) {
+        let (n, flags) = {
+            let c = &self.conns[tok as usize];
+            (c.n, c.flags)
+        };
+        let mut buf = std::mem::take(&mut self.wscratch);
+        buf.clear();
+        self.connect_packet(n, flags)
+            .encode(self.spec.protocol.version(), &mut buf);
+        let res = {
+            let c = &mut self.conns[tok as usize];
+            let s = c.stream.as_mut().expect("connecting socket");
+            if c.tls.is_none() {
+                let (config, name) = self.tls.as_ref().expect("TLS run");
+                match rustls::ClientConnection::new(config.clone(), name.clone()) {
+                    Ok(t) => c.tls = Some(Box::new(t)),
+                    Err(e) => {
+                        self.wscratch = buf;
+                        self.broken(tok, &format!("tls_{e}"));
+                        return;
+                    }
+                }
+            }
+            let t = c.tls.as_mut().expect("made above");
+            loop {
+                match t.write_tls(s) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            }
+        };
+        let now = mono_us();
+        match res {
+            Ok(_) => {
+                let queued = self.conns[tok as usize]
+                    .tls
+                    .as_mut()
+                    .expect("made above")
+                    .writer()
+                    .write_all(&buf);
+                if let Err(e) = queued.and_then(|()| self.tls_out(tok)) {
+                    self.wscratch = buf;
+                    self.conn_error(tok, &e);
+                    return;
                 }
                 let c = &mut self.conns[tok as usize];
                 c.st = St::AwaitConnack;
@@ -630,7 +770,61 @@ impl Engine {
         }
         let mut eof = false;
         let mut err = None;
-        {
+        if self.conns[tok as usize].tls.is_some() {
+            let c = &mut self.conns[tok as usize];
+            let s = c.stream.as_mut().expect("open socket");
+            let t = c.tls.as_mut().expect("checked");
+            'socket: loop {
+                // Edge-triggered: read until the socket would block,
+                // decrypting as we go (rustls takes a record at a time).
+                let drained = match t.read_tls(s) {
+                    Ok(0) => {
+                        eof = true;
+                        true
+                    }
+                    Ok(_) => false,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                };
+                if let Err(e) = t.process_new_packets() {
+                    err = Some(io::Error::new(io::ErrorKind::InvalidData, e));
+                    break;
+                }
+                loop {
+                    match t.reader().read(&mut self.rbuf) {
+                        // The broker's close_notify.
+                        Ok(0) => {
+                            eof = true;
+                            break 'socket;
+                        }
+                        Ok(k) => scratch.extend_from_slice(&self.rbuf[..k]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        // A TCP close without close_notify: the broker's
+                        // ordinary close after DISCONNECT or a refusal.
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            eof = true;
+                            break 'socket;
+                        }
+                        Err(e) => {
+                            err = Some(e);
+                            break 'socket;
+                        }
+                    }
+                }
+                if drained {
+                    break;
+                }
+            }
+            if err.is_none() {
+                if let Err(e) = self.tls_out(tok) {
+                    err = Some(e);
+                }
+            }
+        } else {
             let c = &mut self.conns[tok as usize];
             let s = c.stream.as_mut().expect("open socket");
             loop {

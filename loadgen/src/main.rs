@@ -86,6 +86,14 @@ pub struct Common {
     /// MQTT version every client speaks: 4 (3.1.1; also 311, 3.1.1) or 5 (5.0; also 5.0).
     #[arg(long, value_name = "4|5", default_value = "4", value_parser = protocol::Protocol::parse)]
     pub protocol: protocol::Protocol,
+    /// Connect over TLS (1.2 or 1.3), verifying the broker's certificate
+    /// with this CA (PEM). Sessions resume (TLS 1.3 tickets) as a real
+    /// client's would. conn, churn, keepalive and takeover; not pubsub.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name the broker's certificate must carry.
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
+    pub tls_server_name: String,
 }
 
 /// How clients identify themselves.

@@ -89,6 +89,12 @@ pub struct WorkerSpec {
     /// MQTT version of every packet (`--protocol`).
     #[serde(default)]
     pub protocol: Protocol,
+    /// `--tls-ca`: connect over TLS, verifying with this CA.
+    #[serde(default)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// `--tls-server-name`.
+    #[serde(default)]
+    pub tls_server_name: String,
 }
 
 /// Run phases a worker goes through. The coordinator moves all workers from

@@ -220,6 +220,9 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
     if a.prefix.is_empty() || a.prefix.contains(['+', '#', '\0']) {
         usage_error("--prefix must be non-empty, without + # or NUL");
     }
+    if a.common.tls_ca.is_some() {
+        usage_error("--tls-ca: pubsub has no TLS yet (conn, churn, keepalive and takeover do)");
+    }
     if a.common.workers.is_some_and(|w| w != 1) {
         usage_error("--workers: pubsub runs in one process (leave --workers out)");
     }

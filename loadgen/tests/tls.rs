@@ -1,0 +1,166 @@
+//! `--tls-ca`: loadgen's clients over TLS against coremq's TLS listener,
+//! with a CA and a server certificate made here by rcgen. conn and churn
+//! complete with nothing failed (churn resumes sessions, as real clients
+//! do); trusting another CA fails every connection as `tls`, and pubsub
+//! refuses the flag in one line.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use rcgen::{
+    date_time_ymd, BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose,
+    IsCa, KeyPair, KeyUsagePurpose,
+};
+
+mod common;
+
+use common::{coremq_with, explain, free_port, loadgen, u, wait_listening, LOADGEN};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A self-signed CA, written as `dir/<name>.pem`.
+fn ca(dir: &Path, name: &str) -> (CertifiedIssuer<'static, KeyPair>, PathBuf) {
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = date_time_ymd(2000, 1, 1);
+    params.not_after = date_time_ymd(2100, 1, 1);
+    let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let pem = dir.join(format!("{name}.pem"));
+    std::fs::write(&pem, issuer.pem()).unwrap();
+    (issuer, pem)
+}
+
+/// The CA, a server certificate for `localhost` signed by it (cert, key),
+/// and an unrelated CA.
+fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let (issuer, ca_pem) = ca(dir, "ca");
+    let (_, wrong_pem) = ca(dir, "wrong-ca");
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = date_time_ymd(2020, 1, 1);
+    params.not_after = date_time_ymd(2100, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert_pem, key_pem) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert_pem, cert.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    (ca_pem, cert_pem, key_pem, wrong_pem)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn conn_and_churn_over_tls_against_coremq() {
+    let dir = std::env::temp_dir().join(format!("loadgen-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key, wrong) = pki(&dir);
+    let port = free_port();
+    let tls_addr = format!("127.0.0.1:{port}");
+    let (server, _plain) = coremq_with(&[
+        "--shards",
+        "1",
+        "--tls-listen",
+        &tls_addr,
+        "--cert",
+        s(&cert),
+        "--key",
+        s(&key),
+    ]);
+    wait_listening(port);
+    let pid = server.pid();
+
+    let (out, r) = loadgen(
+        &[
+            "conn",
+            "-b",
+            &tls_addr,
+            "--tls-ca",
+            s(&ca),
+            "-n",
+            "200",
+            "--hold",
+            "1",
+            "--keepalive",
+            "1",
+            "--broker-pid",
+            &pid,
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    assert_eq!(u(&r, "connected"), 200, "{r}");
+    assert_eq!(u(&r, "failed_total"), 0, "{r}");
+    assert!(u(&r, "pongs") > 0, "PINGREQ/PINGRESP through TLS: {r}");
+
+    let (out, r) = loadgen(
+        &[
+            "churn",
+            "-b",
+            &tls_addr,
+            "--tls-ca",
+            s(&ca),
+            "-c",
+            "5",
+            "--duration",
+            "1",
+            "--source-skip",
+            "8",
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    assert!(u(&r, "cycles") > 10, "{r}");
+    assert_eq!(u(&r, "failed_total"), 0, "{r}");
+
+    // A CA that did not sign the broker's certificate: every connection
+    // fails as `tls`, none hangs until the timeout.
+    let (out, r) = loadgen(
+        &[
+            "conn",
+            "-b",
+            &tls_addr,
+            "--tls-ca",
+            s(&wrong),
+            "-n",
+            "20",
+            "--hold",
+            "0.1",
+            "--source-skip",
+            "16",
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(!out.status.success(), "{}", explain(&out));
+    assert_eq!(u(&r, "connected"), 0, "{r}");
+    assert_eq!(r["failures"]["tls"].as_u64(), Some(20), "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pubsub_refuses_tls_in_one_line() {
+    let out = Command::new(LOADGEN)
+        .args([
+            "pubsub",
+            "-b",
+            "127.0.0.1:1",
+            "--pairs",
+            "1",
+            "--tls-ca",
+            "x.pem",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--tls-ca"), "{err}");
+}
