@@ -258,7 +258,7 @@ pub struct Engine {
 /// The TLS client configuration of `--tls-ca`: the CA's certificates as
 /// the only roots, the ring provider, TLS 1.2 and 1.3, resumption on (an
 /// in-memory ticket cache per worker, as a client library keeps).
-fn tls_client(
+pub(crate) fn tls_client(
     ca: &std::path::Path,
     name: &str,
 ) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>)> {

@@ -88,7 +88,7 @@ pub struct Common {
     pub protocol: protocol::Protocol,
     /// Connect over TLS (1.2 or 1.3), verifying the broker's certificate
     /// with this CA (PEM). Sessions resume (TLS 1.3 tickets) as a real
-    /// client's would. conn, churn, keepalive and takeover; not pubsub.
+    /// client's would.
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
     /// With --tls-ca: the name the broker's certificate must carry.

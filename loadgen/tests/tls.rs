@@ -1,11 +1,10 @@
 //! `--tls-ca`: loadgen's clients over TLS against coremq's TLS listener,
 //! with a CA and a server certificate made here by rcgen. conn and churn
 //! complete with nothing failed (churn resumes sessions, as real clients
-//! do); trusting another CA fails every connection as `tls`, and pubsub
-//! refuses the flag in one line.
+//! do), pubsub delivers every QoS 1 message once, and trusting another CA
+//! fails every connection as `tls`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use rcgen::{
@@ -15,7 +14,7 @@ use rcgen::{
 
 mod common;
 
-use common::{coremq_with, explain, free_port, loadgen, u, wait_listening, LOADGEN};
+use common::{coremq_with, explain, free_port, loadgen, u, wait_listening};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -146,21 +145,48 @@ fn conn_and_churn_over_tls_against_coremq() {
 }
 
 #[test]
-fn pubsub_refuses_tls_in_one_line() {
-    let out = Command::new(LOADGEN)
-        .args([
+fn pubsub_over_tls_delivers_every_message_once() {
+    let dir = std::env::temp_dir().join(format!("loadgen-tls-ps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key, _) = pki(&dir);
+    let port = free_port();
+    let tls_addr = format!("127.0.0.1:{port}");
+    let (_server, _plain) = coremq_with(&[
+        "--shards",
+        "1",
+        "--tls-listen",
+        &tls_addr,
+        "--cert",
+        s(&cert),
+        "--key",
+        s(&key),
+    ]);
+    wait_listening(port);
+    let (out, r) = loadgen(
+        &[
             "pubsub",
             "-b",
-            "127.0.0.1:1",
-            "--pairs",
-            "1",
+            &tls_addr,
             "--tls-ca",
-            "x.pem",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("--tls-ca"), "{err}");
+            s(&ca),
+            "--pairs",
+            "20",
+            "--qos",
+            "1",
+            "--duration",
+            "1",
+            "--rate",
+            "2000",
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    let p = &r["pubsub"];
+    assert!(u(p, "published") > 0, "{p}");
+    assert_eq!(u(p, "acked"), u(p, "published"), "{p}");
+    assert_eq!(u(p, "unique"), u(p, "expected"), "{p}");
+    assert_eq!(u(p, "delivered"), u(p, "expected"), "{p}");
+    assert_eq!(u(p, "lost"), 0, "{p}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -181,6 +181,8 @@ struct Cfg {
     /// --slow-subscribers: acknowledgements per second per subscriber; 0:
     /// at once.
     sub_rate: f64,
+    /// --tls-ca and --tls-server-name: every connection over TLS.
+    tls: Option<(std::path::PathBuf, String)>,
 }
 
 impl Cfg {
@@ -219,9 +221,6 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
     }
     if a.prefix.is_empty() || a.prefix.contains(['+', '#', '\0']) {
         usage_error("--prefix must be non-empty, without + # or NUL");
-    }
-    if a.common.tls_ca.is_some() {
-        usage_error("--tls-ca: pubsub has no TLS yet (conn, churn, keepalive and takeover do)");
     }
     if a.common.workers.is_some_and(|w| w != 1) {
         usage_error("--workers: pubsub runs in one process (leave --workers out)");
@@ -295,13 +294,18 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
         group: a.share_group.clone(),
         persistent: a.persistent,
         sub_rate: a.slow_subscribers.unwrap_or(0.0),
+        tls: a
+            .common
+            .tls_ca
+            .clone()
+            .map(|ca| (ca, a.common.tls_server_name.clone())),
     };
     let params = serde_json::json!({
         "shape": shape.name(), "n": n, "qos": a.qos, "payload": a.payload,
         "duration": a.duration, "rate": a.rate, "window": a.window, "inflight": a.inflight,
         "keepalive": a.keepalive, "prefix": a.prefix, "timeout": a.common.timeout,
         "publishers": pubs, "share_group": a.share_group, "persistent": a.persistent,
-        "slow_subscribers": a.slow_subscribers,
+        "slow_subscribers": a.slow_subscribers, "tls": a.common.tls_ca.is_some(),
     });
     let t0 = std::time::Instant::now();
     let mut run = Run::new(cfg)?;

@@ -54,6 +54,8 @@ pub(super) enum St {
 
 pub(super) struct Conn {
     pub(super) stream: Option<TcpStream>,
+    /// `--tls-ca`: the TLS client; `wbuf` then holds TLS records.
+    pub(super) tls: Option<Box<rustls::ClientConnection>>,
     /// Bytes of a packet not yet whole.
     pub(super) rbuf: Vec<u8>,
     /// Bytes the socket did not take yet.
@@ -137,6 +139,11 @@ pub(super) enum Phase {
 /// The run's state.
 pub(super) struct Run {
     pub(super) cfg: Cfg,
+    /// `--tls-ca`: the client configuration and the broker's name.
+    tls: Option<(
+        std::sync::Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
     /// `cfg.protocol`, as the codec takes it.
     pub(super) v: ProtocolVersion,
     pub(super) poll: Poll,
@@ -248,6 +255,7 @@ impl Run {
                 stream: None,
                 rbuf: Vec::new(),
                 wbuf: Vec::new(),
+                tls: None,
                 t_start: 0,
                 t_sent: 0,
                 idx,
@@ -309,7 +317,12 @@ impl Run {
         } else {
             Vec::new()
         };
+        let tls = match &cfg.tls {
+            Some((ca, name)) => Some(crate::engine::tls_client(ca, name)?),
+            None => None,
+        };
         Ok(Run {
+            tls,
             v: cfg.protocol.version(),
             dst: sockaddr(cfg.broker),
             poll,
@@ -490,6 +503,9 @@ impl Run {
         }));
         let mut buf = BytesMut::new();
         p.encode(self.v, &mut buf);
+        if self.tls.is_some() {
+            return self.send_connect_tls(tok, &buf);
+        }
         let res = {
             let s = self.conns[tok as usize]
                 .stream
@@ -521,9 +537,101 @@ impl Run {
         }
     }
 
+    /// [`Run::send_connect`] over TLS: the CONNECT waits in the TLS client
+    /// until the handshake is done; the ClientHello waits in `wbuf` until
+    /// the TCP handshake is (its write says so).
+    fn send_connect_tls(&mut self, tok: u32, connect: &[u8]) {
+        let c = &mut self.conns[tok as usize];
+        if c.tls.is_none() {
+            let (config, name) = self.tls.as_ref().expect("TLS run");
+            let made = rustls::ClientConnection::new(config.clone(), name.clone())
+                .map_err(io::Error::other)
+                .and_then(|mut t| {
+                    t.writer().write_all(connect)?;
+                    let hello = tls_records(&mut t)?;
+                    Ok((t, hello))
+                });
+            match made {
+                Ok((t, hello)) => {
+                    c.tls = Some(Box::new(t));
+                    c.wbuf = hello;
+                }
+                Err(e) => return self.on_close(tok, Some(&e)),
+            }
+        }
+        let res = {
+            let c = &mut self.conns[tok as usize];
+            let s = c.stream.as_mut().expect("connecting socket");
+            loop {
+                match s.write(&c.wbuf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            }
+        };
+        let now = mono_us();
+        match res {
+            Ok(k) => {
+                let c = &mut self.conns[tok as usize];
+                c.wbuf.drain(..k);
+                c.st = St::AwaitConnack;
+                c.t_sent = now;
+                self.h_tcp
+                    .saturating_record(now.saturating_sub(c.t_start).max(1));
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.raw_os_error() == Some(libc::ENOTCONN) => {}
+            Err(e) => self.on_close(tok, Some(&e)),
+        }
+    }
+
+    /// `--tls-ca`: `k` bytes read into `chunk` go through the TLS client;
+    /// the MQTT bytes in them are appended to `buf`, and what the client
+    /// has to say (its handshake) is written. True when the broker closed
+    /// the TLS session.
+    fn tls_in(&mut self, tok: u32, k: usize, buf: &mut BytesMut) -> io::Result<bool> {
+        let (closed, records) = {
+            let t = self.conns[tok as usize]
+                .tls
+                .as_mut()
+                .expect("a TLS connection");
+            let mut input = &self.chunk[..k];
+            let mut closed = false;
+            while !input.is_empty() {
+                t.read_tls(&mut input)?;
+                t.process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let mut plain = Vec::new();
+                match t.reader().read_to_end(&mut plain) {
+                    Ok(_) => closed = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => closed = true,
+                    Err(e) => return Err(e),
+                }
+                buf.extend_from_slice(&plain);
+            }
+            (closed, tls_records(t)?)
+        };
+        if !records.is_empty() {
+            self.write_plain(tok, &records)?;
+        }
+        Ok(closed)
+    }
+
     /// Writes `bytes`, or keeps what the socket does not take for its next
     /// writable event. Err: the connection is broken.
     fn write(&mut self, tok: u32, bytes: &[u8]) -> io::Result<()> {
+        if let Some(t) = self.conns[tok as usize].tls.as_mut() {
+            t.writer().write_all(bytes)?;
+            let records = tls_records(t)?;
+            return self.write_plain(tok, &records);
+        }
+        self.write_plain(tok, bytes)
+    }
+
+    /// [`Run::write`] of bytes as they go on the wire.
+    fn write_plain(&mut self, tok: u32, bytes: &[u8]) -> io::Result<()> {
         let c = &mut self.conns[tok as usize];
         let Some(s) = c.stream.as_mut() else {
             return Ok(());
@@ -649,7 +757,18 @@ impl Run {
                     break;
                 }
                 Ok(k) => {
-                    buf.extend_from_slice(&self.chunk[..k]);
+                    if self.conns[tok as usize].tls.is_some() {
+                        match self.tls_in(tok, k, &mut buf) {
+                            Ok(false) => {}
+                            Ok(true) => eof = true,
+                            Err(e) => {
+                                err = Some(e);
+                                break;
+                            }
+                        }
+                    } else {
+                        buf.extend_from_slice(&self.chunk[..k]);
+                    }
                     let now = mono_us();
                     self.decode_all(tok, &mut buf, now);
                     if !self.live(tok) {
@@ -974,6 +1093,7 @@ impl Run {
         let (st, role, idx) = {
             let c = &mut self.conns[tok as usize];
             c.stream = None;
+            c.tls = None;
             c.rbuf = Vec::new();
             c.wbuf = Vec::new();
             let st = c.st;
@@ -1416,6 +1536,16 @@ pub(super) fn publish_template(
         fixed + 2 + topic_len
     };
     Ok((b.to_vec(), pid_off, pay_off))
+}
+
+/// The TLS records a client has ready (handshake, or MQTT bytes it
+/// encrypted), taken out of it to go on the wire like plain bytes.
+fn tls_records(t: &mut rustls::ClientConnection) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while t.wants_write() {
+        t.write_tls(&mut out)?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
