@@ -627,14 +627,7 @@ impl Engine {
                         .wbuf
                         .extend_from_slice(&buf[k..]);
                 }
-                let c = &mut self.conns[tok as usize];
-                c.st = St::AwaitConnack;
-                c.t_sent = now;
-                let tcp = now.saturating_sub(c.t_start).max(1);
-                self.h_tcp.saturating_record(tcp);
-                if flags & F_TAKEOVER != 0 {
-                    self.mark_taken_over(n, now);
-                }
+                self.connect_sent(tok, n, flags, now);
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
@@ -693,14 +686,7 @@ impl Engine {
                     self.conn_error(tok, &e);
                     return;
                 }
-                let c = &mut self.conns[tok as usize];
-                c.st = St::AwaitConnack;
-                c.t_sent = now;
-                let tcp = now.saturating_sub(c.t_start).max(1);
-                self.h_tcp.saturating_record(tcp);
-                if flags & F_TAKEOVER != 0 {
-                    self.mark_taken_over(n, now);
-                }
+                self.connect_sent(tok, n, flags, now);
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
@@ -708,6 +694,20 @@ impl Engine {
             Err(e) => self.conn_error(tok, &e),
         }
         self.wscratch = buf;
+    }
+
+    /// The CONNECT of client `n` went (or waits in the TLS client): now
+    /// awaiting CONNACK; the TCP handshake's time is recorded, and a
+    /// takeover's old connection is marked.
+    fn connect_sent(&mut self, tok: u32, n: u32, flags: u8, now: u64) {
+        let c = &mut self.conns[tok as usize];
+        c.st = St::AwaitConnack;
+        c.t_sent = now;
+        let tcp = now.saturating_sub(c.t_start).max(1);
+        self.h_tcp.saturating_record(tcp);
+        if flags & F_TAKEOVER != 0 {
+            self.mark_taken_over(n, now);
+        }
     }
 
     fn mark_taken_over(&mut self, n: u32, now: u64) {

@@ -54,25 +54,55 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// coremq with one shard and a TLS listener whose certificate the test CA
+/// signed; the PEM files live until it is dropped.
+struct TlsBroker {
+    server: common::Server,
+    addr: String,
+    ca: PathBuf,
+    wrong_ca: PathBuf,
+    dir: PathBuf,
+}
+
+impl TlsBroker {
+    fn start(tag: &str) -> TlsBroker {
+        let dir = std::env::temp_dir().join(format!("loadgen-tls-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca, cert, key, wrong_ca) = pki(&dir);
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let (server, _plain) = coremq_with(&[
+            "--shards",
+            "1",
+            "--tls-listen",
+            &addr,
+            "--cert",
+            s(&cert),
+            "--key",
+            s(&key),
+        ]);
+        wait_listening(port);
+        TlsBroker {
+            server,
+            addr,
+            ca,
+            wrong_ca,
+            dir,
+        }
+    }
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn conn_and_churn_over_tls_against_coremq() {
-    let dir = std::env::temp_dir().join(format!("loadgen-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key, wrong) = pki(&dir);
-    let port = free_port();
-    let tls_addr = format!("127.0.0.1:{port}");
-    let (server, _plain) = coremq_with(&[
-        "--shards",
-        "1",
-        "--tls-listen",
-        &tls_addr,
-        "--cert",
-        s(&cert),
-        "--key",
-        s(&key),
-    ]);
-    wait_listening(port);
-    let pid = server.pid();
+    let t = TlsBroker::start("conn");
+    let (ca, wrong, tls_addr) = (&t.ca, &t.wrong_ca, &t.addr);
+    let pid = t.server.pid();
 
     let (out, r) = loadgen(
         &[
@@ -141,27 +171,12 @@ fn conn_and_churn_over_tls_against_coremq() {
     assert!(!out.status.success(), "{}", explain(&out));
     assert_eq!(u(&r, "connected"), 0, "{r}");
     assert_eq!(r["failures"]["tls"].as_u64(), Some(20), "{r}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn pubsub_over_tls_delivers_every_message_once() {
-    let dir = std::env::temp_dir().join(format!("loadgen-tls-ps-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key, _) = pki(&dir);
-    let port = free_port();
-    let tls_addr = format!("127.0.0.1:{port}");
-    let (_server, _plain) = coremq_with(&[
-        "--shards",
-        "1",
-        "--tls-listen",
-        &tls_addr,
-        "--cert",
-        s(&cert),
-        "--key",
-        s(&key),
-    ]);
-    wait_listening(port);
+    let t = TlsBroker::start("pubsub");
+    let (ca, tls_addr) = (&t.ca, &t.addr);
     let (out, r) = loadgen(
         &[
             "pubsub",
@@ -188,5 +203,4 @@ fn pubsub_over_tls_delivers_every_message_once() {
     assert_eq!(u(p, "unique"), u(p, "expected"), "{p}");
     assert_eq!(u(p, "delivered"), u(p, "expected"), "{p}");
     assert_eq!(u(p, "lost"), 0, "{p}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

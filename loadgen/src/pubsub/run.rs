@@ -525,16 +525,23 @@ impl Run {
                 if k < buf.len() {
                     c.wbuf.extend_from_slice(&buf[k..]);
                 }
-                c.st = St::AwaitConnack;
-                c.t_sent = now;
-                self.h_tcp
-                    .saturating_record(now.saturating_sub(c.t_start).max(1));
+                self.connect_sent(tok, now);
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
                     || e.raw_os_error() == Some(libc::ENOTCONN) => {}
             Err(e) => self.on_close(tok, Some(&e)),
         }
+    }
+
+    /// The CONNECT went (or waits in the TLS client): now awaiting
+    /// CONNACK, and the TCP handshake's time is recorded.
+    fn connect_sent(&mut self, tok: u32, now: u64) {
+        let c = &mut self.conns[tok as usize];
+        c.st = St::AwaitConnack;
+        c.t_sent = now;
+        self.h_tcp
+            .saturating_record(now.saturating_sub(c.t_start).max(1));
     }
 
     /// [`Run::send_connect`] over TLS: the CONNECT waits in the TLS client
@@ -572,12 +579,8 @@ impl Run {
         let now = mono_us();
         match res {
             Ok(k) => {
-                let c = &mut self.conns[tok as usize];
-                c.wbuf.drain(..k);
-                c.st = St::AwaitConnack;
-                c.t_sent = now;
-                self.h_tcp
-                    .saturating_record(now.saturating_sub(c.t_start).max(1));
+                self.conns[tok as usize].wbuf.drain(..k);
+                self.connect_sent(tok, now);
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
