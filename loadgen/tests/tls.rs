@@ -101,7 +101,7 @@ impl Drop for TlsBroker {
 #[test]
 fn conn_and_churn_over_tls_against_coremq() {
     let t = TlsBroker::start("conn");
-    let (ca, wrong, tls_addr) = (&t.ca, &t.wrong_ca, &t.addr);
+    let (ca, wrong, tls_addr) = (t.ca.clone(), t.wrong_ca.clone(), t.addr.clone());
     let pid = t.server.pid();
 
     let (out, r) = loadgen(
@@ -176,7 +176,7 @@ fn conn_and_churn_over_tls_against_coremq() {
 #[test]
 fn pubsub_over_tls_delivers_every_message_once() {
     let t = TlsBroker::start("pubsub");
-    let (ca, tls_addr) = (&t.ca, &t.addr);
+    let (ca, tls_addr) = (t.ca.clone(), t.addr.clone());
     let (out, r) = loadgen(
         &[
             "pubsub",
