@@ -596,9 +596,6 @@ impl Engine {
     /// Sends CONNECT on a socket in `Connecting`; leaves it there when the
     /// TCP handshake is not done yet.
     fn send_connect(&mut self, tok: u32) {
-        if self.tls.is_some() {
-            return self.send_connect_tls(tok);
-        }
         let (n, flags) = {
             let c = &self.conns[tok as usize];
             (c.n, c.flags)
@@ -607,6 +604,11 @@ impl Engine {
         buf.clear();
         self.connect_packet(n, flags)
             .encode(self.spec.protocol.version(), &mut buf);
+        if self.tls.is_some() {
+            self.send_connect_tls(tok, n, flags, &buf);
+            self.wscratch = buf;
+            return;
+        }
         let res = {
             let c = &mut self.conns[tok as usize];
             let s = c.stream.as_mut().expect("connecting socket");
@@ -641,15 +643,7 @@ impl Engine {
     /// write says whether the TCP handshake is done); the CONNECT waits in
     /// the TLS client until the TLS handshake is, and CONNACK latency then
     /// includes it.
-    fn send_connect_tls(&mut self, tok: u32) {
-        let (n, flags) = {
-            let c = &self.conns[tok as usize];
-            (c.n, c.flags)
-        };
-        let mut buf = std::mem::take(&mut self.wscratch);
-        buf.clear();
-        self.connect_packet(n, flags)
-            .encode(self.spec.protocol.version(), &mut buf);
+    fn send_connect_tls(&mut self, tok: u32, n: u32, flags: u8, connect: &[u8]) {
         let res = {
             let c = &mut self.conns[tok as usize];
             let s = c.stream.as_mut().expect("connecting socket");
@@ -658,7 +652,6 @@ impl Engine {
                 match rustls::ClientConnection::new(config.clone(), name.clone()) {
                     Ok(t) => c.tls = Some(Box::new(t)),
                     Err(e) => {
-                        self.wscratch = buf;
                         self.broken(tok, &format!("tls_{e}"));
                         return;
                     }
@@ -680,9 +673,8 @@ impl Engine {
                     .as_mut()
                     .expect("made above")
                     .writer()
-                    .write_all(&buf);
+                    .write_all(connect);
                 if let Err(e) = queued.and_then(|()| self.tls_out(tok)) {
-                    self.wscratch = buf;
                     self.conn_error(tok, &e);
                     return;
                 }
@@ -693,7 +685,6 @@ impl Engine {
                     || e.raw_os_error() == Some(libc::ENOTCONN) => {}
             Err(e) => self.conn_error(tok, &e),
         }
-        self.wscratch = buf;
     }
 
     /// The CONNECT of client `n` went (or waits in the TLS client): now
