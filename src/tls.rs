@@ -26,6 +26,29 @@ use crate::config::Config;
 /// tickets); each is a few hundred bytes.
 const SESSION_CACHE: usize = 4096;
 
+/// The cipher suites, in the order the broker picks them whatever the
+/// client prefers. AES-128-GCM with SHA-256 first: most clients (OpenSSL's
+/// and rustls's defaults) put AES-256-GCM-SHA384 first, whose key schedule
+/// runs on SHA-512 blocks, which no x86 instruction speeds up, while
+/// SHA-256 has SHA-NI; in a resumed TLS 1.3 handshake SHA-384 was the
+/// broker's largest single cost (12 % of its CPU, profiled), and AES-128 is
+/// also the faster cipher for the bytes that follow. ChaCha20-Poly1305
+/// next, for clients without AES-128-GCM; AES-256-GCM last.
+static SUITES_IN_OUR_ORDER: &[rustls::SupportedCipherSuite] = {
+    use rustls::crypto::ring::cipher_suite::*;
+    &[
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    ]
+};
+
 /// What the TLS listeners need, loaded from the files `Config` names.
 pub struct TlsFiles {
     cert: PathBuf,
@@ -58,7 +81,10 @@ impl TlsFiles {
     /// builds the server settings; the error names the file and the problem
     /// in one line.
     pub fn load(&self) -> Result<Arc<ServerConfig>, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: SUITES_IN_OUR_ORDER.to_vec(),
+            ..rustls::crypto::ring::default_provider()
+        });
         let certs = read_certs(&self.cert, "--cert")?;
         let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
             format!(
@@ -99,9 +125,11 @@ impl TlsFiles {
                 self.key.display()
             )
         })?;
+        // Our order, not the client's (see SUITES_IN_OUR_ORDER).
+        config.ignore_client_order = true;
         config.ticketer = self.ticketer.clone();
         config.session_storage = self.sessions.clone();
-        // One ticket per full handshake (rustls sends 2 by default): a
+        // One ticket per handshake (rustls sends 2 by default): a
         // device reconnects from one place, and each ticket costs an
         // encryption and ~200 bytes on the wire.
         config.send_tls13_tickets = 1;

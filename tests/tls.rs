@@ -428,6 +428,8 @@ fn an_expired_server_certificate_is_refused_by_clients() {
 /// Session resumption: five connections from one Python SSLContext, each
 /// offering the session of the one before; every one after the first is
 /// resumed (whichever shard accepts it), and `tls_resumed` counts them.
+/// The broker picks the suite: AES-128-GCM-SHA256, though OpenSSL's client
+/// lists AES-256-GCM-SHA384 first (README "TLS").
 #[test]
 fn tls_sessions_are_resumed() {
     let dir = TempDir::new("tls-resume");
@@ -451,6 +453,12 @@ fn tls_sessions_are_resumed() {
         r["connacks"].as_str(),
         Some(["20020000"; 5].join(",").as_str()),
         "every connection got CONNACK 0: {r:?}"
+    );
+    assert_eq!(r["version"].as_str(), Some("TLSv1.3"), "{r:?}");
+    assert_eq!(
+        r["cipher"].as_str(),
+        Some("TLS_AES_128_GCM_SHA256"),
+        "{r:?}"
     );
 
     let stats = broker.fresh_stats();

@@ -6,8 +6,10 @@ N connections from one SSLContext trusting CA: each sends a 3.1.1
 CONNECT, reads the 4-byte CONNACK, sends DISCONNECT; every connection
 after the first offers the session the previous one ended with (read
 after the CONNACK, so TLS 1.3 session tickets have arrived). Prints one
-JSON line: {"version": "TLSv1.3", "reused": "false,true,...",
-"connacks": "20020000,..."}.
+JSON line: {"version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256",
+"reused": "false,true,...", "connacks": "20020000,..."} (version and
+cipher suite of the last connection). The client offers OpenSSL's
+default suites, AES-256-GCM-SHA384 first.
 """
 import json
 import socket
@@ -38,7 +40,7 @@ def main():
     if cert != "-":
         ctx.load_cert_chain(cert, key)
     session = None
-    reused, connacks, version = [], [], None
+    reused, connacks, version, cipher = [], [], None, None
     for i in range(int(n)):
         raw = socket.create_connection((host, int(port)), timeout=5)
         with ctx.wrap_socket(raw, server_hostname=host, session=session) as s:
@@ -46,10 +48,12 @@ def main():
             connacks.append(read_exact(s, 4).hex())
             reused.append("true" if s.session_reused else "false")
             version = s.version()
+            cipher = s.cipher()[0]
             s.sendall(b"\xe0\x00")
             session = s.session
     print(json.dumps({
         "version": version,
+        "cipher": cipher,
         "reused": ",".join(reused),
         "connacks": ",".join(connacks),
     }), flush=True)
