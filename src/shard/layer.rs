@@ -83,7 +83,9 @@ pub(crate) struct WsRules {
 
 /// One connection's layers.
 pub(crate) struct Layer {
-    tls: Option<Tls>,
+    /// Boxed: rustls's connection is ~1.1 KiB, which a WebSocket-only
+    /// connection should not carry.
+    tls: Option<Box<Tls>>,
     ws: Option<Ws>,
     /// Bytes for the socket that the layer produced on its own.
     pub out: BytesMut,
@@ -127,10 +129,10 @@ impl Layer {
     /// listener; `None` when TLS is asked for without settings.
     pub(crate) fn new(tls: Option<&Arc<ServerConfig>>, ws: bool) -> Result<Layer, String> {
         let tls = match tls {
-            Some(config) => Some(Tls {
+            Some(config) => Some(Box::new(Tls {
                 conn: UnbufferedServerConnection::new(config.clone()).map_err(|e| e.to_string())?,
                 partial: Vec::new(),
-            }),
+            })),
             None => None,
         };
         Ok(Layer {
