@@ -294,6 +294,7 @@ fn run(plan: Plan) -> Result<i32> {
             protocol: plan.common.protocol,
             tls_ca: plan.common.tls_ca.clone(),
             tls_server_name: plan.common.tls_server_name.clone(),
+            ws_path: plan.common.ws.clone(),
         };
         let mut child = Command::new(&exe)
             .arg("worker")

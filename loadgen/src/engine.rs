@@ -34,6 +34,7 @@ use crate::spec::{
     hist_to_b64, new_hist, Mode, Phase, Progress, WorkerMsg, WorkerResult, WorkerSpec,
 };
 use crate::sys::{mono_us, rusage_cpu_s, self_max_rss_kb, source_ip};
+use crate::ws::{WsClient, WsEvent};
 
 const STDIN: Token = Token(usize::MAX - 1);
 const MAX_PACKET: usize = 1 << 20;
@@ -70,6 +71,9 @@ struct Conn {
     /// `--tls-ca`: the TLS client of this connection; MQTT bytes go through
     /// it (the socket then carries only TLS records).
     tls: Option<Box<rustls::ClientConnection>>,
+    /// `--ws`: the WebSocket client; MQTT bytes are framed by it (then go
+    /// through TLS with `--tls-ca`).
+    ws: Option<Box<WsClient>>,
     partial: Option<Box<Partial>>,
     /// connect() called (µs, CLOCK_MONOTONIC).
     t_start: u64,
@@ -203,6 +207,8 @@ pub struct Engine {
     next_slot_at: u64,
     scratch: BytesMut,
     wscratch: BytesMut,
+    /// `--ws`: where MQTT bytes are framed on their way out.
+    wsframe: Vec<u8>,
     rbuf: Vec<u8>,
     phase: Phase,
     stdin_buf: Vec<u8>,
@@ -322,6 +328,7 @@ impl Engine {
             next_slot_at: 0,
             scratch: BytesMut::with_capacity(8192),
             wscratch: BytesMut::with_capacity(512),
+            wsframe: Vec::with_capacity(512),
             rbuf: vec![0; 16384],
             phase: Phase::Ready,
             stdin_buf: Vec::new(),
@@ -403,6 +410,7 @@ impl Engine {
         self.conns.push(Conn {
             stream: None,
             tls: None,
+            ws: None,
             partial: None,
             t_start: 0,
             t_sent: 0,
@@ -423,6 +431,7 @@ impl Engine {
         // Closing the fd removes it from epoll.
         c.stream = None;
         c.tls = None;
+        c.ws = None;
         c.partial = None;
         c.st = St::Free;
         c.flags = 0;
@@ -517,9 +526,23 @@ impl Engine {
         }))
     }
 
-    /// Writes `bytes` or keeps the rest for the next writable event.
-    /// Err: the connection is broken.
+    /// Writes MQTT `bytes` (framed with `--ws`) or keeps the rest for the
+    /// next writable event. Err: the connection is broken.
     fn write(&mut self, tok: u32, bytes: &[u8]) -> io::Result<()> {
+        let Some(ws) = self.conns[tok as usize].ws.as_mut() else {
+            return self.write_wire(tok, bytes);
+        };
+        let mut framed = std::mem::take(&mut self.wsframe);
+        framed.clear();
+        ws.frame(bytes, &mut framed);
+        let result = self.write_wire(tok, &framed);
+        self.wsframe = framed;
+        result
+    }
+
+    /// Writes `bytes` as they are (through TLS with `--tls-ca`) or keeps the
+    /// rest for the next writable event. Err: the connection is broken.
+    fn write_wire(&mut self, tok: u32, bytes: &[u8]) -> io::Result<()> {
         if let Some(t) = self.conns[tok as usize].tls.as_mut() {
             t.writer().write_all(bytes)?;
             return self.tls_out(tok);
@@ -604,6 +627,21 @@ impl Engine {
         buf.clear();
         self.connect_packet(n, flags)
             .encode(self.spec.protocol.version(), &mut buf);
+        if let Some(path) = &self.spec.ws_path {
+            // `--ws`: the upgrade request goes first; the CONNECT waits,
+            // framed, for the broker's 101 (RFC 6455 §4.1: nothing before
+            // it), and CONNACK latency then includes the upgrade.
+            let c = &mut self.conns[tok as usize];
+            let ws = c.ws.get_or_insert_with(|| Box::new(WsClient::new(n)));
+            if ws.connect.is_empty() {
+                let mut connect = Vec::new();
+                ws.frame(&buf, &mut connect);
+                ws.connect = connect;
+            }
+            let request = ws.request(&self.spec.broker, path);
+            buf.clear();
+            buf.extend_from_slice(&request);
+        }
         if self.tls.is_some() {
             self.send_connect_tls(tok, n, flags, &buf);
             self.wscratch = buf;
@@ -759,6 +797,8 @@ impl Engine {
             scratch.extend_from_slice(&p.rbuf);
             p.rbuf.clear();
         }
+        // Where this read's bytes start (after an incomplete packet's).
+        let carried = scratch.len();
         let mut eof = false;
         let mut err = None;
         if self.conns[tok as usize].tls.is_some() {
@@ -843,6 +883,18 @@ impl Engine {
             }
         }
         let gen = self.conns[tok as usize].gen;
+        if self.conns[tok as usize].ws.is_some() && err.is_none() {
+            let wire = scratch.split_off(carried);
+            match self.ws_input(tok, &wire, &mut scratch) {
+                Ok(closed) => eof |= closed,
+                Err(cause) => {
+                    self.broken(tok, &cause);
+                    scratch.clear();
+                    self.scratch = scratch;
+                    return;
+                }
+            }
+        }
         let v = self.spec.protocol.version();
         if self.conns[tok as usize].st == St::AwaitConnack {
             // A broker without 5.0 refuses a level-5 CONNECT in 3.1.1 form.
@@ -885,6 +937,23 @@ impl Engine {
         }
         scratch.clear();
         self.scratch = scratch;
+    }
+
+    /// `--ws`: the WebSocket bytes of one read; MQTT bytes are appended to
+    /// `mqtt`. Sends the CONNECT once the upgrade is answered, and a pong or
+    /// a close as the broker asks. `Ok(true)`: the broker closed;
+    /// `Err(cause)`: the upgrade was refused or a frame was bad.
+    fn ws_input(&mut self, tok: u32, wire: &[u8], mqtt: &mut BytesMut) -> Result<bool, String> {
+        let ws = self.conns[tok as usize].ws.as_mut().expect("checked");
+        let mut replies = Vec::new();
+        let event = ws.input(wire, mqtt, &mut replies)?;
+        if event == WsEvent::Upgraded {
+            replies.splice(0..0, std::mem::take(&mut ws.connect));
+        }
+        if !replies.is_empty() {
+            self.write_wire(tok, &replies).map_err(|e| cause_of(&e))?;
+        }
+        Ok(event == WsEvent::Closed)
     }
 
     fn on_packet(&mut self, tok: u32, p: Packet) {

@@ -10,6 +10,7 @@ mod pubsub;
 mod report;
 mod spec;
 mod sys;
+mod ws;
 
 use std::net::{SocketAddr, SocketAddrV4, ToSocketAddrs};
 use std::path::PathBuf;
@@ -94,6 +95,11 @@ pub struct Common {
     /// With --tls-ca: the name the broker's certificate must carry.
     #[arg(long, value_name = "NAME", default_value = "localhost")]
     pub tls_server_name: String,
+    /// Connect over WebSocket to PATH (e.g. /mqtt): an HTTP upgrade with
+    /// subprotocol mqtt, then MQTT in masked binary frames; with --tls-ca,
+    /// WebSocket over TLS.
+    #[arg(long, value_name = "PATH")]
+    pub ws: Option<String>,
 }
 
 /// How clients identify themselves.

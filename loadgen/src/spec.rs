@@ -95,6 +95,9 @@ pub struct WorkerSpec {
     /// `--tls-server-name`.
     #[serde(default)]
     pub tls_server_name: String,
+    /// `--ws PATH`: connect over WebSocket to PATH.
+    #[serde(default)]
+    pub ws_path: Option<String>,
 }
 
 /// Run phases a worker goes through. The coordinator moves all workers from

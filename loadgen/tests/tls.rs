@@ -2,7 +2,8 @@
 //! with a CA and a server certificate made here by rcgen. conn and churn
 //! complete with nothing failed (churn resumes sessions, as real clients
 //! do), pubsub delivers every QoS 1 message once, and trusting another CA
-//! fails every connection as `tls`.
+//! fails every connection as `tls`. With `--ws` too: WebSocket over TLS on
+//! coremq's `--wss-listen`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -59,6 +60,8 @@ fn s(p: &Path) -> &str {
 struct TlsBroker {
     server: common::Server,
     addr: String,
+    /// `--wss-listen`.
+    wss_addr: String,
     ca: PathBuf,
     wrong_ca: PathBuf,
     dir: PathBuf,
@@ -71,20 +74,26 @@ impl TlsBroker {
         let (ca, cert, key, wrong_ca) = pki(&dir);
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
+        let wss_port = free_port();
+        let wss_addr = format!("127.0.0.1:{wss_port}");
         let (server, _plain) = coremq_with(&[
             "--shards",
             "1",
             "--tls-listen",
             &addr,
+            "--wss-listen",
+            &wss_addr,
             "--cert",
             s(&cert),
             "--key",
             s(&key),
         ]);
         wait_listening(port);
+        wait_listening(wss_port);
         TlsBroker {
             server,
             addr,
+            wss_addr,
             ca,
             wrong_ca,
             dir,
@@ -203,4 +212,56 @@ fn pubsub_over_tls_delivers_every_message_once() {
     assert_eq!(u(p, "unique"), u(p, "expected"), "{p}");
     assert_eq!(u(p, "delivered"), u(p, "expected"), "{p}");
     assert_eq!(u(p, "lost"), 0, "{p}");
+}
+
+#[test]
+fn conn_and_churn_over_websocket_over_tls() {
+    let t = TlsBroker::start("wss");
+    let (ca, wss) = (t.ca.clone(), t.wss_addr.clone());
+    let (out, r) = loadgen(
+        &[
+            "conn",
+            "-b",
+            &wss,
+            "--tls-ca",
+            s(&ca),
+            "--ws",
+            "/mqtt",
+            "-n",
+            "100",
+            "--hold",
+            "1",
+            "--keepalive",
+            "1",
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    assert_eq!(u(&r, "connected"), 100, "{r}");
+    assert_eq!(u(&r, "failed_total"), 0, "{r}");
+    assert!(u(&r, "pongs") > 0, "{r}");
+
+    let (out, r) = loadgen(
+        &[
+            "churn",
+            "-b",
+            &wss,
+            "--tls-ca",
+            s(&ca),
+            "--ws",
+            "/mqtt",
+            "-c",
+            "5",
+            "--duration",
+            "1",
+            "--source-skip",
+            "8",
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    assert!(u(&r, "cycles") > 10, "{r}");
+    assert_eq!(u(&r, "failed_total"), 0, "{r}");
 }

@@ -183,6 +183,8 @@ struct Cfg {
     sub_rate: f64,
     /// --tls-ca and --tls-server-name: every connection over TLS.
     tls: Option<(std::path::PathBuf, String)>,
+    /// --ws PATH: every connection over WebSocket.
+    ws_path: Option<String>,
 }
 
 impl Cfg {
@@ -299,6 +301,7 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
             .tls_ca
             .clone()
             .map(|ca| (ca, a.common.tls_server_name.clone())),
+        ws_path: a.common.ws.clone(),
     };
     let params = serde_json::json!({
         "shape": shape.name(), "n": n, "qos": a.qos, "payload": a.payload,
@@ -306,6 +309,7 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
         "keepalive": a.keepalive, "prefix": a.prefix, "timeout": a.common.timeout,
         "publishers": pubs, "share_group": a.share_group, "persistent": a.persistent,
         "slow_subscribers": a.slow_subscribers, "tls": a.common.tls_ca.is_some(),
+        "ws": a.common.ws,
     });
     let t0 = std::time::Instant::now();
     let mut run = Run::new(cfg)?;

@@ -30,6 +30,7 @@ use crate::protocol;
 use crate::report::{self, BrokerSamples};
 use crate::spec::new_hist;
 use crate::sys::{mono_us, proc_sample, rusage_cpu_s, source_ip, ProcSample};
+use crate::ws::{WsClient, WsEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Role {
@@ -56,6 +57,8 @@ pub(super) struct Conn {
     pub(super) stream: Option<TcpStream>,
     /// `--tls-ca`: the TLS client; `wbuf` then holds TLS records.
     pub(super) tls: Option<Box<rustls::ClientConnection>>,
+    /// `--ws`: the WebSocket client; MQTT bytes are framed by it.
+    pub(super) ws: Option<Box<WsClient>>,
     /// Bytes of a packet not yet whole.
     pub(super) rbuf: Vec<u8>,
     /// Bytes the socket did not take yet.
@@ -170,6 +173,8 @@ pub(super) struct Run {
     pub(super) runnable: VecDeque<u32>,
     pub(super) read_again: Vec<u32>,
     pub(super) scratch: BytesMut,
+    /// `--ws`: where MQTT bytes are framed on their way out.
+    wsframe: Vec<u8>,
     pub(super) chunk: Vec<u8>,
     /// Replies (acks, PUBREL) gathered while one socket's packets are handled.
     pub(super) obuf: BytesMut,
@@ -256,6 +261,7 @@ impl Run {
                 rbuf: Vec::new(),
                 wbuf: Vec::new(),
                 tls: None,
+                ws: None,
                 t_start: 0,
                 t_sent: 0,
                 idx,
@@ -339,6 +345,7 @@ impl Run {
             runnable: VecDeque::new(),
             read_again: Vec::new(),
             scratch: BytesMut::with_capacity(READ_CHUNK * 2),
+            wsframe: Vec::new(),
             chunk: vec![0; READ_CHUNK],
             obuf: BytesMut::with_capacity(4096),
             pbuf: Vec::with_capacity(8192),
@@ -503,6 +510,21 @@ impl Run {
         }));
         let mut buf = BytesMut::new();
         p.encode(self.v, &mut buf);
+        if let Some(path) = &self.cfg.ws_path {
+            // `--ws`: the upgrade request goes first; the CONNECT waits,
+            // framed, for the broker's 101 (RFC 6455 §4.1).
+            let host = self.cfg.broker.to_string();
+            let c = &mut self.conns[tok as usize];
+            let ws = c.ws.get_or_insert_with(|| Box::new(WsClient::new(tok)));
+            if ws.connect.is_empty() {
+                let mut connect = Vec::new();
+                ws.frame(&buf, &mut connect);
+                ws.connect = connect;
+            }
+            let request = ws.request(&host, path);
+            buf.clear();
+            buf.extend_from_slice(&request);
+        }
         if self.tls.is_some() {
             return self.send_connect_tls(tok, &buf);
         }
@@ -622,9 +644,23 @@ impl Run {
         Ok(closed)
     }
 
-    /// Writes `bytes`, or keeps what the socket does not take for its next
-    /// writable event. Err: the connection is broken.
+    /// Writes MQTT `bytes` (framed with `--ws`), or keeps what the socket
+    /// does not take for its next writable event. Err: the connection is
+    /// broken.
     fn write(&mut self, tok: u32, bytes: &[u8]) -> io::Result<()> {
+        let Some(ws) = self.conns[tok as usize].ws.as_mut() else {
+            return self.write_wire(tok, bytes);
+        };
+        let mut framed = std::mem::take(&mut self.wsframe);
+        framed.clear();
+        ws.frame(bytes, &mut framed);
+        let result = self.write_wire(tok, &framed);
+        self.wsframe = framed;
+        result
+    }
+
+    /// Writes `bytes` as they are (through TLS with `--tls-ca`).
+    fn write_wire(&mut self, tok: u32, bytes: &[u8]) -> io::Result<()> {
         if let Some(t) = self.conns[tok as usize].tls.as_mut() {
             t.writer().write_all(bytes)?;
             let records = tls_records(t)?;
@@ -760,6 +796,7 @@ impl Run {
                     break;
                 }
                 Ok(k) => {
+                    let start = buf.len();
                     if self.conns[tok as usize].tls.is_some() {
                         match self.tls_in(tok, k, &mut buf) {
                             Ok(false) => {}
@@ -771,6 +808,17 @@ impl Run {
                         }
                     } else {
                         buf.extend_from_slice(&self.chunk[..k]);
+                    }
+                    if self.conns[tok as usize].ws.is_some() {
+                        let wire = buf.split_off(start);
+                        match self.ws_input(tok, &wire, &mut buf) {
+                            Ok(closed) => eof |= closed,
+                            Err(cause) => {
+                                buf.clear();
+                                self.broken(tok, &cause);
+                                break;
+                            }
+                        }
                     }
                     let now = mono_us();
                     self.decode_all(tok, &mut buf, now);
@@ -818,6 +866,23 @@ impl Run {
         }
         buf.clear();
         self.scratch = buf;
+    }
+
+    /// `--ws`: the WebSocket bytes of one read; MQTT bytes are appended to
+    /// `mqtt`. Sends the CONNECT once the upgrade is answered, and a pong or
+    /// a close as the broker asks. `Ok(true)`: the broker closed;
+    /// `Err(cause)`: the upgrade was refused or a frame was bad.
+    fn ws_input(&mut self, tok: u32, wire: &[u8], mqtt: &mut BytesMut) -> Result<bool, String> {
+        let ws = self.conns[tok as usize].ws.as_mut().expect("checked");
+        let mut replies = Vec::new();
+        let event = ws.input(wire, mqtt, &mut replies)?;
+        if event == WsEvent::Upgraded {
+            replies.splice(0..0, std::mem::take(&mut ws.connect));
+        }
+        if !replies.is_empty() {
+            self.write_wire(tok, &replies).map_err(|e| cause_of(&e))?;
+        }
+        Ok(event == WsEvent::Closed)
     }
 
     fn decode_all(&mut self, tok: u32, buf: &mut BytesMut, now: u64) {
@@ -1097,6 +1162,7 @@ impl Run {
             let c = &mut self.conns[tok as usize];
             c.stream = None;
             c.tls = None;
+            c.ws = None;
             c.rbuf = Vec::new();
             c.wbuf = Vec::new();
             let st = c.st;

@@ -1,0 +1,212 @@
+//! `--ws PATH`: loadgen's clients over WebSocket, against coremq's
+//! `--ws-listen` and against mosquitto's websockets listener
+//! (libwebsockets), so the client is checked by a server that is not ours.
+//! conn and churn complete with nothing failed, pubsub delivers every QoS 1
+//! message once, and a path the broker refuses fails every connection with
+//! the HTTP status it answered.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+mod common;
+
+use common::{coremq_with, explain, free_port, loadgen, mosquitto_bin, u, wait_listening, Server};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// coremq with one shard and a WebSocket listener that takes only
+/// `/mqtt`; its plain and WebSocket addresses.
+fn coremq_ws() -> (Server, String) {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (server, _plain) =
+        coremq_with(&["--shards", "1", "--ws-listen", &addr, "--ws-path", "/mqtt"]);
+    wait_listening(port);
+    (server, addr)
+}
+
+#[test]
+fn conn_churn_and_pubsub_over_websocket_against_coremq() {
+    let (server, ws) = coremq_ws();
+    let pid = server.pid();
+
+    let (out, r) = loadgen(
+        &[
+            "conn",
+            "-b",
+            &ws,
+            "--ws",
+            "/mqtt",
+            "-n",
+            "200",
+            "--hold",
+            "1",
+            "--keepalive",
+            "1",
+            "--broker-pid",
+            &pid,
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    assert_eq!(u(&r, "connected"), 200, "{r}");
+    assert_eq!(u(&r, "failed_total"), 0, "{r}");
+    assert!(u(&r, "pongs") > 0, "PINGREQ/PINGRESP in frames: {r}");
+
+    let (out, r) = loadgen(
+        &[
+            "churn",
+            "-b",
+            &ws,
+            "--ws",
+            "/mqtt",
+            "-c",
+            "5",
+            "--duration",
+            "1",
+            "--source-skip",
+            "8",
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    assert!(u(&r, "cycles") > 10, "{r}");
+    assert_eq!(u(&r, "failed_total"), 0, "{r}");
+
+    let (out, r) = loadgen(
+        &[
+            "pubsub",
+            "-b",
+            &ws,
+            "--ws",
+            "/mqtt",
+            "--pairs",
+            "20",
+            "--qos",
+            "1",
+            "--duration",
+            "1",
+            "--rate",
+            "2000",
+            "--source-skip",
+            "16",
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    let p = &r["pubsub"];
+    assert!(u(p, "published") > 0, "{p}");
+    assert_eq!(u(p, "acked"), u(p, "published"), "{p}");
+    assert_eq!(u(p, "delivered"), u(p, "expected"), "{p}");
+    assert_eq!(u(p, "lost"), 0, "{p}");
+
+    // Another path: coremq answers 404, and every connection fails as
+    // `ws_http_404` at once (none waits for the timeout).
+    let (out, r) = loadgen(
+        &[
+            "conn",
+            "-b",
+            &ws,
+            "--ws",
+            "/other",
+            "-n",
+            "20",
+            "--hold",
+            "0.1",
+            "--source-skip",
+            "24",
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(!out.status.success(), "{}", explain(&out));
+    assert_eq!(u(&r, "connected"), 0, "{r}");
+    assert_eq!(r["failures"]["ws_http_404"].as_u64(), Some(20), "{r}");
+}
+
+/// mosquitto with a websockets listener on loopback (and the plain one it
+/// wants beside it: with websockets listeners alone 2.0.11 refuses to
+/// start); the WebSocket address.
+fn mosquitto_ws() -> (Server, String) {
+    let (plain, ws) = (free_port(), free_port());
+    let dir =
+        std::env::temp_dir().join(format!("loadgen-test-mosq-ws-{}-{ws}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {plain} 127.0.0.1\nlistener {ws} 127.0.0.1\nprotocol websockets\n\
+             allow_anonymous true\nmax_connections -1\npersistence false\n\
+             connection_messages false\nlog_dest none\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(mosquitto_bin())
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    wait_listening(ws);
+    let _ = std::fs::remove_dir_all(&dir);
+    (server, format!("127.0.0.1:{ws}"))
+}
+
+#[test]
+fn conn_and_pubsub_over_websocket_against_mosquitto() {
+    let (_server, ws) = mosquitto_ws();
+    let (out, r) = loadgen(
+        &[
+            "conn",
+            "-b",
+            &ws,
+            "--ws",
+            "/mqtt",
+            "-n",
+            "100",
+            "--hold",
+            "1",
+            "--keepalive",
+            "1",
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    assert_eq!(u(&r, "connected"), 100, "{r}");
+    assert_eq!(u(&r, "failed_total"), 0, "{r}");
+    assert!(u(&r, "pongs") > 0, "{r}");
+
+    let (out, r) = loadgen(
+        &[
+            "pubsub",
+            "-b",
+            &ws,
+            "--ws",
+            "/mqtt",
+            "--pairs",
+            "10",
+            "--qos",
+            "1",
+            "--duration",
+            "1",
+            "--rate",
+            "1000",
+            "--source-skip",
+            "8",
+        ],
+        LIMIT,
+    );
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    let p = &r["pubsub"];
+    assert!(u(p, "published") > 0, "{p}");
+    assert_eq!(u(p, "delivered"), u(p, "expected"), "{p}");
+    assert_eq!(u(p, "lost"), 0, "{p}");
+}
