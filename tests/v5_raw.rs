@@ -142,3 +142,76 @@ fn topic_alias_over_the_maximum_gets_disconnect_0x94_mqtt_3_3_2_10() {
     c.send(&[0x30, 0x08, 0x00, 0x01, b't', 0x03, 0x23, 0x00, 0x03, b'x']);
     assert_eq!(c.expect_closed(2 * SEC), [0xe0, 0x01, 0x94]);
 }
+
+/// A client past the Receive Maximum gets DISCONNECT 0x93 (it broke
+/// MQTT-3.3.4-7), and it reads it even though it goes on answering the
+/// PUBRECs before it: the broker shuts down its side and reads away what
+/// still comes until the client's FIN, instead of closing at once, which
+/// would answer the first PUBREL with a reset (the client's next write then
+/// fails and what it had not read yet is lost). The Paho interoperability
+/// suite's `test_flow_control2` does exactly this with 1,025 messages.
+#[test]
+fn receive_maximum_exceeded_the_disconnect_0x93_is_read_while_the_client_answers_mqtt_3_3_4_7() {
+    use std::io::{ErrorKind, Read, Write};
+    let broker = Broker::start(&["--receive-maximum", "8"]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", broker.port())).unwrap();
+    s.set_read_timeout(Some(5 * SEC)).unwrap();
+    s.write_all(&v5_connect("rmx-linger", 0x02, 30, &[]))
+        .unwrap();
+    let mut connack = [0u8; 3];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack[0], 0x20, "{connack:?}");
+    let mut rest = vec![0u8; usize::from(connack[1]) - 1];
+    s.read_exact(&mut rest).unwrap();
+    assert_eq!(rest[0], 0, "CONNACK 0: {rest:?}");
+    // 20 QoS 2 PUBLISHes (5.0: property length 0) in one write; the 9th is
+    // one more than may await PUBREL.
+    let mut burst = Vec::new();
+    for id in 1u16..=20 {
+        let mut body = mqtt_str(b"rm/x");
+        body.extend_from_slice(&id.to_be_bytes());
+        body.push(0);
+        body.extend_from_slice(b"m");
+        burst.push(0x34);
+        burst.extend(common::var_int(body.len()));
+        burst.extend(body);
+    }
+    s.write_all(&burst).unwrap();
+    // By now the broker has answered and ended the connection.
+    std::thread::sleep(SEC / 3);
+    let (mut pubrecs, mut disconnect, mut wire) = (0, None, Vec::new());
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => panic!("read failed ({:?}) after {pubrecs} PUBRECs", e.kind()),
+        };
+        wire.extend_from_slice(&chunk[..n]);
+        // Whole packets only (all of ours are short: one length byte).
+        while wire.len() >= 2 && wire.len() >= 2 + usize::from(wire[1]) {
+            let packet: Vec<u8> = wire.drain(..2 + usize::from(wire[1])).collect();
+            match packet[0] {
+                0x50 => {
+                    pubrecs += 1;
+                    let pubrel = [0x62, 0x02, packet[2], packet[3]];
+                    if let Err(e) = s.write_all(&pubrel) {
+                        assert_ne!(e.kind(), ErrorKind::BrokenPipe, "reset by the broker");
+                        panic!("PUBREL write failed: {e}");
+                    }
+                    // Room for a reset to come back before the next read.
+                    std::thread::sleep(SEC / 50);
+                }
+                0xE0 => disconnect = Some(packet[2]),
+                other => panic!("unexpected packet {other:#x}: {packet:?}"),
+            }
+        }
+    }
+    assert_eq!(pubrecs, 8, "one PUBREC per publish within the maximum");
+    assert_eq!(
+        disconnect,
+        Some(0x93),
+        "DISCONNECT Receive Maximum exceeded"
+    );
+    broker.assert_no_panic();
+}

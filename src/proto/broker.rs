@@ -477,6 +477,12 @@ struct Conn {
     outgoing: BytesMut,
     transmit_queued: bool,
     closing: bool,
+    /// The server ended the connection while the client may still be
+    /// sending (a protocol error, a takeover): the shell half-closes and
+    /// reads away what comes until the client's FIN, so that its last
+    /// packets do not meet a reset that would discard our DISCONNECT (see
+    /// [`Broker::lingers`]).
+    linger: bool,
     /// QoS 1/2 messages that may be in flight to it: its Receive Maximum
     /// (5.0) or `--max-inflight` (3.x).
     window: u16,
@@ -795,6 +801,19 @@ impl Broker {
         self.conn(conn).is_none_or(|c| c.closing)
     }
 
+    /// True when the server closed `conn` while its client may still be
+    /// sending (a protocol error, a takeover). Closing the socket at once
+    /// would answer the client's next bytes with a reset, and a reset makes
+    /// the client's TCP stack discard what it had not read yet: our
+    /// DISCONNECT with its reason code, or the PUBACKs before it. So the
+    /// shell shuts down its side (the client sees EOF after the last
+    /// packet) and reads away what still comes until the client's FIN or a
+    /// deadline. Not after the client's own DISCONNECT (it sends nothing
+    /// more, MQTT-3.14.4-1), nor for a silent client (keep-alive).
+    pub fn lingers(&self, conn: ConnId) -> bool {
+        self.conn(conn).is_some_and(|c| c.linger)
+    }
+
     /// True when bytes wait for `conn`'s socket.
     pub fn has_outgoing(&self, conn: ConnId) -> bool {
         self.conn(conn).is_some_and(|c| !c.outgoing.is_empty())
@@ -870,6 +889,7 @@ impl Broker {
             outgoing: BytesMut::new(),
             transmit_queued: false,
             closing: false,
+            linger: false,
             window: window.max(1),
             alias_out_max: props.and_then(|p| p.topic_alias_maximum).unwrap_or(0),
             problem_info: props.and_then(|p| p.request_problem_information) != Some(0),
@@ -2893,6 +2913,10 @@ impl Broker {
         }
         let c = self.conn_mut(conn).expect("looked up above");
         c.closing = true;
+        c.linger = matches!(
+            reason,
+            CloseReason::ProtocolError(_) | CloseReason::TakenOver
+        );
         let will = c.will.take();
         let session = c.session.take();
         drop_one(&self.counters.connections_current);

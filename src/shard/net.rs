@@ -61,6 +61,13 @@ const MESH_BATCH: usize = 256;
 /// socket is closed regardless.
 const CLOSE_LINGER_MS: u64 = 5_000;
 
+/// Most bytes read away from a plain client the broker closed while it may
+/// still be sending (see `Broker::lingers`): its acknowledgements and the
+/// packets it had under way fit many times over; a client that floods
+/// past it (a 256 MiB PUBLISH refused from its header) is cut off with a
+/// close at once, as before the linger existed.
+const LINGER_DRAIN_BYTES: usize = 64 * 1024;
+
 /// Bytes a connection held for full queues may leave unread in its buffer
 /// before its socket stops being read (`--queue-full backpressure`): below
 /// it, its acknowledgements and PINGREQs still arrive (the broker takes them
@@ -176,9 +183,10 @@ pub(crate) struct Sock {
     bufs: Option<Box<SockBufs>>,
     /// TLS and/or WebSocket; `None` on a plain `--listen` connection.
     layer: Option<Box<Layer>>,
-    /// WebSocket: our close frame is out and our side shut down; waiting
-    /// for the client's close and FIN, so that its last frames do not meet
-    /// a closed socket (which answers with a reset).
+    /// Our side is shut down (after a WebSocket close frame, or a close the
+    /// broker decided while the client may still be sending); waiting for
+    /// the client's FIN, so that its last bytes do not meet a closed socket
+    /// (which answers with a reset).
     half_closed: bool,
 }
 
@@ -245,6 +253,11 @@ pub(crate) struct Net {
     connect_deadlines: VecDeque<(u32, u32, Millis)>,
     /// (connection, deadline) of closing connections still draining.
     close_deadlines: VecDeque<(ConnId, Millis)>,
+    /// Plain connections half-closed by `Shard::half_close`: bytes they may
+    /// still send before the socket is closed at once
+    /// ([`LINGER_DRAIN_BYTES`]). A map, not a field of every `Sock`: few
+    /// connections are ever in it.
+    linger_budget: hashbrown::HashMap<ConnId, usize>,
     /// Released when accept fails with EMFILE so the pending connection can
     /// be accepted and closed (see [`listener::refuse_one`]).
     spare: Option<OwnedFd>,
@@ -274,6 +287,7 @@ impl Net {
             free_pending: Vec::new(),
             connect_deadlines: VecDeque::new(),
             close_deadlines: VecDeque::new(),
+            linger_budget: hashbrown::HashMap::new(),
             spare: listener::open_spare(),
             paused_listeners: Vec::new(),
             orphaned_sends: hashbrown::HashMap::new(),
@@ -320,6 +334,7 @@ impl Net {
         if slot.as_ref()?.generation != id.generation {
             return None;
         }
+        self.linger_budget.remove(&id);
         slot.take()
     }
 
@@ -1145,27 +1160,33 @@ impl Shard {
             self.pause_reading_if_backlogged(id);
             return self.check_held_socket(id);
         }
+        let half_closed = self
+            .net
+            .borrow_mut()
+            .sock_mut(id)
+            .filter(|s| s.half_closed)
+            .map(|s| s.fd.as_raw_fd());
+        if let Some(raw) = half_closed {
+            // What a client we closed still sends is read away; its FIN
+            // (or an error) ends the wait.
+            let mut away = BytesMut::new();
+            let read = recv_into(self, raw, &mut away);
+            let ended = match &read {
+                Ok(0) => true,
+                Ok(n) => !self.drained(id, *n),
+                Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+            };
+            if ended {
+                self.finish_close(id);
+            }
+            return;
+        }
         if self.is_layered(id) {
-            let Some((raw, half_closed)) = self
-                .net
-                .borrow_mut()
-                .sock_mut(id)
-                .map(|s| (s.fd.as_raw_fd(), s.half_closed))
-            else {
+            let Some(raw) = self.net.borrow_mut().sock_mut(id).map(|s| s.fd.as_raw_fd()) else {
                 return;
             };
             let mut wire = BytesMut::new();
             let read = recv_into(self, raw, &mut wire);
-            if half_closed {
-                // What a closed WebSocket client still sends is read away;
-                // its FIN ends the wait.
-                if !matches!(&read, Ok(n) if *n > 0)
-                    && !matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-                {
-                    self.finish_close(id);
-                }
-                return;
-            }
             match read {
                 Ok(0) => self.lost(id),
                 Ok(_) => return self.layered_read(id, &wire),
@@ -1190,6 +1211,35 @@ impl Shard {
             Err(_) => self.lost(id),
         }
         self.dispatch();
+    }
+
+    /// `n` bytes read away from `id`, half-closed: false when that was more
+    /// than its linger allows (the caller closes it now). WebSocket
+    /// connections have no limit but their deadline.
+    pub(crate) fn drained(&self, id: ConnId, n: usize) -> bool {
+        let mut net = self.net.borrow_mut();
+        match net.linger_budget.get_mut(&id) {
+            Some(left) if *left >= n => {
+                *left -= n;
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
+    }
+
+    /// io_uring: `n` bytes came for `id` while it is closing. Read away
+    /// (they count for nothing, MQTT-3.14.4-2); a half-closed connection
+    /// past its linger allowance is closed now.
+    pub(crate) fn closing_read(&self, id: ConnId, n: usize) {
+        let half_closed = self
+            .net
+            .borrow_mut()
+            .sock_mut(id)
+            .is_some_and(|s| s.closing && s.half_closed);
+        if half_closed && !self.drained(id, n) {
+            self.finish_close(id);
+        }
     }
 
     /// Whether `id` has a TLS or WebSocket layer.
@@ -1582,22 +1632,26 @@ impl Shard {
             .borrow_mut()
             .sock_mut(id)
             .is_some_and(|s| s.closing)
-            && !self.half_close_ws(id)
+            && !self.half_close(id)
         {
             self.finish_close(id);
         }
     }
 
-    /// A WebSocket connection we closed, all written: shuts down our side
-    /// (FIN after the close frame) and waits, reading, for the client's
-    /// close and FIN (RFC 6455 §7.1.1), at most [`CLOSE_LINGER_MS`]. False when there is
-    /// nothing to wait for (not WebSocket, or already waiting): close now.
-    fn half_close_ws(&self, id: ConnId) -> bool {
+    /// A connection we closed, all written: shuts down our side (FIN after
+    /// the last bytes) and waits, reading away what comes, for the client's
+    /// FIN, at most [`CLOSE_LINGER_MS`]. For WebSocket always (the client's
+    /// close frame, RFC 6455 §7.1.1); for the rest when the broker closed a
+    /// client that may still be sending (see `Broker::lingers`). False when
+    /// there is nothing to wait for, or it is waiting already: close now.
+    fn half_close(&self, id: ConnId) -> bool {
+        let lingers = self.broker.borrow().lingers(id);
         let mut net = self.net.borrow_mut();
         let Some(sock) = net.sock_mut(id) else {
             return false;
         };
-        if sock.half_closed || !sock.layer.as_ref().is_some_and(|l| l.is_ws()) {
+        let ws = sock.layer.as_ref().is_some_and(|l| l.is_ws());
+        if sock.half_closed || !(ws || lingers) {
             return false;
         }
         sock.half_closed = true;
@@ -1614,6 +1668,9 @@ impl Shard {
                     ring.borrow_mut().recv_multi(raw, Token::Conn(id).encode());
                 }
             }
+        }
+        if !ws {
+            net.linger_budget.insert(id, LINGER_DRAIN_BYTES);
         }
         let deadline = Millis(self.now().0 + CLOSE_LINGER_MS);
         net.close_deadlines.push_back((id, deadline));

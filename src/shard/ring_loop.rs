@@ -150,8 +150,11 @@ fn complete(shard: &Shard, c: &Completion, chunk: &mut Vec<u8>) {
                         (id, buf)
                     });
                     ring.borrow_mut().give_back(bid);
-                    if let Some((id, buf)) = read {
-                        shard.conn_read(id, buf);
+                    match (read, id) {
+                        (Some((id, buf)), _) => shard.conn_read(id, buf),
+                        // Closing: read away (see Shard::closing_read).
+                        (None, Some(id)) => shard.closing_read(id, data_len),
+                        (None, None) => {}
                     }
                 }
             }
