@@ -6,7 +6,7 @@
 //! the HTTP status it answered.
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod common;
 
@@ -129,33 +129,55 @@ fn conn_churn_and_pubsub_over_websocket_against_coremq() {
 
 /// mosquitto with a websockets listener on loopback (and the plain one it
 /// wants beside it: with websockets listeners alone 2.0.11 refuses to
-/// start); the WebSocket address.
+/// start); the WebSocket address. Ports are picked free and then bound by
+/// mosquitto, so a test running beside this one can take one first: a
+/// mosquitto that exits (its log says why) is started again on new ports.
 fn mosquitto_ws() -> (Server, String) {
-    let (plain, ws) = (free_port(), free_port());
-    let dir =
-        std::env::temp_dir().join(format!("loadgen-test-mosq-ws-{}-{ws}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("loadgen-test-mosq-ws-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {plain} 127.0.0.1\nlistener {ws} 127.0.0.1\nprotocol websockets\n\
-             allow_anonymous true\nmax_connections -1\npersistence false\n\
-             connection_messages false\nlog_dest none\n"
-        ),
-    )
-    .unwrap();
-    let child = Command::new(mosquitto_bin())
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    let (conf, log) = (dir.join("mosquitto.conf"), dir.join("mosquitto.log"));
+    let mut why = String::new();
+    for _ in 0..5 {
+        let (plain, ws) = (free_port(), free_port());
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {plain} 127.0.0.1\nlistener {ws} 127.0.0.1\nprotocol websockets\n\
+                 allow_anonymous true\nmax_connections -1\npersistence false\n\
+                 connection_messages false\nlog_dest stderr\nlog_type error\n"
+            ),
+        )
         .unwrap();
-    let server = Server(child);
-    wait_listening(ws);
-    let _ = std::fs::remove_dir_all(&dir);
-    (server, format!("127.0.0.1:{ws}"))
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut server = Server(child);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if server.0.try_wait().unwrap().is_some() {
+                break;
+            }
+            let up = [plain, ws]
+                .iter()
+                .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok());
+            if up {
+                // Both listeners answer, and it is still running a moment on.
+                std::thread::sleep(Duration::from_millis(200));
+                if server.0.try_wait().unwrap().is_none() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return (server, format!("127.0.0.1:{ws}"));
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        why = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    panic!("mosquitto with a websockets listener did not start: {why}");
 }
 
 #[test]
