@@ -39,12 +39,11 @@ pub(crate) struct WsClient {
     /// loopback needs only that they vary).
     mask_state: u32,
     /// The framed CONNECT, sent once the upgrade is answered.
-    pub connect: Vec<u8>,
+    connect: Vec<u8>,
 }
 
 impl WsClient {
-    /// A client for connection number `n`; its CONNECT waits in
-    /// [`WsClient::connect`].
+    /// A client for connection number `n` (which seeds its masks).
     pub(crate) fn new(n: u32) -> WsClient {
         WsClient {
             upgraded: false,
@@ -55,9 +54,22 @@ impl WsClient {
         }
     }
 
+    /// What to send first on a connection whose CONNECT is `connect`: the
+    /// HTTP upgrade request. The CONNECT waits, framed, for the broker's
+    /// 101 (RFC 6455 §4.1: nothing before it), and [`WsClient::input`]
+    /// hands it back then.
+    pub(crate) fn upgrade(&mut self, connect: &[u8], host: &str, path: &str) -> Vec<u8> {
+        if self.connect.is_empty() {
+            let mut framed = Vec::new();
+            self.frame(connect, &mut framed);
+            self.connect = framed;
+        }
+        self.request(host, path)
+    }
+
     /// The HTTP upgrade request (RFC 6455 §4.1) for `path` on `host`, with
     /// subprotocol `mqtt` (MQTT-6.0.0-3).
-    pub(crate) fn request(&mut self, host: &str, path: &str) -> Vec<u8> {
+    fn request(&mut self, host: &str, path: &str) -> Vec<u8> {
         use base64::Engine as _;
         let mut nonce = [0u8; 16];
         for chunk in nonce.chunks_mut(4) {
@@ -105,8 +117,9 @@ impl WsClient {
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     }
 
-    /// Bytes from the broker: MQTT bytes go to `mqtt`, answers (a pong, a
-    /// close) to `replies`. An error names what was wrong (a refused
+    /// Bytes from the broker: MQTT bytes go to `mqtt`; what goes back to
+    /// the broker to `replies` (the CONNECT once the upgrade is answered,
+    /// then a pong, a close). An error names what was wrong (a refused
     /// upgrade: "ws_http_404"; a broken frame: "ws_protocol").
     pub(crate) fn input(
         &mut self,
@@ -137,6 +150,7 @@ impl WsClient {
             }
             self.upgraded = true;
             event = WsEvent::Upgraded;
+            replies.append(&mut self.connect);
             let rest = self.buf.split_off(end + 4);
             self.buf = Vec::new();
             return match self.frames(&rest, mqtt, replies)? {

@@ -15,7 +15,10 @@ use rcgen::{
 
 mod common;
 
-use common::{coremq_with, explain, free_port, loadgen, u, wait_listening};
+use common::{
+    assert_every_message_delivered, coremq_with, free_port, loadgen_failing, loadgen_ok, u,
+    wait_listening,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -113,7 +116,7 @@ fn conn_and_churn_over_tls_against_coremq() {
     let (ca, wrong, tls_addr) = (t.ca.clone(), t.wrong_ca.clone(), t.addr.clone());
     let pid = t.server.pid();
 
-    let (out, r) = loadgen(
+    let r = loadgen_ok(
         &[
             "conn",
             "-b",
@@ -131,13 +134,11 @@ fn conn_and_churn_over_tls_against_coremq() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(out.status.success(), "{}", explain(&out));
     assert_eq!(u(&r, "connected"), 200, "{r}");
     assert_eq!(u(&r, "failed_total"), 0, "{r}");
     assert!(u(&r, "pongs") > 0, "PINGREQ/PINGRESP through TLS: {r}");
 
-    let (out, r) = loadgen(
+    let r = loadgen_ok(
         &[
             "churn",
             "-b",
@@ -153,14 +154,12 @@ fn conn_and_churn_over_tls_against_coremq() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(out.status.success(), "{}", explain(&out));
     assert!(u(&r, "cycles") > 10, "{r}");
     assert_eq!(u(&r, "failed_total"), 0, "{r}");
 
     // A CA that did not sign the broker's certificate: every connection
     // fails as `tls`, none hangs until the timeout.
-    let (out, r) = loadgen(
+    let r = loadgen_failing(
         &[
             "conn",
             "-b",
@@ -176,8 +175,6 @@ fn conn_and_churn_over_tls_against_coremq() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(!out.status.success(), "{}", explain(&out));
     assert_eq!(u(&r, "connected"), 0, "{r}");
     assert_eq!(r["failures"]["tls"].as_u64(), Some(20), "{r}");
 }
@@ -186,7 +183,7 @@ fn conn_and_churn_over_tls_against_coremq() {
 fn pubsub_over_tls_delivers_every_message_once() {
     let t = TlsBroker::start("pubsub");
     let (ca, tls_addr) = (t.ca.clone(), t.addr.clone());
-    let (out, r) = loadgen(
+    let r = loadgen_ok(
         &[
             "pubsub",
             "-b",
@@ -204,21 +201,19 @@ fn pubsub_over_tls_delivers_every_message_once() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(out.status.success(), "{}", explain(&out));
-    let p = &r["pubsub"];
-    assert!(u(p, "published") > 0, "{p}");
-    assert_eq!(u(p, "acked"), u(p, "published"), "{p}");
-    assert_eq!(u(p, "unique"), u(p, "expected"), "{p}");
-    assert_eq!(u(p, "delivered"), u(p, "expected"), "{p}");
-    assert_eq!(u(p, "lost"), 0, "{p}");
+    assert_eq!(
+        u(&r["pubsub"], "unique"),
+        u(&r["pubsub"], "expected"),
+        "{r}"
+    );
+    assert_every_message_delivered(&r);
 }
 
 #[test]
 fn conn_and_churn_over_websocket_over_tls() {
     let t = TlsBroker::start("wss");
     let (ca, wss) = (t.ca.clone(), t.wss_addr.clone());
-    let (out, r) = loadgen(
+    let r = loadgen_ok(
         &[
             "conn",
             "-b",
@@ -236,13 +231,11 @@ fn conn_and_churn_over_websocket_over_tls() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(out.status.success(), "{}", explain(&out));
     assert_eq!(u(&r, "connected"), 100, "{r}");
     assert_eq!(u(&r, "failed_total"), 0, "{r}");
     assert!(u(&r, "pongs") > 0, "{r}");
 
-    let (out, r) = loadgen(
+    let r = loadgen_ok(
         &[
             "churn",
             "-b",
@@ -260,8 +253,6 @@ fn conn_and_churn_over_websocket_over_tls() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(out.status.success(), "{}", explain(&out));
     assert!(u(&r, "cycles") > 10, "{r}");
     assert_eq!(u(&r, "failed_total"), 0, "{r}");
 }

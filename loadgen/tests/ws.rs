@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{coremq_with, explain, free_port, loadgen, mosquitto_bin, u, wait_listening, Server};
+use common::{
+    assert_every_message_delivered, coremq_with, free_port, loadgen_failing, loadgen_ok,
+    mosquitto_bin, u, wait_listening, Server,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -30,7 +33,7 @@ fn conn_churn_and_pubsub_over_websocket_against_coremq() {
     let (server, ws) = coremq_ws();
     let pid = server.pid();
 
-    let (out, r) = loadgen(
+    let r = loadgen_ok(
         &[
             "conn",
             "-b",
@@ -48,13 +51,11 @@ fn conn_churn_and_pubsub_over_websocket_against_coremq() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(out.status.success(), "{}", explain(&out));
     assert_eq!(u(&r, "connected"), 200, "{r}");
     assert_eq!(u(&r, "failed_total"), 0, "{r}");
     assert!(u(&r, "pongs") > 0, "PINGREQ/PINGRESP in frames: {r}");
 
-    let (out, r) = loadgen(
+    let r = loadgen_ok(
         &[
             "churn",
             "-b",
@@ -70,12 +71,10 @@ fn conn_churn_and_pubsub_over_websocket_against_coremq() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(out.status.success(), "{}", explain(&out));
     assert!(u(&r, "cycles") > 10, "{r}");
     assert_eq!(u(&r, "failed_total"), 0, "{r}");
 
-    let (out, r) = loadgen(
+    let r = loadgen_ok(
         &[
             "pubsub",
             "-b",
@@ -95,17 +94,11 @@ fn conn_churn_and_pubsub_over_websocket_against_coremq() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(out.status.success(), "{}", explain(&out));
-    let p = &r["pubsub"];
-    assert!(u(p, "published") > 0, "{p}");
-    assert_eq!(u(p, "acked"), u(p, "published"), "{p}");
-    assert_eq!(u(p, "delivered"), u(p, "expected"), "{p}");
-    assert_eq!(u(p, "lost"), 0, "{p}");
+    assert_every_message_delivered(&r);
 
     // Another path: coremq answers 404, and every connection fails as
     // `ws_http_404` at once (none waits for the timeout).
-    let (out, r) = loadgen(
+    let r = loadgen_failing(
         &[
             "conn",
             "-b",
@@ -121,8 +114,6 @@ fn conn_churn_and_pubsub_over_websocket_against_coremq() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(!out.status.success(), "{}", explain(&out));
     assert_eq!(u(&r, "connected"), 0, "{r}");
     assert_eq!(r["failures"]["ws_http_404"].as_u64(), Some(20), "{r}");
 }
@@ -183,7 +174,7 @@ fn mosquitto_ws() -> (Server, String) {
 #[test]
 fn conn_and_pubsub_over_websocket_against_mosquitto() {
     let (_server, ws) = mosquitto_ws();
-    let (out, r) = loadgen(
+    let r = loadgen_ok(
         &[
             "conn",
             "-b",
@@ -199,13 +190,11 @@ fn conn_and_pubsub_over_websocket_against_mosquitto() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(out.status.success(), "{}", explain(&out));
     assert_eq!(u(&r, "connected"), 100, "{r}");
     assert_eq!(u(&r, "failed_total"), 0, "{r}");
     assert!(u(&r, "pongs") > 0, "{r}");
 
-    let (out, r) = loadgen(
+    let r = loadgen_ok(
         &[
             "pubsub",
             "-b",
@@ -225,10 +214,5 @@ fn conn_and_pubsub_over_websocket_against_mosquitto() {
         ],
         LIMIT,
     );
-    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
-    assert!(out.status.success(), "{}", explain(&out));
-    let p = &r["pubsub"];
-    assert!(u(p, "published") > 0, "{p}");
-    assert_eq!(u(p, "delivered"), u(p, "expected"), "{p}");
-    assert_eq!(u(p, "lost"), 0, "{p}");
+    assert_every_message_delivered(&r);
 }

@@ -516,12 +516,7 @@ impl Run {
             let host = self.cfg.broker.to_string();
             let c = &mut self.conns[tok as usize];
             let ws = c.ws.get_or_insert_with(|| Box::new(WsClient::new(tok)));
-            if ws.connect.is_empty() {
-                let mut connect = Vec::new();
-                ws.frame(&buf, &mut connect);
-                ws.connect = connect;
-            }
-            let request = ws.request(&host, path);
+            let request = ws.upgrade(&buf, &host, path);
             buf.clear();
             buf.extend_from_slice(&request);
         }
@@ -876,9 +871,6 @@ impl Run {
         let ws = self.conns[tok as usize].ws.as_mut().expect("checked");
         let mut replies = Vec::new();
         let event = ws.input(wire, mqtt, &mut replies)?;
-        if event == WsEvent::Upgraded {
-            replies.splice(0..0, std::mem::take(&mut ws.connect));
-        }
         if !replies.is_empty() {
             self.write_wire(tok, &replies).map_err(|e| cause_of(&e))?;
         }

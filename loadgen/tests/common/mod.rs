@@ -179,6 +179,33 @@ pub fn loadgen(args: &[&str], limit: Duration) -> (Output, Option<Value>) {
     (out, report)
 }
 
+/// [`loadgen`] for a run that must succeed: its report.
+pub fn loadgen_ok(args: &[&str], limit: Duration) -> Value {
+    let (out, r) = loadgen(args, limit);
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(out.status.success(), "{}", explain(&out));
+    r
+}
+
+/// [`loadgen`] for a run that must fail (exit non-zero) and still report
+/// why: its report.
+pub fn loadgen_failing(args: &[&str], limit: Duration) -> Value {
+    let (out, r) = loadgen(args, limit);
+    let r = r.unwrap_or_else(|| panic!("no report: {}", explain(&out)));
+    assert!(!out.status.success(), "{}", explain(&out));
+    r
+}
+
+/// A pubsub report in which every QoS 1 message was acknowledged and
+/// delivered once.
+pub fn assert_every_message_delivered(r: &Value) {
+    let p = &r["pubsub"];
+    assert!(u(p, "published") > 0, "{p}");
+    assert_eq!(u(p, "acked"), u(p, "published"), "{p}");
+    assert_eq!(u(p, "delivered"), u(p, "expected"), "{p}");
+    assert_eq!(u(p, "lost"), 0, "{p}");
+}
+
 /// `v[k]` as a u64, or a panic naming it.
 pub fn u(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
