@@ -1255,7 +1255,8 @@ impl Shard {
     /// answers (a pong, TLS records) goes with the next write.
     pub(crate) fn layered_read(&self, id: ConnId, wire: &[u8]) {
         let Some((_, mut buf)) = self.read_buf(id) else {
-            return;
+            // Closing: read away, within its linger allowance.
+            return self.closing_read(id, wire.len());
         };
         let result = {
             let mut net = self.net.borrow_mut();
