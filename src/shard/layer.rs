@@ -406,17 +406,11 @@ impl Tls {
         }
     }
 
-    /// What rustls queued after a failure (the fatal alert).
+    /// What rustls queued after a failure (the fatal alert): the steps of
+    /// [`Tls::with_write_traffic`] with nothing to write (after a failure
+    /// rustls never reaches the write state).
     fn drain_encoded(&mut self, out: &mut BytesMut) {
-        for _ in 0..MAX_TLS_STEPS {
-            match self.conn.process_tls_records(&mut []).state {
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    encode_into(out, &mut encode);
-                }
-                Ok(ConnectionState::TransmitTlsData(sent)) => sent.done(),
-                _ => return,
-            }
-        }
+        self.with_write_traffic(out, |_, _| {});
     }
 }
 
