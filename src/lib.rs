@@ -21,6 +21,8 @@
 //!   - [`shard::poller`]: the epoll loop's epoll set, and the history of both loops.
 //!   - [`shard::mesh`]: messages between shards and how they travel.
 //!   - [`shard::store`]: `--data-dir` files: lock, format, start-up replay and re-homing, each shard's log and snapshots.
+//! - [`cluster`]: `--cluster`: the link thread that joins this node to the others over NATS.
+//!   - [`proto::cluster`]: what nodes say to each other, and the link's route tables.
 //! - [`metrics`]: process-wide counters, the periodic summary line, the Prometheus exposition.
 //! - [`http`]: `--metrics-listen`: `GET /metrics` and `GET /healthz`.
 //! - [`config`]: CLI flags + optional TOML file → a validated `Config`.
@@ -33,6 +35,7 @@
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod metrics;

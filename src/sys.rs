@@ -145,6 +145,21 @@ pub fn set_stdin_echo(on: bool) -> io::Result<bool> {
     }
 }
 
+/// This machine's host name (`uname`), or `coremq` when it has none.
+pub fn host_name() -> String {
+    // SAFETY: uname fills the zeroed struct we own; its fields are
+    // NUL-terminated C strings within their arrays.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "coremq".into();
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(u.nodename.as_ptr()) };
+    match name.to_string_lossy().into_owned() {
+        n if n.is_empty() => "coremq".into(),
+        n => n,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,8 +30,8 @@ use coremq::proto::persist;
 use coremq::proto::topic::{TopicFilter, TopicName};
 
 use common::{
-    json, mosquitto_sub_ready, python_script, run_bounded, tools, unused_port, Broker, ConnectOpts,
-    LineProc, RawClient, TempDir, COREMQ,
+    json, mosquitto_sub_ready, paho_session, python_script, read_retained, run_bounded, tools,
+    unused_port, Broker, ConnectOpts, LineProc, RawClient, TempDir, COREMQ,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -96,86 +96,6 @@ fn mosquitto_pub(port: u16, args: &[&str]) {
         10 * SEC,
     );
     assert_eq!(code, Some(0), "mosquitto_pub {args:?}: {out}{err}");
-}
-
-/// What a fresh clean `mosquitto_sub -C 1 -W SECS` on `topic` prints (the
-/// retained message); empty if nothing comes within `secs`.
-fn read_retained(port: u16, topic: &str, secs: u32) -> String {
-    let (code, out, err) = run_bounded(
-        Command::new(&tools().mosquitto_sub)
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(["-t", topic, "-C", "1", "-W", &secs.to_string()]),
-        Duration::from_secs(u64::from(secs) + 5),
-    );
-    match code {
-        Some(0) => out.trim_end().to_string(),
-        // 27: -W timed out with no message.
-        Some(27) => String::new(),
-        other => panic!("mosquitto_sub -t {topic} exited {other:?}: {out}{err}"),
-    }
-}
-
-/// What `paho_durable.py session` reported.
-#[derive(Debug)]
-struct PahoSession {
-    session_present: bool,
-    granted: Option<u64>,
-    messages: Vec<String>,
-}
-
-/// Runs `paho_durable.py session`: connects `id` (proto "311" or "5") with a
-/// persistent session, subscribes to `filter` ("-": none), collects up to
-/// `expect` messages (within `wait_s`), disconnects normally.
-fn paho_session(
-    port: u16,
-    id: &str,
-    proto: &str,
-    filter: &str,
-    qos: u8,
-    expect: usize,
-    wait_s: u32,
-) -> PahoSession {
-    let args = [
-        port.to_string(),
-        "session".to_string(),
-        id.to_string(),
-        proto.to_string(),
-        filter.to_string(),
-        qos.to_string(),
-        expect.to_string(),
-        wait_s.to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, out, err) = run_bounded(
-        &mut python_script("paho_durable.py", &args),
-        Duration::from_secs(u64::from(wait_s) + 20),
-    );
-    assert_eq!(code, Some(0), "paho_durable.py {args:?}: {out}{err}");
-    let mut r = PahoSession {
-        session_present: false,
-        granted: None,
-        messages: Vec::new(),
-    };
-    for line in out.lines() {
-        let o = json::parse_object(line).unwrap_or_else(|| panic!("not JSON: {line}"));
-        match o.get("event").and_then(|v| v.as_str()) {
-            Some("connack") => {
-                assert_eq!(o["rc"].as_u64(), Some(0), "{id}: CONNACK {line}");
-                r.session_present = o["session_present"].as_bool().expect("bool");
-            }
-            Some("suback") => r.granted = o["granted"].as_u64(),
-            Some("messages") => {
-                let m = o["messages"].as_str().expect("string");
-                r.messages = m
-                    .split('|')
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect();
-            }
-            _ => panic!("unexpected line from paho_durable.py: {line}"),
-        }
-    }
-    r
 }
 
 /// `--data-dir DIR: state loaded sessions=S messages=M retained=R`.

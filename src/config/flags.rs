@@ -127,6 +127,15 @@ pub(super) struct RunArgs {
     /// on HOST:PORT, :PORT or PORT [default: none]
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Join a cluster of coremq nodes through these NATS servers (JetStream
+    /// enabled), nats://HOST:PORT, comma-separated or repeated
+    /// [default: none: a lone node]
+    #[arg(long, value_name = "URLS")]
+    cluster: Vec<String>,
+    /// With --cluster: this node's name, unique in the cluster, 1..=64 of
+    /// A-Z a-z 0-9 _ - [default: the host name and the first --listen port]
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
     /// Let clients without a username connect (true|false; alone means true)
     /// [default: true without --password-file, false with one]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -306,7 +315,7 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
     }
     let list = |l: Vec<String>| (!l.is_empty()).then_some(Raw::List(l));
     let switch = |on: bool| on.then(|| Raw::Str("true".into()));
-    let flags: [(Key, Option<Raw<'_>>); 37] = [
+    let flags: [(Key, Option<Raw<'_>>); 39] = [
         (
             Key::Listen,
             (!args.listen.is_empty()).then(|| Raw::List(args.listen.clone())),
@@ -337,6 +346,8 @@ pub(super) fn run_command(args: RunArgs) -> Result<Config, ConfigError> {
             switch(args.use_identity_as_username),
         ),
         (Key::MetricsListen, args.metrics_listen.map(Raw::Str)),
+        (Key::Cluster, list(args.cluster)),
+        (Key::NodeName, args.node_name.map(Raw::Str)),
         (Key::AllowAnonymous, args.allow_anonymous.map(Raw::Str)),
         (Key::MaxConnections, args.max_connections.map(Raw::Str)),
         (Key::ConnectTimeout, args.connect_timeout.map(Raw::Str)),

@@ -46,6 +46,10 @@ pub enum Key {
     UseIdentityAsUsername,
     /// `metrics_listen`
     MetricsListen,
+    /// `cluster`
+    Cluster,
+    /// `node_name`
+    NodeName,
     /// `allow_anonymous`
     AllowAnonymous,
     /// `max_connections`
@@ -82,7 +86,7 @@ pub enum Key {
 
 impl Key {
     /// Every setting, in `--help` order.
-    pub const ALL: [Key; 37] = [
+    pub const ALL: [Key; 39] = [
         Key::Listen,
         Key::Shards,
         Key::Io,
@@ -104,6 +108,8 @@ impl Key {
         Key::RequireClientCert,
         Key::UseIdentityAsUsername,
         Key::MetricsListen,
+        Key::Cluster,
+        Key::NodeName,
         Key::AllowAnonymous,
         Key::MaxConnections,
         Key::ConnectTimeout,
@@ -146,6 +152,8 @@ impl Key {
             Key::RequireClientCert => "require_client_cert",
             Key::UseIdentityAsUsername => "use_identity_as_username",
             Key::MetricsListen => "metrics_listen",
+            Key::Cluster => "cluster",
+            Key::NodeName => "node_name",
             Key::AllowAnonymous => "allow_anonymous",
             Key::MaxConnections => "max_connections",
             Key::ConnectTimeout => "connect_timeout",
@@ -217,6 +225,8 @@ impl Key {
             | Key::RequireClientCert
             | Key::UseIdentityAsUsername
             | Key::MetricsListen
+            | Key::Cluster
+            | Key::NodeName
             | Key::Io
             | Key::PasswordFile
             | Key::AclFile

@@ -214,6 +214,12 @@ pub struct Config {
     /// Where `GET /metrics` and `GET /healthz` are served (see
     /// [`crate::http`]); `None` serves nothing. Default: none.
     pub metrics_listen: Option<SocketAddr>,
+    /// NATS servers of the cluster this node joins (see `crate::cluster`);
+    /// empty: a lone node. Default: none.
+    pub cluster: Vec<String>,
+    /// This node's name in the cluster. Default: the host name and the
+    /// first listen port ([`Config::node`]).
+    pub node_name: Option<String>,
     /// Whether a client that sends no username may connect. Default: true
     /// without a password file, false with one.
     pub allow_anonymous: bool,
@@ -293,6 +299,8 @@ impl Default for Config {
             require_client_cert: false,
             use_identity_as_username: false,
             metrics_listen: None,
+            cluster: Vec::new(),
+            node_name: None,
             allow_anonymous: true,
             max_connections: 0,
             connect_timeout: Duration::from_secs(10),
@@ -360,7 +368,37 @@ impl Config {
             return Err(fail(Key::RingBuffers, problem));
         }
         check_log_level(&self.log_level).map_err(|p| fail(Key::LogLevel, p))?;
+        if self.node_name.is_some() && self.cluster.is_empty() {
+            return Err(fail(Key::NodeName, "needs --cluster".into()));
+        }
+        // The link is one more peer in a shard set of 64 (`proto::interest`).
+        if !self.cluster.is_empty() && self.shards > 63 {
+            let problem = format!("at most 63 with --cluster, got {}", self.shards);
+            return Err(fail(Key::Shards, problem));
+        }
         Ok(())
+    }
+
+    /// This node's name in a cluster: `--node-name`, or the host name and
+    /// the first listen port (two nodes on one machine differ by port).
+    pub fn node(&self) -> String {
+        if let Some(name) = &self.node_name {
+            return name.clone();
+        }
+        let host = crate::sys::host_name();
+        let host: String = host
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(56)
+            .collect();
+        let port = self.listen.first().map_or(0, |a| a.port());
+        format!("{host}-{port}")
     }
 
     /// Every MQTT listening address with what it speaks, in the order the

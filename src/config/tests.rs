@@ -808,3 +808,50 @@ fn queue_full_policy_and_timeout_from_flags_and_file() {
         "--queue-full-timeout: must be between 1 and 3600, got 0"
     );
 }
+
+#[test]
+fn cluster_servers_and_node_name_from_flags_and_file() {
+    let c = run(&[
+        "--cluster",
+        "10.0.0.1:4222,nats://10.0.0.2:4222",
+        "--cluster",
+        "nats://h3:4222",
+        "--node-name",
+        "broker-1",
+    ]);
+    assert_eq!(
+        c.cluster,
+        [
+            "nats://10.0.0.1:4222",
+            "nats://10.0.0.2:4222",
+            "nats://h3:4222"
+        ]
+    );
+    assert_eq!(c.node(), "broker-1");
+    let f = TempFile::new("cluster", "cluster = [\"n1:4222\"]\nnode_name = \"x_2\"\n");
+    let c = run(&["--config", f.arg()]);
+    assert_eq!(
+        (c.cluster, c.node_name),
+        (vec!["nats://n1:4222".to_string()], Some("x_2".into()))
+    );
+    // Without --node-name: the host name and the first listen port.
+    let c = run(&["--cluster", "n1:4222", "--listen", "127.0.0.1:1999"]);
+    assert!(c.node().ends_with("-1999"), "{}", c.node());
+    assert_eq!(
+        err(&["--cluster", "tls://n1:4222"]),
+        "--cluster: \"tls://n1:4222\" is not nats://HOST:PORT (only nats:// is supported)"
+    );
+    assert_eq!(
+        err(&["--cluster", "n1"]),
+        "--cluster: \"n1\" is not nats://HOST:PORT (no port)"
+    );
+    assert_eq!(
+        err(&["--cluster", "n1:4222", "--node-name", "a.b"]),
+        "--node-name: must be 1 to 64 of A-Z a-z 0-9 _ -, got \"a.b\""
+    );
+    assert_eq!(err(&["--node-name", "a"]), "--node-name: needs --cluster");
+    assert_eq!(
+        err(&["--cluster", "n1:4222", "--shards", "64"]),
+        "--shards: at most 63 with --cluster, got 64"
+    );
+}

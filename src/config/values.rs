@@ -197,6 +197,23 @@ impl Builder {
                 check_listen(&[addr])?;
                 c.metrics_listen = Some(addr);
             }
+            Key::Cluster => {
+                let mut urls = Vec::new();
+                for item in raw.list()? {
+                    for url in item.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+                        urls.push(parse_nats_url(url)?);
+                    }
+                }
+                if urls.is_empty() {
+                    return Err("needs at least one NATS server URL".into());
+                }
+                c.cluster = urls;
+            }
+            Key::NodeName => {
+                let name = raw.string()?;
+                check_node_name(&name)?;
+                c.node_name = Some(name);
+            }
             Key::Shards => c.shards = int(&raw)? as usize,
             Key::Io => c.io = raw.string()?.parse()?,
             Key::RingBuffers => {
@@ -323,6 +340,35 @@ pub(super) fn check_listen(addrs: &[SocketAddr]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A NATS server as `nats://HOST:PORT` or `HOST:PORT` (nats:// assumed).
+pub(super) fn parse_nats_url(s: &str) -> Result<String, String> {
+    let rest = s.strip_prefix("nats://").unwrap_or(s);
+    let bad = |why: &str| format!("{s:?} is not nats://HOST:PORT ({why})");
+    if rest.contains("://") {
+        return Err(bad("only nats:// is supported"));
+    }
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    if host.is_empty() || host.bytes().any(|b| b.is_ascii_whitespace() || b == b'/') {
+        return Err(bad("bad host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(format!("nats://{rest}")),
+        _ => Err(bad("bad port")),
+    }
+}
+
+/// A node name is a token of NATS subjects: 1..=64 of A-Z a-z 0-9 _ -.
+pub(super) fn check_node_name(s: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("must be 1 to 64 of A-Z a-z 0-9 _ -, got {s:?}"))
+    }
 }
 
 /// A bare word must be a level: `EnvFilter` would take a typo such as

@@ -172,6 +172,11 @@ pub struct BrokerConfig {
     /// Wall-clock milliseconds (Unix epoch) at `Millis(0)`: stored times are
     /// wall-clock, so that they mean the same after a restart.
     pub wall_epoch_ms: u64,
+    /// `--cluster`: the cluster link's place on the mesh (the peer after
+    /// the last shard; see `crate::cluster`). To the broker it is one more
+    /// peer that announces filters (the other nodes' subscriptions) and
+    /// answers ticketed publishes once the other nodes have them.
+    pub link: Option<ShardId>,
 }
 
 impl BrokerConfig {
@@ -193,6 +198,7 @@ impl BrokerConfig {
             response_information: None,
             persist: false,
             wall_epoch_ms: 0,
+            link: None,
         }
     }
 }
@@ -675,7 +681,7 @@ struct LocalCounts {
 impl Broker {
     /// An empty broker for one shard; `now` starts its keep-alive clock.
     pub fn new(config: BrokerConfig, counters: Arc<Counters>, now: Millis) -> Self {
-        let config_shards = config.shards;
+        let peers = usize::from(config.shards) + usize::from(config.link.is_some());
         Broker {
             config,
             counters,
@@ -708,7 +714,7 @@ impl Broker {
             held: HashMap::new(),
             hold: None,
             applied: HashMap::new(),
-            settled: vec![Vec::new(); usize::from(config_shards)],
+            settled: vec![Vec::new(); peers],
             settled_count: 0,
             parked_sessions: HashSet::new(),
             deep_queues: HashSet::new(),
@@ -1752,7 +1758,7 @@ impl Broker {
         let matched = self.route(routed, origin);
         // Known when the shard has seen every subscription (one shard) or
         // every other shard's filters (`interest`).
-        let knows = self.config.shards == 1 || self.routed();
+        let knows = self.peers() == 1 || self.routed();
         if v5 && !matched && knows {
             reason::NO_MATCHING_SUBSCRIBERS
         } else {
@@ -1959,7 +1965,13 @@ impl Broker {
     /// [`super::interest`]): with more than one shard, and no more than a
     /// shard set holds.
     fn routed(&self) -> bool {
-        self.config.shards > 1 && self.config.shards <= MAX_ROUTED_SHARDS
+        self.peers() > 1 && self.peers() <= MAX_ROUTED_SHARDS
+    }
+
+    /// The shards, and the cluster link when there is one: who a broadcast
+    /// reaches, counting this shard.
+    fn peers(&self) -> u16 {
+        self.config.shards + u16::from(self.config.link.is_some())
     }
 
     fn next_id(&mut self) -> u64 {
@@ -1978,7 +1990,7 @@ impl Broker {
         self.announces.insert(
             ticket,
             Announce {
-                acks_left: self.config.shards - 1,
+                acks_left: self.peers() - 1,
                 filters: filters.clone(),
                 waiters: Vec::new(),
             },
@@ -2301,12 +2313,12 @@ impl Broker {
     /// No Local). True if a subscription on this shard matched.
     fn route(&mut self, publish: RoutedPublish, origin: Option<SessionKey>) -> bool {
         let matched = self.apply_routed(&publish, origin);
-        if self.config.shards == 1 {
+        if self.peers() == 1 {
             return matched;
         }
         let mut publish = publish;
         if !self.routed() {
-            self.tag(&mut publish, u32::from(self.config.shards) - 1);
+            self.tag(&mut publish, u32::from(self.peers()) - 1);
             self.push_mesh(Event::Broadcast(ShardMsg::Publish(publish)));
             return true;
         }
@@ -2316,6 +2328,15 @@ impl Broker {
         let mut to = interested;
         if publish.retain {
             to.insert(retained_owner(publish.topic.as_str(), self.config.shards));
+            // Every node keeps every retained message (`$SYS` is each
+            // node's own).
+            if let Some(link) = self
+                .config
+                .link
+                .filter(|_| !is_broker_topic(&publish.topic))
+            {
+                to.insert(link);
+            }
         }
         let me = self.config.shard;
         let copies = to.iter().filter(|&s| s != me).count() as u32;
@@ -3438,11 +3459,15 @@ impl Broker {
     /// Whether a client's QoS 1/2 PUBLISH is routed under a hold, so that
     /// its acknowledgement learns what became of every copy: with
     /// `--data-dir` (it waits for the disk), under backpressure (it waits
-    /// for room), and for a 5.0 client (it is told of a drop, 0x97). A
-    /// 3.x publisher under a drop policy has nothing to wait for or be
+    /// for room), for a 5.0 client (it is told of a drop, 0x97), and in a
+    /// cluster (it waits until the other nodes have it). A 3.x publisher
+    /// under a drop policy on a lone node has nothing to wait for or be
     /// told, and its publishes cost the other shards no answer.
     fn settles(&self, v5: bool) -> bool {
-        self.config.persist || v5 || self.config.queue_full == QueueFull::Backpressure
+        self.config.persist
+            || v5
+            || self.config.queue_full == QueueFull::Backpressure
+            || self.config.link.is_some()
     }
 
     /// Ends a hold: when the publish stored something here, parked a copy,
@@ -3915,70 +3940,7 @@ impl Broker {
             if s.expiry_secs == 0 || !s.logged {
                 continue;
             }
-            persist::put_session(out, &self.session_state(s));
-            let cid = &s.client_id;
-            if let Some(f) = s.flows() {
-                for (pid, (id, flight)) in &f.inflight {
-                    match flight {
-                        Inflight::Published(p) => {
-                            persist::put_message(
-                                out,
-                                cid,
-                                *id,
-                                &persist::StoredMessageRef {
-                                    topic: p.topic.as_str(),
-                                    payload: &p.payload,
-                                    qos: p.qos,
-                                    retain: p.retain,
-                                    props: p.properties.as_deref(),
-                                    expires_at: None,
-                                    sub_ids: &[],
-                                },
-                            );
-                            persist::put_sent(out, cid, *id, *pid);
-                        }
-                        Inflight::Released => {
-                            // Only the packet id matters to a release: the
-                            // message stands in for it.
-                            persist::put_message(
-                                out,
-                                cid,
-                                *id,
-                                &persist::StoredMessageRef {
-                                    topic: "$coremq/released",
-                                    payload: &[],
-                                    qos: QoS::ExactlyOnce,
-                                    retain: false,
-                                    props: None,
-                                    expires_at: None,
-                                    sub_ids: &[],
-                                },
-                            );
-                            persist::put_sent(out, cid, *id, *pid);
-                            persist::put_released(out, cid, *id);
-                        }
-                    }
-                }
-                for m in &f.queue {
-                    persist::put_message(
-                        out,
-                        cid,
-                        m.id,
-                        &persist::StoredMessageRef {
-                            topic: m.topic.as_str(),
-                            payload: &m.payload,
-                            qos: m.qos,
-                            retain: m.retain,
-                            props: m.props.as_deref(),
-                            expires_at: m.expires_at.map(|t| epoch.saturating_add(t.0)),
-                            sub_ids: &m.sub_ids,
-                        },
-                    );
-                }
-                for (&pid, a) in &f.awaiting_rel {
-                    persist::put_await_rel(out, cid, pid, a.uid);
-                }
-            }
+            self.write_session(s, out);
         }
         for (&uid, &stored) in &self.applied {
             if stored {
@@ -4000,6 +3962,142 @@ impl Broker {
                 },
             );
         });
+    }
+
+    /// Session `s` as records: its state, the messages it is owed with
+    /// their flows, the client's QoS 2 flows awaiting PUBREL.
+    fn write_session(&self, s: &Session, out: &mut BytesMut) {
+        let epoch = self.config.wall_epoch_ms;
+        persist::put_session(out, &self.session_state(s));
+        let cid = &s.client_id;
+        if let Some(f) = s.flows() {
+            for (pid, (id, flight)) in &f.inflight {
+                match flight {
+                    Inflight::Published(p) => {
+                        persist::put_message(
+                            out,
+                            cid,
+                            *id,
+                            &persist::StoredMessageRef {
+                                topic: p.topic.as_str(),
+                                payload: &p.payload,
+                                qos: p.qos,
+                                retain: p.retain,
+                                props: p.properties.as_deref(),
+                                expires_at: None,
+                                sub_ids: &[],
+                            },
+                        );
+                        persist::put_sent(out, cid, *id, *pid);
+                    }
+                    Inflight::Released => {
+                        // Only the packet id matters to a release: the
+                        // message stands in for it.
+                        persist::put_message(
+                            out,
+                            cid,
+                            *id,
+                            &persist::StoredMessageRef {
+                                topic: "$coremq/released",
+                                payload: &[],
+                                qos: QoS::ExactlyOnce,
+                                retain: false,
+                                props: None,
+                                expires_at: None,
+                                sub_ids: &[],
+                            },
+                        );
+                        persist::put_sent(out, cid, *id, *pid);
+                        persist::put_released(out, cid, *id);
+                    }
+                }
+            }
+            for m in &f.queue {
+                persist::put_message(
+                    out,
+                    cid,
+                    m.id,
+                    &persist::StoredMessageRef {
+                        topic: m.topic.as_str(),
+                        payload: &m.payload,
+                        qos: m.qos,
+                        retain: m.retain,
+                        props: m.props.as_deref(),
+                        expires_at: m.expires_at.map(|t| epoch.saturating_add(t.0)),
+                        sub_ids: &m.sub_ids,
+                    },
+                );
+            }
+            for (&pid, a) in &f.awaiting_rel {
+                persist::put_await_rel(out, cid, pid, a.uid);
+            }
+        }
+    }
+
+    /// `--cluster`: another node took client `client_id` over
+    /// (MQTT-3.1.4-2 across nodes). Its connection here is closed as for
+    /// any takeover (5.0: DISCONNECT 0x8E; the will as the README says).
+    /// With `export`, a session that outlives its connection leaves this
+    /// node as records (for [`Broker::import_session`] there), a will
+    /// still waiting for its delay with it; without, the session ends here
+    /// (the new connection asked for a clean start), and such a will goes
+    /// out now.
+    pub fn kick(&mut self, client_id: &str, export: bool, now: Millis) -> Option<BytesMut> {
+        self.now = now;
+        let key = self.find_session(client_id)?;
+        if let Some(old) = self.session(key).and_then(|s| s.conn) {
+            bump(&self.counters.takeovers);
+            self.close(old, CloseReason::TakenOver, now);
+        }
+        // A session with expiry 0 ended with its connection.
+        let key = self.find_session(client_id)?;
+        if !export {
+            self.end_session(key);
+            return None;
+        }
+        let mut out = BytesMut::new();
+        let s = self.session(key)?;
+        let max_id = s
+            .flows()
+            .map(|f| {
+                let inflight = f.inflight.values().map(|(id, _)| *id);
+                inflight
+                    .chain(f.queue.iter().map(|m| m.id))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        persist::put_max_id(&mut out, max_id);
+        self.write_session(s, &mut out);
+        self.remove_session(key);
+        Some(out)
+    }
+
+    /// `--cluster`: installs a session another node handed over
+    /// ([`Broker::kick`] there) before its client's CONNECT is admitted
+    /// here; a session this shard still held for the client (from an
+    /// earlier visit) is replaced.
+    pub fn import_session(&mut self, records: &[u8], now: Millis) {
+        self.now = now;
+        let mut recovered = Recovered::default();
+        persist::scan_each(records, |r| recovered.apply(r));
+        let client_ids: Vec<ByteString> = recovered.sessions.keys().cloned().collect();
+        for client_id in client_ids {
+            if let Some(key) = self.find_session(&client_id) {
+                if let Some(old) = self.session(key).and_then(|s| s.conn) {
+                    self.close(old, CloseReason::TakenOver, now);
+                }
+                if let Some(key) = self.find_session(&client_id) {
+                    self.remove_session(key);
+                }
+            }
+        }
+        // Nothing of it is in this shard's log yet: the CONNECT that
+        // resumes it writes the session record.
+        for rs in recovered.sessions.values_mut() {
+            rs.state.connected = false;
+        }
+        self.restore(recovered, now);
     }
 
     fn session(&self, key: SessionKey) -> Option<&Session> {

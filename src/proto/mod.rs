@@ -5,6 +5,7 @@ use std::fmt;
 
 pub mod acl;
 pub mod broker;
+pub mod cluster;
 pub mod codec;
 pub mod handshake;
 pub mod interest;

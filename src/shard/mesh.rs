@@ -99,6 +99,52 @@ pub enum MeshMsg {
     Broker(ShardMsg),
     /// Several, in order: what one turn of the sender's loop produced.
     Batch(Vec<ShardMsg>),
+    /// Between a shard and the cluster link: who holds a clientId's session.
+    Cluster(ClusterMsg),
+}
+
+/// `--cluster`: a clientId's session is live on one node of the cluster at
+/// a time (see `crate::cluster`, "Sessions").
+#[derive(Debug)]
+pub enum ClusterMsg {
+    /// To the link: may this node hold `client_id`'s session? The CONNECT
+    /// waits, unread, for the answer.
+    Claim {
+        /// The shard that asks (the clientId's owner here).
+        from: ShardId,
+        /// Echoed in the answer.
+        ticket: u64,
+        /// The client.
+        client_id: bytestring::ByteString,
+        /// The CONNECT's Clean Start: no session need move here.
+        clean_start: bool,
+    },
+    /// To the shard: `Ok` with the records of the session that moved here
+    /// from another node (if one did); `Err` when the cluster cannot say
+    /// (no NATS quorum): the CONNECT is refused, server unavailable.
+    Claimed {
+        /// The claim's ticket.
+        ticket: u64,
+        /// What became of the claim.
+        outcome: Result<Option<bytes::Bytes>, ()>,
+    },
+    /// To the clientId's owner shard: another node took the client over.
+    Kick {
+        /// The client.
+        client_id: bytestring::ByteString,
+        /// Send its session along (the new connection resumes it).
+        export: bool,
+        /// Echoed in the answer.
+        ticket: u64,
+    },
+    /// To the link: the kick is done, with the session's records if one
+    /// moves.
+    Kicked {
+        /// The kick's ticket.
+        ticket: u64,
+        /// The session, as records.
+        session: Option<bytes::Bytes>,
+    },
 }
 
 /// A connection moving to its owner shard.
@@ -236,18 +282,27 @@ pub struct MeshEnds {
 /// Creates the mesh of `shards` shards: one inbox and two bells per shard,
 /// rung the `wake` way.
 pub fn build(shards: usize, wake: Wake) -> io::Result<Vec<MeshEnds>> {
-    let mut senders = Vec::with_capacity(shards);
-    let mut receivers = Vec::with_capacity(shards);
-    for _ in 0..shards {
+    build_with_link(shards, false, wake)
+}
+
+/// [`build`], and with `link` one more peer after the shards: the cluster
+/// link (`crate::cluster`). It runs no ring, so its bells are eventfds
+/// whatever `wake` says; it rings the shards' bells the `wake` way.
+pub fn build_with_link(shards: usize, link: bool, wake: Wake) -> io::Result<Vec<MeshEnds>> {
+    let peers = shards + usize::from(link);
+    let mut senders = Vec::with_capacity(peers);
+    let mut receivers = Vec::with_capacity(peers);
+    for _ in 0..peers {
         let (tx, rx) = crossbeam_channel::bounded(MESH_CHANNEL_CAPACITY);
         senders.push(tx);
         receivers.push(rx);
     }
-    let data_bells = (0..shards)
-        .map(|_| Doorbell::new(wake))
+    let wake_of = |peer: usize| if peer < shards { wake } else { Wake::Eventfd };
+    let data_bells = (0..peers)
+        .map(|p| Doorbell::new(wake_of(p)))
         .collect::<io::Result<Vec<_>>>()?;
-    let room_bells = (0..shards)
-        .map(|_| Doorbell::new(wake))
+    let room_bells = (0..peers)
+        .map(|p| Doorbell::new(wake_of(p)))
         .collect::<io::Result<Vec<_>>>()?;
     Ok(receivers
         .into_iter()

