@@ -58,7 +58,19 @@
 //!   in flight waits for it, and then closes what the claim admitted: two
 //!   racing CONNECTs end with exactly one session, the one whose
 //!   compare-and-set came last.
-//! - The link writes its own heartbeat entry every second; while that write
+//!
+//! # Wills of a node that dies
+//!
+//! A client that connects with a will has it kept in a second bucket,
+//! `coremq_wills`, under its node's name and incarnation, until its
+//! connection ends on that node (where the will is published or discarded
+//! as on a lone broker). When a node goes silent (or comes back as a new
+//! incarnation), the first surviving node to create the bucket's entry
+//! `d.NODE.INCARNATION` publishes every will left under that node, once,
+//! and removes them. A Will Delay Interval is not kept: such a will goes
+//! out when the death is noticed.
+//!
+//! The link writes its own heartbeat entry every second; while that write
 //!   fails (no JetStream quorum, NATS unreachable) every claim is refused,
 //!   and the CONNECT gets CONNACK 3 (5.0: 0x88), rather than risk two
 //!   sessions. Connections already open stay.
@@ -100,6 +112,9 @@ pub const KICK_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The session registry's bucket.
 pub const SESSIONS_BUCKET: &str = "coremq_sessions";
+
+/// The bucket of the wills of connected clients.
+pub const WILLS_BUCKET: &str = "coremq_wills";
 
 /// Messages waiting for the NATS connection beyond which QoS 0 publishes
 /// are dropped and QoS 1/2 ones answered as dropped at once: a NATS outage
@@ -252,6 +267,15 @@ struct Link {
     ring: Option<io_uring::IoUring>,
     /// The session registry, once JetStream answered.
     kv: Option<async_nats::jetstream::kv::Store>,
+    /// The wills bucket, opened with the registry.
+    wills: Option<async_nats::jetstream::kv::Store>,
+    /// Will writes waiting behind one in flight for the same key (the
+    /// latest only: a put then a delete is a delete), and the keys with
+    /// one in flight.
+    will_ops: HashMap<String, Option<Bytes>>,
+    will_busy: hashbrown::HashSet<String>,
+    /// Nodes found dead (or restarted) whose wills may be left to publish.
+    dead: Vec<NodeId>,
     /// The last write to the registry succeeded: claims may be answered.
     healthy: bool,
     /// Digests of the clientIds this node claimed and was not kicked from.
@@ -709,8 +733,12 @@ impl Link {
                 self.ask_for_routes(&id.name);
                 Some(i)
             }
-            Seen::Restarted(i, gone) => {
+            Seen::Restarted(i, gone, old) => {
                 tracing::info!("cluster: node {} restarted", id.name);
+                self.dead.push(NodeId {
+                    name: id.name.clone(),
+                    incarnation: old,
+                });
                 self.withdraw_from_shards(gone);
                 self.ask_for_routes(&id.name);
                 Some(i)
@@ -862,6 +890,9 @@ impl Link {
         for i in self.routes.silent_since(deadline) {
             let name = self.routes.peer_name(i).unwrap_or("?").to_owned();
             tracing::warn!("cluster: node {name} silent for {PEER_SILENCE:?}, forgotten");
+            if let Some(id) = self.routes.peer_id(i) {
+                self.dead.push(id.clone());
+            }
             let gone = self.routes.peer_gone(i);
             self.withdraw_from_shards(gone);
         }
@@ -968,6 +999,10 @@ async fn run(setup: LinkSetup) {
         deliveries: HashMap::new(),
         ring,
         kv: None,
+        wills: None,
+        will_ops: HashMap::new(),
+        will_busy: hashbrown::HashSet::new(),
+        dead: Vec::new(),
         healthy: false,
         owned: hashbrown::HashSet::new(),
         claiming: HashMap::new(),
@@ -1018,8 +1053,10 @@ async fn run(setup: LinkSetup) {
                 let kv = match kv {
                     Some(kv) => kv,
                     None => match open_registry(&js, &client, servers).await {
-                        Ok(kv) => {
-                            link.borrow_mut().kv = Some(kv.clone());
+                        Ok((kv, wills)) => {
+                            let mut l = link.borrow_mut();
+                            l.kv = Some(kv.clone());
+                            l.wills = Some(wills);
                             kv
                         }
                         Err(e) => {
@@ -1121,6 +1158,15 @@ async fn run(setup: LinkSetup) {
                 let mut l = link.borrow_mut();
                 l.tick();
                 l.post_rings();
+                let dead = std::mem::take(&mut l.dead);
+                let wills = l.wills.clone();
+                drop(l);
+                if let Some(wills) = wills {
+                    for node in dead {
+                        let job = publish_wills_of(link.clone(), wills.clone(), node, me.clone());
+                        tokio::task::spawn_local(job);
+                    }
+                }
             }
             _ = shutdown_check.tick() => {
                 if shutdown.load(Ordering::Relaxed) {
@@ -1147,22 +1193,123 @@ async fn open_registry(
     js: &async_nats::jetstream::Context,
     client: &async_nats::Client,
     servers: usize,
-) -> Result<async_nats::jetstream::kv::Store, String> {
-    if let Ok(kv) = js.get_key_value(SESSIONS_BUCKET).await {
-        return Ok(kv);
-    }
+) -> Result<(async_nats::jetstream::kv::Store, async_nats::jetstream::kv::Store), String> {
     let known = client.server_info().connect_urls.len() + 1;
     let replicas = servers.max(known).min(3);
-    js.create_key_value(async_nats::jetstream::kv::Config {
-        bucket: SESSIONS_BUCKET.into(),
-        description: "coremq: the node that holds each clientId's session".into(),
-        history: 1,
-        num_replicas: replicas,
-        storage: async_nats::jetstream::stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| e.to_string())
+    let open = |bucket: &'static str, description: &'static str| async move {
+        if let Ok(kv) = js.get_key_value(bucket).await {
+            return Ok(kv);
+        }
+        js.create_key_value(async_nats::jetstream::kv::Config {
+            bucket: bucket.into(),
+            description: description.into(),
+            history: 1,
+            num_replicas: replicas,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("{bucket}: {e}"))
+    };
+    let sessions = open(
+        SESSIONS_BUCKET,
+        "coremq: the node that holds each clientId's session",
+    )
+    .await?;
+    let wills = open(WILLS_BUCKET, "coremq: the wills of connected clients, by node").await?;
+    Ok((sessions, wills))
+}
+
+/// The wills bucket's key of `client_id`'s will on node `node`.
+fn will_key(node: &NodeId, client_id: &str) -> String {
+    let (session, _) = session_key(client_id);
+    format!(
+        "w.{}.{}.{}",
+        node.name,
+        node.incarnation,
+        &session[2..]
+    )
+}
+
+/// Writes (`Some`) or removes (`None`) a will in the bucket; writes for one
+/// key go one at a time, in order, the latest waiting one replacing older
+/// ones.
+fn will_op(link: &Rc<RefCell<Link>>, key: String, value: Option<Bytes>) {
+    let mut l = link.borrow_mut();
+    let Some(wills) = l.wills.clone() else {
+        return;
+    };
+    if !l.will_busy.insert(key.clone()) {
+        l.will_ops.insert(key, value);
+        return;
+    }
+    drop(l);
+    let link = link.clone();
+    tokio::task::spawn_local(async move {
+        let mut value = value;
+        loop {
+            let done = match &value {
+                Some(v) => wills.put(&key, v.clone()).await.map(drop).map_err(|e| e.to_string()),
+                None => wills.purge(&key).await.map_err(|e| e.to_string()),
+            };
+            if let Err(e) = done {
+                tracing::debug!("cluster: keeping a will: {e}");
+            }
+            let mut l = link.borrow_mut();
+            match l.will_ops.remove(&key) {
+                Some(next) => value = next,
+                None => {
+                    l.will_busy.remove(&key);
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Node `dead` is gone: if this node is the first to say it will, it
+/// publishes the wills left under that node, once.
+async fn publish_wills_of(
+    link: Rc<RefCell<Link>>,
+    wills: async_nats::jetstream::kv::Store,
+    dead: NodeId,
+    me: NodeId,
+) {
+    use async_nats::jetstream::kv::Operation;
+    let claim = format!("d.{}.{}", dead.name, dead.incarnation);
+    if wills.create(&claim, Bytes::from(me.name.to_string())).await.is_err() {
+        // Another node took it (or the bucket is unreachable: then nobody
+        // can, and the wills wait in it).
+        return;
+    }
+    let pattern = format!("w.{}.{}.>", dead.name, dead.incarnation);
+    let Ok(mut watch) = wills.watch_with_history(&pattern).await else {
+        return;
+    };
+    let mut published = 0usize;
+    loop {
+        // Only what is there now: the watch ends on a quiet half second
+        // or at the last entry it had when it began.
+        let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
+        let Ok(Some(Ok(entry))) = next else { break };
+        if entry.operation == Operation::Put {
+            let mut l = link.borrow_mut();
+            let shard = ShardId((published % usize::from(l.shards)) as u16);
+            l.mesh
+                .send(shard, MeshMsg::Cluster(ClusterMsg::LostWill(entry.value)));
+            l.post_rings();
+            drop(l);
+            let _ = wills.purge(&entry.key).await;
+            published += 1;
+        }
+        if entry.delta == 0 {
+            break;
+        }
+    }
+    tracing::info!(
+        "cluster: node {} is gone: published {published} of its clients' wills",
+        dead.name
+    );
 }
 
 fn set_health(link: &Rc<RefCell<Link>>, healthy: bool, why: &str) {
@@ -1226,7 +1373,15 @@ fn cluster_msg(link: &Rc<RefCell<Link>>, client: &async_nats::Client, msg: Clust
             });
         }
         ClusterMsg::Kicked { ticket, session } => link.borrow_mut().kicked(ticket, session),
-        ClusterMsg::Claimed { .. } | ClusterMsg::Kick { .. } => {}
+        ClusterMsg::WillSet { client_id, will } => {
+            let key = will_key(&link.borrow().me, &client_id);
+            will_op(link, key, Some(will));
+        }
+        ClusterMsg::WillClear { client_id } => {
+            let key = will_key(&link.borrow().me, &client_id);
+            will_op(link, key, None);
+        }
+        ClusterMsg::Claimed { .. } | ClusterMsg::Kick { .. } | ClusterMsg::LostWill(_) => {}
     }
 }
 

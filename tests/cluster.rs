@@ -533,27 +533,54 @@ fn nats_servers_failing_one_is_carried_two_refuse_connects_until_they_return() {
     );
 }
 
-/// kill -9 of a node: its clients reconnect to another node, which takes
-/// their clientIds over at once (the dead node's subject has no
+/// kill -9 of a node: the wills of its connected clients are published
+/// once, by one of the surviving nodes (MQTT-3.1.2-8: the connection
+/// ended without DISCONNECT); its clients reconnect to another node, which
+/// takes their clientIds over at once (the dead node's subject has no
 /// responders), and the remaining nodes carry on.
 #[test]
-fn kill_9_of_a_node_its_clients_reconnect_elsewhere() {
+fn kill_9_of_a_node_its_wills_are_published_once_and_its_clients_reconnect_elsewhere() {
     let _one = serial();
     let nats = Nats::start(1);
     let mut a = node(&nats, "a", &[]);
     let b = node(&nats, "b", &[]);
     let c = node(&nats, "c", &[]);
     wait_joined(&[("a", &a), ("b", &b), ("c", &c)]);
-    let mut devices: Vec<RawClient> = (0..20)
-        .map(|i| RawClient::connect(a.port(), &ConnectOpts::id(&format!("dev-{i}"))).0)
+    const DEVICES: usize = 20;
+    let mut devices: Vec<RawClient> = (0..DEVICES)
+        .map(|i| {
+            let opts = ConnectOpts::id(&format!("dev-{i}")).will(
+                &format!("dev/{i}/status"),
+                b"offline",
+                1,
+                false,
+            );
+            RawClient::connect(a.port(), &opts).0
+        })
         .collect();
-    let mut watcher = RawClient::subscriber(c.port(), "watcher", "dev/+/up", 1);
+    let mut watcher = RawClient::subscriber(c.port(), "watcher", "dev/#", 1);
+    // The wills are in the cluster by the time a dies: give the writes a
+    // moment (they do not hold up the CONNACK).
+    thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
     a.kill9();
     for d in &mut devices {
         assert!(d.closed_within(Duration::from_secs(5)).is_some());
     }
+    let mut wills = std::collections::HashMap::new();
+    while wills.len() < DEVICES {
+        let p = watcher
+            .next_publish(Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("only {} of {DEVICES} wills: {wills:?}", wills.len()));
+        assert_eq!(p.payload.as_ref(), b"offline");
+        *wills.entry(p.topic.as_str().to_string()).or_insert(0) += 1;
+    }
+    let all_wills_after = killed.elapsed();
+    // Once: no second copy from the other surviving node.
+    watcher.expect_silence(Duration::from_secs(2));
+    assert!(wills.values().all(|&n| n == 1), "{wills:?}");
     let start = Instant::now();
-    for i in 0..20 {
+    for i in 0..DEVICES {
         let (mut d, _) = RawClient::connect(b.port(), &ConnectOpts::id(&format!("dev-{i}")));
         d.publish(&format!("dev/{i}/up"), b"moved", 1, false);
         watcher.expect_publish(&format!("dev/{i}/up"), b"moved", Duration::from_secs(5));
@@ -562,8 +589,9 @@ fn kill_9_of_a_node_its_clients_reconnect_elsewhere() {
     b.assert_no_panic();
     c.assert_no_panic();
     println!(
-        "checked: node a killed -9 with 20 clients; each reconnected on node b (CONNACK 0, \
-         taking its clientId over from the dead node) and its QoS 1 publish reached a \
-         subscriber on node c; all 20 in {took:?}"
+        "checked: node a killed -9 with {DEVICES} clients that had wills: each will reached a \
+         subscriber on node c exactly once, all within {all_wills_after:?} of the kill; then \
+         each client reconnected on node b (CONNACK 0, taking its clientId over from the dead \
+         node) and its QoS 1 publish reached node c; all {DEVICES} in {took:?}"
     );
 }

@@ -1373,6 +1373,13 @@ impl Broker {
         );
     }
 
+    /// `--cluster`: the will of a client whose node died (its connection
+    /// ended without DISCONNECT there), published from this node.
+    pub fn publish_lost_will(&mut self, will: LastWill, now: Millis) {
+        self.now = now;
+        self.publish_will(will);
+    }
+
     /// Closes every connection (the last step of a shutdown). A will not
     /// yet published by [`Broker::publish_all_wills`] is published.
     pub fn close_all(&mut self, now: Millis) {

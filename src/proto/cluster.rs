@@ -260,10 +260,10 @@ struct Peer {
 pub enum Seen {
     /// A node not known before: ask it for its filters.
     New(u16),
-    /// A node known under an earlier incarnation: what it announced then is
-    /// forgotten (the filters listed went from some node to none); ask it
-    /// again.
-    Restarted(u16, Vec<TopicFilter>),
+    /// A node known under an earlier incarnation (the third field): what
+    /// it announced then is forgotten (the filters listed went from some
+    /// node to none); ask it again.
+    Restarted(u16, Vec<TopicFilter>, u64),
     /// Nothing new.
     Known(u16),
 }
@@ -348,9 +348,9 @@ impl Routes {
                 if peer.id.incarnation == id.incarnation {
                     return Seen::Known(i as u16);
                 }
-                peer.id.incarnation = id.incarnation;
+                let old = std::mem::replace(&mut peer.id.incarnation, id.incarnation);
                 let gone = self.forget_filters_of(i);
-                Seen::Restarted(i as u16, gone)
+                Seen::Restarted(i as u16, gone, old)
             }
             None => {
                 let peer = Peer {
@@ -382,6 +382,14 @@ impl Routes {
             .iter()
             .position(|p| p.as_ref().is_some_and(|p| p.id == *id))
             .map(|i| i as u16)
+    }
+
+    /// Peer `index` as its messages name it.
+    pub fn peer_id(&self, index: u16) -> Option<&NodeId> {
+        self.peers
+            .get(usize::from(index))
+            .and_then(Option::as_ref)
+            .map(|p| &p.id)
     }
 
     /// The name of peer `index`.
@@ -610,7 +618,7 @@ mod tests {
         // Node a restarted: what it had is gone.
         assert_eq!(
             r.peer_seen(&id("a", 2), 6).sorted(),
-            Seen::Restarted(0, vec![f("x/+"), f("y")])
+            Seen::Restarted(0, vec![f("x/+"), f("y")], 1)
         );
         assert_eq!(r.nodes_for(&t("x/1")), ShardSet::default());
         assert_eq!(r.silent_since(6), [1]);
@@ -628,9 +636,9 @@ mod tests {
     impl Seen {
         fn sorted(self) -> Seen {
             match self {
-                Seen::Restarted(i, mut v) => {
+                Seen::Restarted(i, mut v, old) => {
                     v.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-                    Seen::Restarted(i, v)
+                    Seen::Restarted(i, v, old)
                 }
                 other => other,
             }

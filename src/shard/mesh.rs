@@ -145,6 +145,24 @@ pub enum ClusterMsg {
         /// The session, as records.
         session: Option<bytes::Bytes>,
     },
+    /// To the link: a client connected here with a will; kept in the
+    /// cluster so that another node publishes it if this one dies.
+    WillSet {
+        /// The client.
+        client_id: bytestring::ByteString,
+        /// The will as a node-to-node publish
+        /// ([`crate::proto::cluster::NodeMsg::Publish`]).
+        will: bytes::Bytes,
+    },
+    /// To the link: that client's connection here ended (its will was
+    /// dealt with here).
+    WillClear {
+        /// The client.
+        client_id: bytestring::ByteString,
+    },
+    /// To a shard: publish the will of a client of a node that died
+    /// (encoded as in `WillSet`).
+    LostWill(bytes::Bytes),
 }
 
 /// A connection moving to its owner shard.

@@ -116,6 +116,9 @@ pub struct Shard {
     /// `--cluster`: CONNECTs waiting for the link to say this node holds
     /// their client's session, by ticket.
     claims: RefCell<hashbrown::HashMap<u64, mesh::Handoff>>,
+    /// `--cluster`: connections whose will the link keeps, with their
+    /// clientIds (cleared there when they close).
+    cluster_wills: RefCell<hashbrown::HashMap<crate::proto::ConnId, bytestring::ByteString>>,
     serial: Cell<u64>,
     started: Instant,
     last_stats: Cell<Instant>,
@@ -634,6 +637,7 @@ pub fn run(
                     mesh,
                     link,
                     claims: RefCell::new(hashbrown::HashMap::new()),
+                    cluster_wills: RefCell::new(hashbrown::HashMap::new()),
                     serial: Cell::new(0),
                     started,
                     last_stats: Cell::new(Instant::now()),

@@ -39,7 +39,8 @@ use super::{Io, Shard, TICK};
 use crate::config::Transport;
 use crate::metrics::{bump, drop_one, get};
 use crate::proto::broker::MAX_PENDING_OUTGOING;
-use crate::proto::codec::{reason, return_code, Connect, ProtocolVersion};
+use crate::proto::cluster::{NodeMsg, NodePublish};
+use crate::proto::codec::{reason, return_code, Connect, LastWill, ProtocolVersion};
 use crate::proto::handshake::{
     self, assign_client_id, check_connect, connack_bytes, connack_code, owner_of,
     CertificateIdentity, FirstPacket, HandshakeError,
@@ -1133,8 +1134,26 @@ pub(crate) fn cluster_msg(shard: &Shard, msg: ClusterMsg) {
                 );
             }
         }
+        ClusterMsg::LostWill(encoded) => {
+            let Some(NodeMsg::Publish(p)) = NodeMsg::decode(&encoded) else {
+                return;
+            };
+            let will = LastWill {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                properties: p.props.map(|props| Box::new((*props).clone())),
+            };
+            let now = shard.now();
+            shard.broker.borrow_mut().publish_lost_will(will, now);
+            shard.dispatch();
+        }
         // For the link.
-        ClusterMsg::Claim { .. } | ClusterMsg::Kicked { .. } => {}
+        ClusterMsg::Claim { .. }
+        | ClusterMsg::Kicked { .. }
+        | ClusterMsg::WillSet { .. }
+        | ClusterMsg::WillClear { .. } => {}
     }
 }
 
@@ -1149,10 +1168,33 @@ fn admit_now(shard: &Shard, conn: Handoff, registered: bool) {
     } = conn;
     let connect = *connect;
     let now = shard.now();
+    // In a cluster a will is kept on the NATS side too, so that another
+    // node publishes it if this one dies with the connection open.
+    let cluster_will = shard.link.and_then(|_| {
+        let w = connect.will.as_ref()?;
+        let mut props = w.properties.as_deref().cloned();
+        if let Some(p) = props.as_mut() {
+            // The rest are PUBLISH properties; the delay is not kept.
+            p.will_delay_interval = None;
+        }
+        let publish = NodeMsg::Publish(NodePublish {
+            topic: w.topic.clone(),
+            payload: w.payload.clone(),
+            qos: w.qos,
+            retain: w.retain,
+            props: props.map(std::sync::Arc::new),
+            expires_in_ms: None,
+        });
+        Some((ByteString::from(&*connect.client_id), publish.encode()))
+    });
     let id = shard
         .broker
         .borrow_mut()
         .connect_assigned(connect, assigned, now);
+    if let (Some((client_id, will)), Some(link)) = (cluster_will, shard.link) {
+        shard.cluster_wills.borrow_mut().insert(id, client_id.clone());
+        shard.send_to(link, MeshMsg::Cluster(ClusterMsg::WillSet { client_id, will }));
+    }
     shard
         .counters
         .connack_latency
@@ -1809,6 +1851,11 @@ impl Shard {
     /// The broker closed `id`: write what is pending, then close the socket
     /// and free the broker's slot.
     pub(crate) fn close_conn(&self, id: ConnId) {
+        if let Some(client_id) = self.cluster_wills.borrow_mut().remove(&id) {
+            if let Some(link) = self.link {
+                self.send_to(link, MeshMsg::Cluster(ClusterMsg::WillClear { client_id }));
+            }
+        }
         {
             let mut net = self.net.borrow_mut();
             let Some(sock) = net.sock_mut(id) else {
