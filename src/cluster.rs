@@ -287,6 +287,16 @@ struct Link {
     kicks: HashMap<u64, Option<String>>,
 }
 
+/// Adds one to a cluster counter.
+fn count(
+    counters: &Counters,
+    which: impl Fn(&crate::metrics::ClusterCounters) -> &std::sync::atomic::AtomicU64,
+) {
+    if let Some(c) = &counters.cluster {
+        crate::metrics::bump(which(c));
+    }
+}
+
 impl Link {
     fn now(&self) -> Millis {
         Millis(self.started.elapsed().as_millis() as u64)
@@ -378,6 +388,7 @@ impl Link {
 
     /// Another node took client `client_id` over.
     fn kick_in(&mut self, client_id: ByteString, export: bool, reply: Option<String>) {
+        count(&self.counters, |c| &c.takeovers_out);
         let (_, digest) = session_key(&client_id);
         self.owned.remove(&digest);
         let kick = Kick {
@@ -616,6 +627,10 @@ impl Link {
             expires_in_ms,
         })
         .encode();
+        if let Some(c) = &self.counters.cluster {
+            c.publishes_sent
+                .fetch_add(targets.len() as u64, Ordering::Relaxed);
+        }
         match p.ticket {
             None => {
                 for subject in targets {
@@ -800,6 +815,7 @@ impl Link {
     /// subscription (and the topic's retained owner when it is retained);
     /// a request is answered once every one of them has queued it.
     fn publish_in(&mut self, p: NodePublish, reply: Option<String>) {
+        count(&self.counters, |c| &c.publishes_received);
         let mut to = self.routes.shards_for(&p.topic);
         if p.retain {
             to.insert(retained_owner(p.topic.as_str(), self.shards));
@@ -883,6 +899,10 @@ impl Link {
     /// Once a second: the heartbeat, silent peers forgotten, requests
     /// timed out.
     fn tick(&mut self) {
+        if let Some(c) = &self.counters.cluster {
+            let names = self.routes.peers().map(|(_, n)| n.to_owned()).collect();
+            *c.peers.lock().unwrap_or_else(|e| e.into_inner()) = names;
+        }
         let hello = NodeMsg::Hello(self.me.clone()).encode();
         self.push_out(HELLO_SUBJECT.into(), None, hello);
         let now_ms = self.started.elapsed().as_millis() as u64;
@@ -1193,7 +1213,13 @@ async fn open_registry(
     js: &async_nats::jetstream::Context,
     client: &async_nats::Client,
     servers: usize,
-) -> Result<(async_nats::jetstream::kv::Store, async_nats::jetstream::kv::Store), String> {
+) -> Result<
+    (
+        async_nats::jetstream::kv::Store,
+        async_nats::jetstream::kv::Store,
+    ),
+    String,
+> {
     let known = client.server_info().connect_urls.len() + 1;
     let replicas = servers.max(known).min(3);
     let open = |bucket: &'static str, description: &'static str| async move {
@@ -1216,19 +1242,18 @@ async fn open_registry(
         "coremq: the node that holds each clientId's session",
     )
     .await?;
-    let wills = open(WILLS_BUCKET, "coremq: the wills of connected clients, by node").await?;
+    let wills = open(
+        WILLS_BUCKET,
+        "coremq: the wills of connected clients, by node",
+    )
+    .await?;
     Ok((sessions, wills))
 }
 
 /// The wills bucket's key of `client_id`'s will on node `node`.
 fn will_key(node: &NodeId, client_id: &str) -> String {
     let (session, _) = session_key(client_id);
-    format!(
-        "w.{}.{}.{}",
-        node.name,
-        node.incarnation,
-        &session[2..]
-    )
+    format!("w.{}.{}.{}", node.name, node.incarnation, &session[2..])
 }
 
 /// Writes (`Some`) or removes (`None`) a will in the bucket; writes for one
@@ -1249,7 +1274,11 @@ fn will_op(link: &Rc<RefCell<Link>>, key: String, value: Option<Bytes>) {
         let mut value = value;
         loop {
             let done = match &value {
-                Some(v) => wills.put(&key, v.clone()).await.map(drop).map_err(|e| e.to_string()),
+                Some(v) => wills
+                    .put(&key, v.clone())
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
                 None => wills.purge(&key).await.map_err(|e| e.to_string()),
             };
             if let Err(e) = done {
@@ -1277,7 +1306,11 @@ async fn publish_wills_of(
 ) {
     use async_nats::jetstream::kv::Operation;
     let claim = format!("d.{}.{}", dead.name, dead.incarnation);
-    if wills.create(&claim, Bytes::from(me.name.to_string())).await.is_err() {
+    if wills
+        .create(&claim, Bytes::from(me.name.to_string()))
+        .await
+        .is_err()
+    {
         // Another node took it (or the bucket is unreachable: then nobody
         // can, and the wills wait in it).
         return;
@@ -1301,6 +1334,7 @@ async fn publish_wills_of(
             drop(l);
             let _ = wills.purge(&entry.key).await;
             published += 1;
+            count(&link.borrow().counters, |c| &c.lost_wills_published);
         }
         if entry.delta == 0 {
             break;
@@ -1324,6 +1358,9 @@ fn set_health(link: &Rc<RefCell<Link>>, healthy: bool, why: &str) {
         }
     }
     l.healthy = healthy;
+    if let Some(c) = &l.counters.cluster {
+        c.registry_up.store(u64::from(healthy), Ordering::Relaxed);
+    }
 }
 
 /// A claim or kick answer from a shard.
@@ -1340,6 +1377,7 @@ fn cluster_msg(link: &Rc<RefCell<Link>>, client: &async_nats::Client, msg: Clust
             let kv = match (&l.kv, l.healthy) {
                 (Some(kv), true) => kv.clone(),
                 _ => {
+                    count(&l.counters, |c| &c.claims_refused);
                     l.mesh.send(
                         from,
                         MeshMsg::Cluster(ClusterMsg::Claimed {
@@ -1351,6 +1389,7 @@ fn cluster_msg(link: &Rc<RefCell<Link>>, client: &async_nats::Client, msg: Clust
                 }
             };
             if l.owned.contains(&digest) && !l.claiming.contains_key(&digest) {
+                count(&l.counters, |c| &c.claims_remembered);
                 l.mesh.send(
                     from,
                     MeshMsg::Cluster(ClusterMsg::Claimed {
@@ -1360,13 +1399,19 @@ fn cluster_msg(link: &Rc<RefCell<Link>>, client: &async_nats::Client, msg: Clust
                 );
                 return;
             }
+            count(&l.counters, |c| &c.claims_registry);
             l.claiming.entry(digest).or_default().0 += 1;
             let me = l.me.clone();
+            let counters = l.counters.clone();
             drop(l);
             let link = link.clone();
             let client = client.clone();
             tokio::task::spawn_local(async move {
-                let outcome = claim(&kv, &client, &me, &key, &client_id, !clean_start).await;
+                let outcome =
+                    claim(&kv, &client, &me, &key, &client_id, !clean_start, &counters).await;
+                if outcome.is_err() {
+                    count(&counters, |c| &c.claims_refused);
+                }
                 let mut l = link.borrow_mut();
                 l.claim_done(digest, from, ticket, outcome);
                 l.post_rings();
@@ -1394,6 +1439,7 @@ async fn claim(
     key: &str,
     client_id: &ByteString,
     want_session: bool,
+    counters: &Counters,
 ) -> Result<Option<Bytes>, ()> {
     use async_nats::jetstream::kv::{CreateErrorKind, Operation, UpdateErrorKind};
     let value = Bytes::from(format!("{}\n{}", me.name, me.incarnation));
@@ -1437,6 +1483,7 @@ async fn claim(
             // This node before a restart: what it held is gone.
             return Ok(None);
         }
+        count(counters, |c| &c.takeovers_in);
         let kick = NodeMsg::Kick(client_id.clone(), want_session).encode();
         let request = async_nats::Request::new()
             .payload(kick)

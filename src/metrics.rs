@@ -133,6 +133,37 @@ pub struct Counters {
     /// queued): TLS handshake, hand-off to the owner shard and takeover
     /// included.
     pub connack_latency: Histogram,
+    /// `--cluster`: what the cluster link does (`None` on a lone node).
+    pub cluster: Option<ClusterCounters>,
+}
+
+/// `--cluster`: the node, its peers, and the traffic between them.
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    /// This node's name.
+    pub node: String,
+    /// The peer nodes heard from, by name (the link updates it each second).
+    pub peers: Mutex<Vec<String>>,
+    /// 1 while the session registry answers (CONNECTs are accepted).
+    pub registry_up: AtomicU64,
+    /// Publishes sent to other nodes (one per node).
+    pub publishes_sent: AtomicU64,
+    /// Publishes received from other nodes.
+    pub publishes_received: AtomicU64,
+    /// CONNECTs whose clientId this node was known to hold: answered from
+    /// memory, no cluster-wide read or write.
+    pub claims_remembered: AtomicU64,
+    /// CONNECTs that went to the session registry.
+    pub claims_registry: AtomicU64,
+    /// CONNECTs refused (CONNACK 3 / 0x88) without a working registry.
+    pub claims_refused: AtomicU64,
+    /// Clients taken over from other nodes (their session moved here when
+    /// they had one).
+    pub takeovers_in: AtomicU64,
+    /// Clients other nodes took over from this one.
+    pub takeovers_out: AtomicU64,
+    /// Wills of clients of dead nodes published by this node.
+    pub lost_wills_published: AtomicU64,
 }
 
 /// Upper bounds of [`Histogram`] buckets, in microseconds (the exposition
@@ -217,7 +248,7 @@ impl Counters {
     pub fn sys_topics(&self, uptime_secs: u64) -> Vec<(&'static str, String)> {
         let connected = get(&self.connections_current);
         let sessions = get(&self.sessions_current);
-        vec![
+        let mut topics = vec![
             (
                 "$SYS/broker/version",
                 format!("coremq {}", env!("CARGO_PKG_VERSION")),
@@ -283,7 +314,25 @@ impl Counters {
                     .map(|(id, depth, _)| format!("{depth} {id}\n"))
                     .collect(),
             ),
-        ]
+        ];
+        if let Some(c) = &self.cluster {
+            topics.extend([
+                ("$SYS/broker/cluster/node", c.node.clone()),
+                (
+                    "$SYS/broker/cluster/peers",
+                    c.peers.lock().unwrap_or_else(|e| e.into_inner()).join("\n"),
+                ),
+                (
+                    "$SYS/broker/cluster/messages/sent",
+                    get(&c.publishes_sent).to_string(),
+                ),
+                (
+                    "$SYS/broker/cluster/messages/received",
+                    get(&c.publishes_received).to_string(),
+                ),
+            ]);
+        }
+        topics
     }
 }
 
@@ -709,6 +758,9 @@ impl Counters {
         }
         self.write_families(&mut out);
         self.write_queue_families(&mut out);
+        if let Some(c) = &self.cluster {
+            c.write_families(&mut out);
+        }
         let _ = fmt::Write::write_fmt(
             &mut out,
             format_args!(
@@ -719,5 +771,99 @@ impl Counters {
             ),
         );
         out
+    }
+}
+
+impl ClusterCounters {
+    /// A node named `node`.
+    pub fn new(node: String) -> ClusterCounters {
+        ClusterCounters {
+            node,
+            ..ClusterCounters::default()
+        }
+    }
+
+    fn write_families(&self, out: &mut String) {
+        use fmt::Write;
+        let node = &self.node;
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(
+            out,
+            "# HELP coremq_cluster_node_info This node's name in its cluster.\n\
+             # TYPE coremq_cluster_node_info gauge\n\
+             coremq_cluster_node_info{{node=\"{node}\"}} 1"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP coremq_cluster_peer_info The other nodes this one hears from.\n\
+             # TYPE coremq_cluster_peer_info gauge"
+        );
+        for p in &peers {
+            let _ = writeln!(out, "coremq_cluster_peer_info{{peer=\"{p}\"}} 1");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP coremq_cluster_peers Other nodes this one hears from.\n\
+             # TYPE coremq_cluster_peers gauge\ncoremq_cluster_peers {}",
+            peers.len()
+        );
+        let plain: [(&str, &str, &str, &AtomicU64); 5] = [
+            (
+                "coremq_cluster_registry_up",
+                "gauge",
+                "1 while the session registry answers and CONNECTs are accepted.",
+                &self.registry_up,
+            ),
+            (
+                "coremq_cluster_publishes_sent_total",
+                "counter",
+                "Publishes sent to other nodes (one per node).",
+                &self.publishes_sent,
+            ),
+            (
+                "coremq_cluster_publishes_received_total",
+                "counter",
+                "Publishes received from other nodes.",
+                &self.publishes_received,
+            ),
+            (
+                "coremq_cluster_lost_wills_published_total",
+                "counter",
+                "Wills of clients of dead nodes published by this node.",
+                &self.lost_wills_published,
+            ),
+            (
+                "coremq_cluster_takeovers_out_total",
+                "counter",
+                "Clients other nodes took over from this one.",
+                &self.takeovers_out,
+            ),
+        ];
+        for (name, kind, help, c) in plain {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                get(c)
+            );
+        }
+        let name = "coremq_cluster_claims_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} CONNECTs by how this node came to hold the clientId: remembered (no cluster-wide write), registry (read or written there), refused (no registry).\n# TYPE {name} counter"
+        );
+        for (how, c) in [
+            ("remembered", &self.claims_remembered),
+            ("registry", &self.claims_registry),
+            ("refused", &self.claims_refused),
+        ] {
+            let _ = writeln!(out, "{name}{{how=\"{how}\"}} {}", get(c));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP coremq_cluster_takeovers_in_total Clients taken over from other nodes.\n\
+             # TYPE coremq_cluster_takeovers_in_total counter\n\
+             coremq_cluster_takeovers_in_total {}",
+            get(&self.takeovers_in)
+        );
     }
 }

@@ -224,8 +224,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn publishes_and_retained_messages_reach_every_node() {
     let _one = serial();
     let nats = Nats::start(3);
-    let a = node(&nats, "a", &[]);
-    let b = node(&nats, "b", &[]);
+    let metrics_b = format!("127.0.0.1:{}", unused_port());
+    let a = node(&nats, "a", &["--sys-interval", "1"]);
+    let b = node(&nats, "b", &["--metrics-listen", &metrics_b]);
     let c = node(&nats, "c", &[]);
     wait_joined(&[("a", &a), ("b", &b), ("c", &c)]);
 
@@ -268,13 +269,40 @@ fn publishes_and_retained_messages_reach_every_node() {
         );
     }
     sub_a.kill();
+
+    // What an operator sees: the node and its peers in /metrics (parsed by
+    // prometheus_client) and in $SYS.
+    let url = format!("http://{metrics_b}/metrics");
+    let (code, out, err) = run_bounded(
+        &mut common::python_script("prom_scrape.py", &[&url]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(0), "/metrics: {out}{err}");
+    let m = common::json::parse_object(&out).expect("JSON");
+    let sample = |k: &str| {
+        m.get(&format!("s:{k}"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or_else(|| panic!("no {k} in /metrics: {out}"))
+    };
+    assert_eq!(sample("coremq_cluster_node_info{node=b}"), 1);
+    assert_eq!(sample("coremq_cluster_peers"), 2);
+    assert_eq!(sample("coremq_cluster_peer_info{peer=a}"), 1);
+    assert_eq!(sample("coremq_cluster_registry_up"), 1);
+    // Three publishes to a and c, the retained one to both.
+    let sent = sample("coremq_cluster_publishes_sent_total");
+    assert!(sent >= 8, "publishes sent to other nodes: {sent}");
+    assert!(sample("coremq_cluster_publishes_received_total") >= 1, "the clear from c");
+    assert!(sample("coremq_cluster_claims_total{how=registry}") >= 4);
+    let node_name = read_retained(a.port(), "$SYS/broker/cluster/node", 5);
+    assert_eq!(node_name, "a");
     for n in [&a, &b, &c] {
         n.assert_no_panic();
     }
     println!(
         "checked: QoS 0/1/2 from node b reached mosquitto_sub on a and a raw subscriber on c \
          once each (at min(QoS, 1) on c); a retained message set on b was read on a, b and c, \
-         and its clear on c cleared it on all three"
+         and its clear on c cleared it on all three; node b's /metrics named it, its 2 peers \
+         and {sent} publishes sent to them; $SYS/broker/cluster/node on a said \"a\""
     );
 }
 

@@ -490,7 +490,11 @@ pub fn run(
         },
         tls_files,
     )?);
-    let counters = Arc::new(Counters::for_shards(shards));
+    let mut counters = Counters::for_shards(shards);
+    if !config.cluster.is_empty() {
+        counters.cluster = Some(crate::metrics::ClusterCounters::new(config.node()));
+    }
+    let counters = Arc::new(counters);
     let nofile = crate::sys::raise_nofile_limit()?;
     // Up to 4 Mi descriptors (32 MiB of kernel table): past that, a limit
     // is more likely a setting nobody will reach than a plan.

@@ -1192,8 +1192,14 @@ fn admit_now(shard: &Shard, conn: Handoff, registered: bool) {
         .borrow_mut()
         .connect_assigned(connect, assigned, now);
     if let (Some((client_id, will)), Some(link)) = (cluster_will, shard.link) {
-        shard.cluster_wills.borrow_mut().insert(id, client_id.clone());
-        shard.send_to(link, MeshMsg::Cluster(ClusterMsg::WillSet { client_id, will }));
+        shard
+            .cluster_wills
+            .borrow_mut()
+            .insert(id, client_id.clone());
+        shard.send_to(
+            link,
+            MeshMsg::Cluster(ClusterMsg::WillSet { client_id, will }),
+        );
     }
     shard
         .counters
