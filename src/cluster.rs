@@ -1326,12 +1326,13 @@ async fn publish_wills_of(
         let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
         let Ok(Some(Ok(entry))) = next else { break };
         if entry.operation == Operation::Put {
-            let mut l = link.borrow_mut();
-            let shard = ShardId((published % usize::from(l.shards)) as u16);
-            l.mesh
-                .send(shard, MeshMsg::Cluster(ClusterMsg::LostWill(entry.value)));
-            l.post_rings();
-            drop(l);
+            {
+                let mut l = link.borrow_mut();
+                let shard = ShardId((published % usize::from(l.shards)) as u16);
+                l.mesh
+                    .send(shard, MeshMsg::Cluster(ClusterMsg::LostWill(entry.value)));
+                l.post_rings();
+            }
             let _ = wills.purge(&entry.key).await;
             published += 1;
             count(&link.borrow().counters, |c| &c.lost_wills_published);

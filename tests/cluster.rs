@@ -291,7 +291,10 @@ fn publishes_and_retained_messages_reach_every_node() {
     // Three publishes to a and c, the retained one to both.
     let sent = sample("coremq_cluster_publishes_sent_total");
     assert!(sent >= 8, "publishes sent to other nodes: {sent}");
-    assert!(sample("coremq_cluster_publishes_received_total") >= 1, "the clear from c");
+    assert!(
+        sample("coremq_cluster_publishes_received_total") >= 1,
+        "the clear from c"
+    );
     assert!(sample("coremq_cluster_claims_total{how=registry}") >= 4);
     let node_name = read_retained(a.port(), "$SYS/broker/cluster/node", 5);
     assert_eq!(node_name, "a");
