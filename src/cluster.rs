@@ -24,7 +24,10 @@
 //!   (or [`REQUEST_TIMEOUT`]), so a publish on any node after the SUBACK
 //!   reaches the subscriber.
 //! - A publish goes only to the nodes with a matching filter (retained
-//!   ones to every node, which all keep the retained set). QoS 0 is sent
+//!   ones to every node, which all keep the retained set). Retained
+//!   messages are also written to the `coremq_retained` bucket (one entry
+//!   per topic; a clear purges it), which a node loads when it joins,
+//!   before it accepts connections. QoS 0 is sent
 //!   once; QoS 1/2 as a request, answered once the receiving node queued it
 //!   for every matching session: the publisher's PUBACK/PUBREC waits for
 //!   those answers, so an acknowledged message is queued on every node
@@ -115,6 +118,9 @@ pub const SESSIONS_BUCKET: &str = "coremq_sessions";
 
 /// The bucket of the wills of connected clients.
 pub const WILLS_BUCKET: &str = "coremq_wills";
+
+/// The bucket of the retained messages, one entry per topic.
+pub const RETAINED_BUCKET: &str = "coremq_retained";
 
 /// Messages waiting for the NATS connection beyond which QoS 0 publishes
 /// are dropped and QoS 1/2 ones answered as dropped at once: a NATS outage
@@ -272,8 +278,12 @@ struct Link {
     /// Will writes waiting behind one in flight for the same key (the
     /// latest only: a put then a delete is a delete), and the keys with
     /// one in flight.
-    will_ops: HashMap<String, Option<Bytes>>,
-    will_busy: hashbrown::HashSet<String>,
+    kv_ops: HashMap<String, Option<Bytes>>,
+    kv_busy: hashbrown::HashSet<String>,
+    /// The retained bucket, opened with the registry.
+    retained: Option<async_nats::jetstream::kv::Store>,
+    /// Bucket writes to start (they need the link's `Rc`).
+    kv_queue: Vec<(Bucket, String, Option<Bytes>)>,
     /// Nodes found dead (or restarted) whose wills may be left to publish.
     dead: Vec<NodeId>,
     /// The last write to the registry succeeded: claims may be answered.
@@ -603,6 +613,26 @@ impl Link {
             Some(at) => Some(at.0 - now.0),
             None => None,
         };
+        if p.retain {
+            // Kept for nodes that join later (a clear is a purge).
+            let value = (!p.payload.is_empty()).then(|| {
+                let deadline = expires_in_ms.map_or(0, |ms| wall_ms() + ms);
+                let msg = NodeMsg::Publish(NodePublish {
+                    topic: p.topic.clone(),
+                    payload: p.payload.clone(),
+                    qos: p.qos,
+                    retain: true,
+                    props: p.props.clone(),
+                    expires_in_ms: None,
+                });
+                let mut v = bytes::BytesMut::with_capacity(8 + p.payload.len() + 32);
+                v.extend_from_slice(&deadline.to_be_bytes());
+                v.extend_from_slice(&msg.encode());
+                v.freeze()
+            });
+            self.kv_queue
+                .push((Bucket::Retained, retained_key(p.topic.as_str()), value));
+        }
         let targets: Vec<String> = if p.retain {
             self.peer_subjects()
         } else {
@@ -1020,8 +1050,10 @@ async fn run(setup: LinkSetup) {
         ring,
         kv: None,
         wills: None,
-        will_ops: HashMap::new(),
-        will_busy: hashbrown::HashSet::new(),
+        kv_ops: HashMap::new(),
+        kv_busy: hashbrown::HashSet::new(),
+        retained: None,
+        kv_queue: Vec::new(),
         dead: Vec::new(),
         healthy: false,
         owned: hashbrown::HashSet::new(),
@@ -1073,10 +1105,12 @@ async fn run(setup: LinkSetup) {
                 let kv = match kv {
                     Some(kv) => kv,
                     None => match open_registry(&js, &client, servers).await {
-                        Ok((kv, wills)) => {
+                        Ok((kv, wills, retained)) => {
+                            load_retained(&link, &retained).await;
                             let mut l = link.borrow_mut();
                             l.kv = Some(kv.clone());
                             l.wills = Some(wills);
+                            l.retained = Some(retained);
                             kv
                         }
                         Err(e) => {
@@ -1161,7 +1195,10 @@ async fn run(setup: LinkSetup) {
             }
             let mut l = link.borrow_mut();
             l.post_rings();
-            if !l.mesh.arm_before_block() {
+            let armed = l.mesh.arm_before_block();
+            drop(l);
+            flush_kv(&link);
+            if !armed {
                 continue;
             }
         }
@@ -1217,6 +1254,7 @@ async fn open_registry(
     (
         async_nats::jetstream::kv::Store,
         async_nats::jetstream::kv::Store,
+        async_nats::jetstream::kv::Store,
     ),
     String,
 > {
@@ -1247,7 +1285,8 @@ async fn open_registry(
         "coremq: the wills of connected clients, by node",
     )
     .await?;
-    Ok((sessions, wills))
+    let retained = open(RETAINED_BUCKET, "coremq: the retained messages, by topic").await?;
+    Ok((sessions, wills, retained))
 }
 
 /// The wills bucket's key of `client_id`'s will on node `node`.
@@ -1256,16 +1295,41 @@ fn will_key(node: &NodeId, client_id: &str) -> String {
     format!("w.{}.{}.{}", node.name, node.incarnation, &session[2..])
 }
 
-/// Writes (`Some`) or removes (`None`) a will in the bucket; writes for one
+/// The retained bucket's key of `topic`.
+fn retained_key(topic: &str) -> String {
+    let (digest, _) = session_key(topic);
+    format!("r.{}", &digest[2..])
+}
+
+/// Which bucket a queued write goes to.
+#[derive(Debug, Clone, Copy)]
+enum Bucket {
+    Wills,
+    Retained,
+}
+
+/// Carries out the bucket writes the link queued (`Link::kv_queue`).
+fn flush_kv(link: &Rc<RefCell<Link>>) {
+    let queued = std::mem::take(&mut link.borrow_mut().kv_queue);
+    for (bucket, key, value) in queued {
+        kv_op(link, bucket, key, value);
+    }
+}
+
+/// Writes (`Some`) or removes (`None`) an entry of a bucket; writes for one
 /// key go one at a time, in order, the latest waiting one replacing older
-/// ones.
-fn will_op(link: &Rc<RefCell<Link>>, key: String, value: Option<Bytes>) {
+/// ones (keys of the two buckets differ by their first letter).
+fn kv_op(link: &Rc<RefCell<Link>>, bucket: Bucket, key: String, value: Option<Bytes>) {
     let mut l = link.borrow_mut();
-    let Some(wills) = l.wills.clone() else {
+    let store = match bucket {
+        Bucket::Wills => l.wills.clone(),
+        Bucket::Retained => l.retained.clone(),
+    };
+    let Some(store) = store else {
         return;
     };
-    if !l.will_busy.insert(key.clone()) {
-        l.will_ops.insert(key, value);
+    if !l.kv_busy.insert(key.clone()) {
+        l.kv_ops.insert(key, value);
         return;
     }
     drop(l);
@@ -1274,26 +1338,75 @@ fn will_op(link: &Rc<RefCell<Link>>, key: String, value: Option<Bytes>) {
         let mut value = value;
         loop {
             let done = match &value {
-                Some(v) => wills
+                Some(v) => store
                     .put(&key, v.clone())
                     .await
                     .map(drop)
                     .map_err(|e| e.to_string()),
-                None => wills.purge(&key).await.map_err(|e| e.to_string()),
+                None => store.purge(&key).await.map_err(|e| e.to_string()),
             };
             if let Err(e) = done {
-                tracing::debug!("cluster: keeping a will: {e}");
+                tracing::debug!("cluster: writing {bucket:?} entry {key}: {e}");
             }
             let mut l = link.borrow_mut();
-            match l.will_ops.remove(&key) {
+            match l.kv_ops.remove(&key) {
                 Some(next) => value = next,
                 None => {
-                    l.will_busy.remove(&key);
+                    l.kv_busy.remove(&key);
                     return;
                 }
             }
         }
     });
+}
+
+/// Wall-clock milliseconds now.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Loads the cluster's retained messages into this node's shards (each to
+/// its topic's retained owner), before the node accepts connections.
+async fn load_retained(link: &Rc<RefCell<Link>>, store: &async_nats::jetstream::kv::Store) {
+    use async_nats::jetstream::kv::Operation;
+    let Ok(mut watch) = store.watch_with_history("r.>").await else {
+        return;
+    };
+    let mut loaded = 0usize;
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
+        let Ok(Some(Ok(entry))) = next else { break };
+        if entry.operation == Operation::Put && entry.value.len() > 8 {
+            let deadline = u64::from_be_bytes(entry.value[..8].try_into().expect("8 bytes"));
+            let left = deadline.checked_sub(wall_ms());
+            let live = deadline == 0 || left.is_some_and(|l| l > 0);
+            let decoded = NodeMsg::decode(&entry.value.slice(8..));
+            if let (true, Some(NodeMsg::Publish(p))) = (live, decoded) {
+                let mut l = link.borrow_mut();
+                let now = l.now();
+                let owner = retained_owner(p.topic.as_str(), l.shards);
+                let publish = RoutedPublish {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: p.qos,
+                    retain: true,
+                    props: p.props,
+                    expires_at: (deadline != 0).then(|| Millis(now.0 + left.unwrap_or(0))),
+                    ticket: None,
+                    uid: 0,
+                };
+                l.send_shard(owner, ShardMsg::Publish(publish));
+                l.post_rings();
+                loaded += 1;
+            }
+        }
+        if entry.delta == 0 {
+            break;
+        }
+    }
+    tracing::info!("cluster: loaded {loaded} retained messages");
 }
 
 /// Node `dead` is gone: if this node is the first to say it will, it
@@ -1421,11 +1534,11 @@ fn cluster_msg(link: &Rc<RefCell<Link>>, client: &async_nats::Client, msg: Clust
         ClusterMsg::Kicked { ticket, session } => link.borrow_mut().kicked(ticket, session),
         ClusterMsg::WillSet { client_id, will } => {
             let key = will_key(&link.borrow().me, &client_id);
-            will_op(link, key, Some(will));
+            kv_op(link, Bucket::Wills, key, Some(will));
         }
         ClusterMsg::WillClear { client_id } => {
             let key = will_key(&link.borrow().me, &client_id);
-            will_op(link, key, None);
+            kv_op(link, Bucket::Wills, key, None);
         }
         ClusterMsg::Claimed { .. } | ClusterMsg::Kick { .. } | ClusterMsg::LostWill(_) => {}
     }

@@ -270,6 +270,16 @@ fn publishes_and_retained_messages_reach_every_node() {
     }
     sub_a.kill();
 
+    // A node that joins later finds the retained set as it is now.
+    mosquitto_pub(a.port(), "fleet/3/state", "kept", 1, true);
+    let d = node(&nats, "d", &[]);
+    assert_eq!(read_retained(d.port(), "fleet/3/state", 5), "kept");
+    assert_eq!(
+        read_retained(d.port(), "fleet/2/state", 1),
+        "",
+        "cleared on c"
+    );
+
     // What an operator sees: the node and its peers in /metrics (parsed by
     // prometheus_client) and in $SYS.
     let url = format!("http://{metrics_b}/metrics");
@@ -285,7 +295,7 @@ fn publishes_and_retained_messages_reach_every_node() {
             .unwrap_or_else(|| panic!("no {k} in /metrics: {out}"))
     };
     assert_eq!(sample("coremq_cluster_node_info{node=b}"), 1);
-    assert_eq!(sample("coremq_cluster_peers"), 2);
+    assert_eq!(sample("coremq_cluster_peers"), 3, "a, c and the late d");
     assert_eq!(sample("coremq_cluster_peer_info{peer=a}"), 1);
     assert_eq!(sample("coremq_cluster_registry_up"), 1);
     // Three publishes to a and c, the retained one to both.
@@ -304,8 +314,9 @@ fn publishes_and_retained_messages_reach_every_node() {
     println!(
         "checked: QoS 0/1/2 from node b reached mosquitto_sub on a and a raw subscriber on c \
          once each (at min(QoS, 1) on c); a retained message set on b was read on a, b and c, \
-         and its clear on c cleared it on all three; node b's /metrics named it, its 2 peers \
-         and {sent} publishes sent to them; $SYS/broker/cluster/node on a said \"a\""
+         and its clear on c cleared it on all three; node b's /metrics named it, its 3 peers \
+         and {sent} publishes sent to them; $SYS/broker/cluster/node on a said \"a\"; a node \
+         started afterwards had the retained message set on a and not the one cleared on c"
     );
 }
 
