@@ -306,6 +306,7 @@ fn publish() -> ShardMsg {
         expires_at: None,
         ticket: None,
         uid: 0,
+        shares: None,
     })
 }
 

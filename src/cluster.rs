@@ -624,6 +624,7 @@ impl Link {
                     retain: true,
                     props: p.props.clone(),
                     expires_in_ms: None,
+                    shares: Vec::new(),
                 });
                 let mut v = bytes::BytesMut::with_capacity(8 + p.payload.len() + 32);
                 v.extend_from_slice(&deadline.to_be_bytes());
@@ -633,14 +634,23 @@ impl Link {
             self.kv_queue
                 .push((Bucket::Retained, retained_key(p.topic.as_str()), value));
         }
-        let targets: Vec<String> = if p.retain {
-            self.peer_subjects()
+        // Each target node with the shared groups it delivers to.
+        let mut nodes: Vec<(u16, Vec<ByteString>)> = if p.retain {
+            self.routes.peers().map(|(i, _)| (i, Vec::new())).collect()
         } else {
             let set = self.routes.nodes_for(&p.topic);
-            set.iter()
-                .filter_map(|i| self.routes.peer_name(i.0).map(subject_of))
-                .collect()
+            set.iter().map(|i| (i.0, Vec::new())).collect()
         };
+        for (share, node) in self.routes.pick_group_nodes(&p.topic) {
+            match nodes.iter_mut().find(|(i, _)| *i == node) {
+                Some((_, shares)) => shares.push(share),
+                None => nodes.push((node, vec![share])),
+            }
+        }
+        let targets: Vec<(String, Vec<ByteString>)> = nodes
+            .into_iter()
+            .filter_map(|(i, shares)| self.routes.peer_name(i).map(|n| (subject_of(n), shares)))
+            .collect();
         if targets.is_empty() {
             return settle(self, false);
         }
@@ -648,23 +658,26 @@ impl Link {
             crate::metrics::bump(&self.counters.messages_dropped);
             return settle(self, true);
         }
-        let msg = NodeMsg::Publish(NodePublish {
-            topic: p.topic.clone(),
-            payload: p.payload.clone(),
-            qos: p.qos,
-            retain: p.retain,
-            props: p.props.clone(),
-            expires_in_ms,
-        })
-        .encode();
+        let encode = |shares: Vec<ByteString>| {
+            NodeMsg::Publish(NodePublish {
+                topic: p.topic.clone(),
+                payload: p.payload.clone(),
+                qos: p.qos,
+                retain: p.retain,
+                props: p.props.clone(),
+                expires_in_ms,
+                shares,
+            })
+            .encode()
+        };
         if let Some(c) = &self.counters.cluster {
             c.publishes_sent
                 .fetch_add(targets.len() as u64, Ordering::Relaxed);
         }
         match p.ticket {
             None => {
-                for subject in targets {
-                    self.push_out(subject, None, msg.clone());
+                for (subject, shares) in targets {
+                    self.push_out(subject, None, encode(shares));
                 }
             }
             Some(origin) => {
@@ -677,8 +690,8 @@ impl Link {
                         origin,
                     },
                 );
-                for subject in targets {
-                    self.request(subject, msg.clone(), Pending::Copy(wait));
+                for (subject, shares) in targets {
+                    self.request(subject, encode(shares), Pending::Copy(wait));
                 }
             }
         }
@@ -877,6 +890,7 @@ impl Link {
             expires_at: p.expires_in_ms.map(|ms| Millis(now.0 + ms)),
             ticket,
             uid: 0,
+            shares: Some(p.shares.into()),
         };
         for shard in to.iter() {
             self.send_shard(shard, ShardMsg::Publish(routed.clone()));
@@ -1396,6 +1410,7 @@ async fn load_retained(link: &Rc<RefCell<Link>>, store: &async_nats::jetstream::
                     expires_at: (deadline != 0).then(|| Millis(now.0 + left.unwrap_or(0))),
                     ticket: None,
                     uid: 0,
+                    shares: None,
                 };
                 l.send_shard(owner, ShardMsg::Publish(publish));
                 l.post_rings();

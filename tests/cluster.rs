@@ -637,3 +637,74 @@ fn kill_9_of_a_node_its_wills_are_published_once_and_its_clients_reconnect_elsew
          node) and its QoS 1 publish reached node c; all {DEVICES} in {took:?}"
     );
 }
+
+/// Shared subscriptions across nodes: one group with members on nodes a
+/// and b; every message published on a, b or c (which has no member)
+/// reaches exactly one member of the group (MQTT 5 §4.8.2), and the
+/// members on both nodes get some.
+#[test]
+fn a_shared_group_spread_over_nodes_gets_each_message_once() {
+    let _one = serial();
+    let nats = Nats::start(1);
+    let a = node(&nats, "a", &[]);
+    let b = node(&nats, "b", &[]);
+    let c = node(&nats, "c", &[]);
+    wait_joined(&[("a", &a), ("b", &b), ("c", &c)]);
+    let share = "$share/workers/jobs/#";
+    let mut members = vec![
+        ("a1", RawClient::subscriber(a.port(), "w-a1", share, 1)),
+        ("a2", RawClient::subscriber(a.port(), "w-a2", share, 1)),
+        ("b1", RawClient::subscriber(b.port(), "w-b1", share, 1)),
+    ];
+    // A plain subscriber on b gets every message, whatever the group does.
+    let mut plain = RawClient::subscriber(b.port(), "plain", "jobs/#", 1);
+    const PER_NODE: usize = 30;
+    let mut publishers: Vec<(&str, RawClient)> = [("a", &a), ("b", &b), ("c", &c)]
+        .iter()
+        .map(|(n, node)| {
+            (
+                *n,
+                RawClient::connect(node.port(), &ConnectOpts::id(&format!("pub-{n}"))).0,
+            )
+        })
+        .collect();
+    let mut sent = Vec::new();
+    for i in 0..PER_NODE {
+        for (n, p) in &mut publishers {
+            let payload = format!("{n}-{i}");
+            p.publish(&format!("jobs/{n}"), payload.as_bytes(), 1, false);
+            sent.push(payload);
+        }
+    }
+    let mut got: std::collections::HashMap<String, Vec<&str>> = Default::default();
+    for (name, m) in &mut members {
+        while let Some(p) = m.next_publish(Duration::from_millis(1500)) {
+            got.entry(String::from_utf8_lossy(&p.payload).into_owned())
+                .or_default()
+                .push(name);
+        }
+    }
+    let mut plain_got = 0;
+    while plain.next_publish(Duration::from_millis(500)).is_some() {
+        plain_got += 1;
+    }
+    for payload in &sent {
+        let who = got.get(payload).cloned().unwrap_or_default();
+        assert_eq!(who.len(), 1, "{payload}: delivered to {who:?}");
+    }
+    assert_eq!(got.len(), sent.len());
+    let on_b = got.values().filter(|w| w[0] == "b1").count();
+    let on_a = got.len() - on_b;
+    assert!(on_a > 0 && on_b > 0, "members on a: {on_a}, on b: {on_b}");
+    assert_eq!(
+        plain_got,
+        sent.len(),
+        "the plain subscriber gets every message"
+    );
+    println!(
+        "checked: {} QoS 1 messages published on nodes a, b and c to a shared group with two \
+         members on a and one on b: each reached exactly one member ({on_a} on a, {on_b} on \
+         b), and a plain subscriber on b got all of them",
+        sent.len()
+    );
+}

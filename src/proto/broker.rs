@@ -229,6 +229,10 @@ pub struct RoutedPublish {
     /// inbound id (0: none). A shard that already stored copies under this
     /// id does not store them again (a resend after a crash).
     pub uid: u64,
+    /// `--cluster`: a publish from another node names the shared groups
+    /// (`$share/GROUP/FILTER`) whose members here get it (that node chose
+    /// this one for them); `None`: every group (a publish made here).
+    pub shares: Option<Arc<[ByteString]>>,
 }
 
 /// A message from one shard's broker to another.
@@ -1177,6 +1181,15 @@ impl Broker {
             ShardMsg::ShareLeave { share, member } => {
                 if let Some(filter) = self.shared.leave(&share, &member) {
                     self.forget_filter(&filter);
+                    if let Some(link) = self.config.link {
+                        self.push_mesh(Event::SendTo(
+                            link,
+                            ShardMsg::InterestRemove {
+                                from: self.config.shard,
+                                filter: owned_filter(&share),
+                            },
+                        ));
+                    }
                 }
             }
             ShardMsg::InterestAdd {
@@ -1368,6 +1381,7 @@ impl Broker {
                 expires_at,
                 ticket: None,
                 uid: 0,
+                shares: None,
             },
             None,
         );
@@ -1625,6 +1639,7 @@ impl Broker {
             expires_at,
             ticket: None,
             uid: 0,
+            shares: None,
         });
         match (publish.qos, publish.packet_id) {
             (QoS::AtMostOnce, _) => {
@@ -2087,23 +2102,56 @@ impl Broker {
         } else {
             self.pending_filters.get(filter.as_bytestring()).copied()
         };
+        // In a cluster the link also learns of the group itself: other
+        // nodes then send a publish for it to one node only.
+        let group_ticket = match self.config.link {
+            Some(link) if created => Some(self.announce_to(link, owned_filter(&share))),
+            Some(_) => self.pending_filters.get(share.as_bytestring()).copied(),
+            None => None,
+        };
         let Some(waiter) = reply else { return };
-        match ticket {
-            None => self.send_to_shard(to, ShardMsg::ShareJoined { waiter }),
-            Some(t) => {
-                let w = self.next_id();
-                self.waiters.insert(
-                    w,
-                    Waiter {
-                        left: 1,
-                        then: Then::ShareJoined { to, waiter },
-                    },
-                );
-                if let Some(a) = self.announces.get_mut(&t) {
-                    a.waiters.push(w);
-                }
+        let tickets: Vec<u64> = ticket.into_iter().chain(group_ticket).collect();
+        if tickets.is_empty() {
+            return self.send_to_shard(to, ShardMsg::ShareJoined { waiter });
+        }
+        let w = self.next_id();
+        self.waiters.insert(
+            w,
+            Waiter {
+                left: tickets.len(),
+                then: Then::ShareJoined { to, waiter },
+            },
+        );
+        for t in tickets {
+            if let Some(a) = self.announces.get_mut(&t) {
+                a.waiters.push(w);
             }
         }
+    }
+
+    /// Announces `filter` to `peer` alone (the cluster link: a shared
+    /// group); the ticket its acknowledgement carries.
+    fn announce_to(&mut self, peer: ShardId, filter: TopicFilter) -> u64 {
+        let ticket = self.next_id();
+        self.pending_filters
+            .insert(filter.as_bytestring().clone(), ticket);
+        self.announces.insert(
+            ticket,
+            Announce {
+                acks_left: 1,
+                filters: vec![filter.clone()],
+                waiters: Vec::new(),
+            },
+        );
+        self.push_mesh(Event::SendTo(
+            peer,
+            ShardMsg::InterestAdd {
+                from: self.config.shard,
+                filters: vec![filter],
+                ticket,
+            },
+        ));
+        ticket
     }
 
     /// Sends `msg` to `shard`, or handles it here when that is this shard.
@@ -2310,6 +2358,7 @@ impl Broker {
                 expires_at: None,
                 ticket: None,
                 uid: 0,
+                shares: None,
             },
             None,
         );
@@ -2463,6 +2512,10 @@ impl Broker {
         if !self.shared.is_empty() {
             let mut picks = Vec::new();
             self.shared.pick(&publish.topic, &mut picks);
+            if let Some(only) = &publish.shares {
+                // Another node delivered it to the other groups.
+                picks.retain(|(share, _)| only.iter().any(|s| s == share.as_bytestring()));
+            }
             matched |= !picks.is_empty();
             for (share, member) in picks {
                 if member.shard == self.config.shard {

@@ -21,6 +21,17 @@
 //! then), so a subscriber that got its SUBACK gets every publish sent
 //! anywhere in the cluster after it, as within one node.
 //!
+//! # Shared subscriptions
+//!
+//! The owner shard of a shared group also announces the group itself
+//! (`$share/GROUP/FILTER`) to the link, which passes it on like a filter;
+//! peers keep it apart from their routes. A publish matching a group goes
+//! to the group's members here when this node has some (its shards route
+//! it as on a lone node), and otherwise to one of the nodes that have
+//! members, in turn ([`Routes::pick_group_nodes`]); the message names the
+//! groups the receiving node delivers it to, and its other groups leave it
+//! alone. Each message reaches one member of each group, once.
+//!
 //! A node that (re)joins asks each peer for its whole filter set
 //! ([`NodeMsg::RouteDump`]); the peer counts the asker as live from then
 //! on, so every later change reaches it too.
@@ -35,6 +46,7 @@ use super::codec::properties;
 use super::codec::wire::{self, Reader};
 use super::codec::{Properties, QoS};
 use super::interest::{Interest, ShardSet};
+use super::shared::{self, Shared};
 use super::topic::{TopicFilter, TopicName};
 use super::ShardId;
 
@@ -65,6 +77,10 @@ pub struct NodePublish {
     pub props: Option<Arc<Properties>>,
     /// Milliseconds left of its Message Expiry Interval.
     pub expires_in_ms: Option<u64>,
+    /// The shared groups (`$share/GROUP/FILTER`) the receiving node
+    /// delivers it to: the sender chose that node for them. Its other
+    /// groups do not get it (another node's members did, or the sender's).
+    pub shares: Vec<ByteString>,
 }
 
 /// What one node says to another.
@@ -153,6 +169,10 @@ impl NodeMsg {
                     None => out.put_u8(0),
                     Some(props) => properties::encode(&Some(Box::new((**props).clone())), &mut out),
                 }
+                out.put_u16(p.shares.len() as u16);
+                for s in &p.shares {
+                    wire::put_str(&mut out, s.as_bytes());
+                }
                 out.put_slice(&p.payload);
             }
         }
@@ -208,6 +228,11 @@ impl NodeMsg {
                 let props = properties::decode(&mut r, properties::PUBLISH, true)
                     .ok()?
                     .map(|b| Arc::new(*b));
+                let count = r.u16().ok()?;
+                let mut shares = Vec::with_capacity(usize::from(count).min(r.remaining() / 2));
+                for _ in 0..count {
+                    shares.push(r.string().ok()?);
+                }
                 let payload = r.bytes(r.remaining()).ok()?;
                 return Some(NodeMsg::Publish(NodePublish {
                     topic,
@@ -216,12 +241,18 @@ impl NodeMsg {
                     retain: flags & 4 != 0,
                     props,
                     expires_in_ms,
+                    shares,
                 }));
             }
             _ => return None,
         };
         r.is_empty().then_some(msg)
     }
+}
+
+/// A `$share/GROUP/FILTER` filter: a shared group, not a route.
+fn is_share(f: &TopicFilter) -> bool {
+    f.as_str().starts_with(shared::SHARE_PREFIX)
 }
 
 fn put_u64(out: &mut BytesMut, v: u64) {
@@ -271,9 +302,23 @@ pub enum Seen {
 /// The most peer nodes a link tracks: a node set is one `u64`.
 pub const MAX_PEERS: usize = 64;
 
+/// A shared group some peer nodes have members of.
+#[derive(Debug)]
+struct Group {
+    /// FILTER of `$share/GROUP/FILTER`.
+    filter: TopicFilter,
+    /// The peers with members.
+    nodes: ShardSet,
+    /// Round robin among them.
+    next: u32,
+}
+
 /// The cluster link's tables (see the module notes).
 #[derive(Default)]
 pub struct Routes {
+    /// Shared groups of peers, by `$share/GROUP/FILTER`: a publish for one
+    /// goes to a single node (see [`Routes::pick_group_nodes`]).
+    groups: HashMap<ByteString, Group>,
     /// This node's shards' filters, by shard.
     local: Interest,
     /// How many of this node's shards have each filter.
@@ -292,7 +337,9 @@ impl Routes {
     pub fn local_add(&mut self, from: ShardId, filters: &[TopicFilter]) -> Vec<TopicFilter> {
         let mut new = Vec::new();
         for f in filters {
-            self.local.remote_add(from, f);
+            if !is_share(f) {
+                self.local.remote_add(from, f);
+            }
             let count = self
                 .local_count
                 .entry(f.as_bytestring().clone())
@@ -308,7 +355,9 @@ impl Routes {
     /// Shard `from` has no subscription to `filter` any more; true when no
     /// shard of this node has (the peers may forget it).
     pub fn local_remove(&mut self, from: ShardId, filter: &TopicFilter) -> bool {
-        self.local.remote_remove(from, filter);
+        if !is_share(filter) {
+            self.local.remote_remove(from, filter);
+        }
         match self.local_count.get_mut(filter.as_bytestring()) {
             Some(count) if *count > 1 => {
                 *count -= 1;
@@ -419,6 +468,19 @@ impl Routes {
             if !peer.filters.insert(f.as_bytestring().clone()) {
                 continue;
             }
+            if let Shared::Yes(inner) = shared::parse(f) {
+                let group = self
+                    .groups
+                    .entry(f.as_bytestring().clone())
+                    .or_insert_with(|| Group {
+                        filter: TopicFilter::new(String::from(inner.as_str()))
+                            .expect("a copy of a valid filter"),
+                        nodes: ShardSet::default(),
+                        next: 0,
+                    });
+                group.nodes.insert(ShardId(index));
+                continue;
+            }
             self.remote.remote_add(ShardId(index), f);
             let count = self
                 .remote_count
@@ -453,6 +515,15 @@ impl Routes {
     }
 
     fn remote_drop(&mut self, index: u16, f: &TopicFilter) -> bool {
+        if is_share(f) {
+            if let Some(group) = self.groups.get_mut(f.as_bytestring()) {
+                group.nodes.remove(ShardId(index));
+                if group.nodes == ShardSet::default() {
+                    self.groups.remove(f.as_bytestring());
+                }
+            }
+            return false;
+        }
         self.remote.remote_remove(ShardId(index), f);
         match self.remote_count.get_mut(f.as_bytestring()) {
             Some(count) if *count > 1 => {
@@ -509,6 +580,27 @@ impl Routes {
     pub fn nodes_for(&self, topic: &TopicName) -> ShardSet {
         self.remote.shards_for(topic)
     }
+
+    /// For each peers' shared group matching `topic` that this node has no
+    /// members of, the one peer that delivers it (round robin among those
+    /// with members). A group this node has members of is delivered here
+    /// alone: every message reaches one member of each group once.
+    pub fn pick_group_nodes(&mut self, topic: &TopicName) -> Vec<(ByteString, u16)> {
+        let mut picks = Vec::new();
+        for (share, group) in self.groups.iter_mut() {
+            if self.local_count.contains_key(share) || !group.filter.matches(topic) {
+                continue;
+            }
+            let nodes: Vec<ShardId> = group.nodes.iter().collect();
+            if nodes.is_empty() {
+                continue;
+            }
+            let node = nodes[group.next as usize % nodes.len()];
+            group.next = group.next.wrapping_add(1);
+            picks.push((share.clone(), node.0));
+        }
+        picks
+    }
 }
 
 #[cfg(test)]
@@ -551,6 +643,7 @@ mod tests {
                 retain: true,
                 props: Some(Arc::new(props)),
                 expires_in_ms: Some(1500),
+                shares: vec!["$share/g/dev/+/cmd".into()],
             }),
             NodeMsg::Publish(NodePublish {
                 topic: t("a"),
@@ -559,6 +652,7 @@ mod tests {
                 retain: false,
                 props: None,
                 expires_in_ms: None,
+                shares: Vec::new(),
             }),
         ];
         for m in msgs {
@@ -631,6 +725,38 @@ mod tests {
         );
         // The freed index is reused.
         assert_eq!(r.peer_seen(&id("c", 1), 7), Seen::New(1));
+    }
+
+    #[test]
+    fn a_peers_shared_group_gets_a_publish_at_one_node_unless_this_node_has_members() {
+        let mut r = Routes::default();
+        r.peer_seen(&id("a", 1), 0);
+        r.peer_seen(&id("b", 1), 0);
+        let g = f("$share/g/jobs/#");
+        // A group is not a route: it is not announced to this node's shards.
+        assert_eq!(r.peer_add(0, &[g.clone(), f("jobs/#")]), [f("jobs/#")]);
+        assert_eq!(r.peer_add(1, std::slice::from_ref(&g)), Vec::<TopicFilter>::new());
+        let picks: Vec<u16> = (0..4)
+            .flat_map(|_| r.pick_group_nodes(&t("jobs/1")))
+            .map(|(share, node)| {
+                assert_eq!(share, g.as_str());
+                node
+            })
+            .collect();
+        assert_eq!(picks, [0, 1, 0, 1], "round robin between the two nodes");
+        assert!(r.pick_group_nodes(&t("other")).is_empty());
+        // Members here: this node's group delivers, no peer is picked.
+        r.local_add(ShardId(0), std::slice::from_ref(&g));
+        assert!(r.pick_group_nodes(&t("jobs/1")).is_empty());
+        r.local_remove(ShardId(0), &g);
+        // Node b leaves the group; a dies: no group left.
+        r.peer_remove(1, std::slice::from_ref(&g));
+        assert_eq!(
+            r.pick_group_nodes(&t("jobs/1")),
+            [(g.as_bytestring().clone(), 0)]
+        );
+        r.peer_gone(0);
+        assert!(r.pick_group_nodes(&t("jobs/1")).is_empty());
     }
 
     impl Seen {

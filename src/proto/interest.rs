@@ -54,6 +54,11 @@ impl ShardSet {
         self.0 |= 1 << shard.0;
     }
 
+    /// Takes `shard` out.
+    pub fn remove(&mut self, shard: ShardId) {
+        self.0 &= !(1 << shard.0);
+    }
+
     /// Whether `shard` is in the set.
     pub fn contains(self, shard: ShardId) -> bool {
         self.0 & (1 << shard.0) != 0

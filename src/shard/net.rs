@@ -1184,6 +1184,7 @@ fn admit_now(shard: &Shard, conn: Handoff, registered: bool) {
             retain: w.retain,
             props: props.map(std::sync::Arc::new),
             expires_in_ms: None,
+            shares: Vec::new(),
         });
         Some((ByteString::from(&*connect.client_id), publish.encode()))
     });
