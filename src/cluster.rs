@@ -224,6 +224,12 @@ struct Kick {
     reply: Option<String>,
 }
 
+/// The 64-bit digest of a clientId that the sets of claimed clients hold
+/// (the link's, and each shard's).
+pub fn client_digest(client_id: &str) -> u64 {
+    session_key(client_id).1
+}
+
 /// The registry key of a clientId, and a 64-bit digest of it for the set
 /// of clients this node claimed.
 fn session_key(client_id: &str) -> (String, u64) {

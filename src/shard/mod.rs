@@ -116,6 +116,9 @@ pub struct Shard {
     /// `--cluster`: CONNECTs waiting for the link to say this node holds
     /// their client's session, by ticket.
     claims: RefCell<hashbrown::HashMap<u64, mesh::Handoff>>,
+    /// `--cluster`: digests of the clientIds this shard holds in the
+    /// cluster's session registry ([`crate::cluster::client_digest`]).
+    claimed: RefCell<hashbrown::HashSet<u64>>,
     /// `--cluster`: connections whose will the link keeps, with their
     /// clientIds (cleared there when they close).
     cluster_wills: RefCell<hashbrown::HashMap<crate::proto::ConnId, bytestring::ByteString>>,
@@ -641,6 +644,7 @@ pub fn run(
                     mesh,
                     link,
                     claims: RefCell::new(hashbrown::HashMap::new()),
+                    claimed: RefCell::new(hashbrown::HashSet::new()),
                     cluster_wills: RefCell::new(hashbrown::HashMap::new()),
                     serial: Cell::new(0),
                     started,

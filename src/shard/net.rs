@@ -1077,6 +1077,16 @@ fn admit(shard: &Shard, conn: Handoff, registered: bool) {
     let Some(link) = shard.link else {
         return admit_now(shard, conn, registered);
     };
+    // A client this shard claimed before and no node took since: no
+    // cluster-wide read or write, and no trip to the link (a kick clears
+    // the entry, through this shard, before it closes the session).
+    let digest = crate::cluster::client_digest(&conn.connect.client_id);
+    if let Some(c) = &shard.counters.cluster {
+        if get(&c.registry_up) == 1 && shard.claimed.borrow().contains(&digest) {
+            bump(&c.claims_remembered);
+            return admit_now(shard, conn, registered);
+        }
+    }
     if registered {
         if let Io::Epoll(epoll) = &shard.io {
             let _ = epoll.delete(conn.fd.as_raw_fd());
@@ -1102,6 +1112,8 @@ pub(crate) fn cluster_msg(shard: &Shard, msg: ClusterMsg) {
             };
             match outcome {
                 Ok(session) => {
+                    let digest = crate::cluster::client_digest(&conn.connect.client_id);
+                    shard.claimed.borrow_mut().insert(digest);
                     if let Some(records) = session {
                         let now = shard.now();
                         shard.broker.borrow_mut().import_session(&records, now);
@@ -1123,6 +1135,10 @@ pub(crate) fn cluster_msg(shard: &Shard, msg: ClusterMsg) {
             export,
             ticket,
         } => {
+            shard
+                .claimed
+                .borrow_mut()
+                .remove(&crate::cluster::client_digest(&client_id));
             let now = shard.now();
             let session = shard.broker.borrow_mut().kick(&client_id, export, now);
             shard.dispatch();
