@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::report::{self, BrokerSamples, Report};
 use crate::spec::{Mode, Phase, Progress, WorkerMsg, WorkerResult, WorkerSpec};
-use crate::sys::{proc_sample, raise_nofile, ProcSample};
+use crate::sys::{proc_sample, proc_sample_sum, raise_nofile, ProcSample};
 use crate::{usage_error, ChurnArgs, ClientOpts, Common, ConnArgs, KeepaliveArgs, TakeoverArgs};
 
 /// File descriptors a worker keeps for itself (epoll, pipes, stdio...).
@@ -60,7 +60,12 @@ pub(crate) fn check_common(c: &Common) {
     if let Err(e) = crate::resolve_v4(&c.broker) {
         usage_error(e);
     }
-    if let Some(pid) = c.broker_pid {
+    for (i, &pid) in c.broker_pid.iter().enumerate() {
+        if c.broker_pid[..i].contains(&pid) {
+            usage_error(format!(
+                "--broker-pid {pid} given twice (its CPU and RSS would count twice)"
+            ));
+        }
         if proc_sample(pid).is_none() {
             usage_error(format!("--broker-pid {pid}: no such process"));
         }
@@ -333,8 +338,8 @@ fn run(plan: Plan) -> Result<i32> {
     }
     drop(tx);
 
-    let pid = plan.common.broker_pid;
-    let sample = || pid.and_then(proc_sample);
+    let pids = plan.common.broker_pid.clone();
+    let sample = || proc_sample_sum(&pids);
     let mut samples = BrokerSamples {
         before: sample(),
         ..Default::default()
@@ -454,7 +459,7 @@ fn run(plan: Plan) -> Result<i32> {
         let _ = w.child.wait();
     }
     // Let the broker finish the closes it has been handed.
-    if pid.is_some() {
+    if !pids.is_empty() {
         std::thread::sleep(Duration::from_millis(200));
     }
     samples.after = sample();
@@ -472,7 +477,8 @@ fn run(plan: Plan) -> Result<i32> {
         report::RunInfo {
             mode: plan.mode,
             broker: plan.common.broker.clone(),
-            broker_pid: pid,
+            sub_broker: None,
+            broker_pids: pids,
             workers,
             source_ips,
             keepalive: plan.keepalive,

@@ -72,9 +72,11 @@ pub struct Common {
     /// Timeout in seconds for each connect, CONNACK wait and close wait.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
-    /// The broker's PID: report its CPU and RSS per operation.
-    #[arg(long)]
-    pub broker_pid: Option<u32>,
+    /// The broker's PID: report its CPU and RSS per operation. Repeat it
+    /// for a broker of several processes (a cluster): the CPU and RSS
+    /// reported are then the sum over all of them.
+    #[arg(long, value_name = "PID")]
+    pub broker_pid: Vec<u32>,
     /// Write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -226,17 +228,22 @@ pub struct NullArgs {
     pub threads: usize,
 }
 
-/// Resolves an IPv4 HOST:PORT.
+/// Resolves an IPv4 HOST:PORT given as `--broker`.
 pub fn resolve_v4(s: &str) -> Result<SocketAddrV4> {
+    resolve_v4_flag("--broker", s)
+}
+
+/// Resolves an IPv4 HOST:PORT given as `flag` (named in the error).
+pub fn resolve_v4_flag(flag: &str, s: &str) -> Result<SocketAddrV4> {
     let addrs = s
         .to_socket_addrs()
-        .map_err(|e| anyhow!("--broker {s}: {e}"))?;
+        .map_err(|e| anyhow!("{flag} {s}: {e}"))?;
     for a in addrs {
         if let SocketAddr::V4(v4) = a {
             return Ok(v4);
         }
     }
-    Err(anyhow!("--broker {s}: no IPv4 address"))
+    Err(anyhow!("{flag} {s}: no IPv4 address"))
 }
 
 /// Prints a one-line usage error and exits with 2.

@@ -30,7 +30,11 @@ pub struct BrokerSamples {
 pub struct RunInfo {
     pub mode: Mode,
     pub broker: String,
-    pub broker_pid: Option<u32>,
+    /// pubsub `--sub-broker`: where the subscribers connected, when not to
+    /// `broker`.
+    pub sub_broker: Option<String>,
+    /// `--broker-pid`, each one given (none: no broker figures).
+    pub broker_pids: Vec<u32>,
     pub workers: u32,
     pub source_ips: u32,
     pub keepalive: u16,
@@ -203,7 +207,11 @@ impl Latency {
 /// Broker cost, derived from the samples.
 #[derive(Debug, Clone, Serialize)]
 pub struct BrokerCost {
+    /// The first `--broker-pid`.
     pub pid: u32,
+    /// Every `--broker-pid`: the samples and figures are the sum over
+    /// these processes (one, unless the broker runs as a cluster).
+    pub pids: Vec<u32>,
     pub samples: BrokerSamples,
     /// CPU seconds from `before` to `after_ramp` (the connects).
     pub cpu_s_ramp: Option<f64>,
@@ -279,7 +287,12 @@ pub struct Report {
     pub loadavg: String,
     pub started_unix: u64,
     pub mode: String,
+    /// The broker every client connected to (pubsub with `--sub-broker`:
+    /// the publishers).
     pub broker: String,
+    /// pubsub `--sub-broker`: the broker the subscribers connected to
+    /// (another node of a cluster); null when they used `broker`.
+    pub sub_broker: Option<String>,
     /// MQTT protocol level of every client: 4 (3.1.1) or 5 (5.0).
     pub protocol: Protocol,
     pub workers: u32,
@@ -424,7 +437,7 @@ impl Report {
             }
         });
 
-        let broker_cost = info.broker_pid.map(|pid| {
+        let broker_cost = info.broker_pids.first().map(|&pid| {
             let s = &samples;
             let cpu_ramp = diff(s.before, s.after_ramp);
             let cpu_main = diff(s.after_ramp, s.end_main);
@@ -432,6 +445,7 @@ impl Report {
             let held = connected.saturating_sub(sum(|r| r.takeovers));
             BrokerCost {
                 pid,
+                pids: info.broker_pids.clone(),
                 samples: samples.clone(),
                 cpu_s_ramp: cpu_ramp,
                 cpu_s_main: cpu_main,
@@ -553,6 +567,7 @@ impl Report {
             started_unix: info.started_unix,
             mode: info.mode.name().to_string(),
             broker: info.broker,
+            sub_broker: info.sub_broker,
             protocol: info.protocol,
             workers: info.workers,
             source_ips: info.source_ips,
@@ -595,12 +610,15 @@ impl Report {
         } else {
             format!("{} worker(s)", self.workers)
         };
+        let brokers = match &self.sub_broker {
+            Some(sub) => format!("{} (publishers), {sub} (subscribers)", self.broker),
+            None => self.broker.clone(),
+        };
         let _ = writeln!(
             o,
-            "loadgen {} {} → {} {}  ({procs}, {} source IP(s), kernel {}, {} cpu(s), loadavg {})",
+            "loadgen {} {} → {brokers} {}  ({procs}, {} source IP(s), kernel {}, {} cpu(s), loadavg {})",
             self.loadgen_version,
             self.mode,
-            self.broker,
             self.protocol,
             self.source_ips,
             self.kernel,
@@ -714,10 +732,15 @@ impl Report {
             } else {
                 ("ramp", "main", "after-ramp", "end-main")
             };
+            let who = if b.pids.len() > 1 {
+                let list: Vec<String> = b.pids.iter().map(u32::to_string).collect();
+                format!("pids {} (summed)", list.join("+"))
+            } else {
+                format!("pid {}", b.pid)
+            };
             let _ = writeln!(
                 o,
-                "  broker pid {}: CPU s {l_ramp} {} {l_main} {} disconnect {}",
-                b.pid,
+                "  broker {who}: CPU s {l_ramp} {} {l_main} {} disconnect {}",
                 f(b.cpu_s_ramp.map(|x| (x * 100.0).round() / 100.0)),
                 f(b.cpu_s_main.map(|x| (x * 100.0).round() / 100.0)),
                 f(b.cpu_s_disconnect.map(|x| (x * 100.0).round() / 100.0)),

@@ -95,6 +95,26 @@ pub fn proc_sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// [`proc_sample`] of every process in `pids`, summed (a broker that runs
+/// as a cluster of processes): CPU seconds and RSS added up. None when
+/// `pids` is empty or any one of them cannot be read, so a figure never
+/// covers fewer processes than asked. One PID: exactly its own sample.
+pub fn proc_sample_sum(pids: &[u32]) -> Option<ProcSample> {
+    sum_samples(pids.iter().map(|&p| proc_sample(p)))
+}
+
+/// Adds samples up; None when there are none or any is None.
+fn sum_samples(samples: impl IntoIterator<Item = Option<ProcSample>>) -> Option<ProcSample> {
+    let mut it = samples.into_iter();
+    let mut total = it.next()??;
+    for s in it {
+        let s = s?;
+        total.cpu_s += s.cpu_s;
+        total.rss_bytes += s.rss_bytes;
+    }
+    Some(total)
+}
+
 /// The machine's kernel slab memory (`Slab:` in /proc/meminfo), bytes:
 /// every process's sockets, dentries, inodes and the rest together.
 pub fn slab_bytes() -> Option<u64> {
@@ -167,5 +187,27 @@ mod tests {
     fn proc_sample_reads_self() {
         let s = proc_sample(std::process::id()).expect("own /proc entry");
         assert!(s.rss_bytes > 0);
+    }
+
+    #[test]
+    fn samples_of_several_processes_add_up() {
+        let a = ProcSample {
+            cpu_s: 1.5,
+            rss_bytes: 1000,
+        };
+        let b = ProcSample {
+            cpu_s: 0.25,
+            rss_bytes: 24,
+        };
+        let one = sum_samples([Some(a)]).unwrap();
+        assert_eq!((one.cpu_s, one.rss_bytes), (1.5, 1000));
+        let two = sum_samples([Some(a), Some(b)]).unwrap();
+        assert_eq!((two.cpu_s, two.rss_bytes), (1.75, 1024));
+        assert!(sum_samples([Some(a), None]).is_none());
+        assert!(sum_samples([]).is_none());
+        assert!(proc_sample_sum(&[]).is_none());
+        let me = std::process::id();
+        assert!(proc_sample_sum(&[me]).is_some_and(|s| s.rss_bytes > 0));
+        assert!(proc_sample_sum(&[me, me]).is_some());
     }
 }

@@ -128,6 +128,11 @@ pub struct PubsubArgs {
     /// acknowledged and never delivered.
     #[arg(long, value_name = "MSGS_PER_SEC")]
     pub slow_subscribers: Option<f64>,
+    /// Subscribers connect to this broker (IPv4 HOST:PORT) instead of
+    /// --broker, with the same transport (--tls-ca, --ws); publishers still
+    /// connect to --broker. Another node of a cluster: cross-node delivery.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub sub_broker: Option<String>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -167,12 +172,17 @@ struct Cfg {
     inflight: u32,
     keepalive: u16,
     prefix: String,
+    /// --broker: where the publishers (and, without --sub-broker, the
+    /// subscribers) connect.
     broker: SocketAddrV4,
+    /// --sub-broker: where the subscribers connect instead.
+    sub_broker: Option<SocketAddrV4>,
     source_ips: u32,
     source_skip: u32,
     timeout_us: u64,
     quiet: bool,
-    broker_pid: Option<u32>,
+    /// --broker-pid, each one given: samples are their sum.
+    broker_pids: Vec<u32>,
     protocol: Protocol,
     /// --share-group: the share name of every subscription.
     group: Option<String>,
@@ -269,6 +279,10 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
         ));
     }
     let broker = crate::resolve_v4(&a.common.broker).unwrap_or_else(|e| usage_error(e));
+    let sub_broker = a
+        .sub_broker
+        .as_deref()
+        .map(|s| crate::resolve_v4_flag("--sub-broker", s).unwrap_or_else(|e| usage_error(e)));
     let source_ips = a
         .common
         .source_ips
@@ -287,11 +301,12 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
         keepalive: a.keepalive,
         prefix: a.prefix.clone(),
         broker,
+        sub_broker,
         source_ips,
         source_skip: a.common.source_skip,
         timeout_us: (a.common.timeout * 1e6) as u64,
         quiet: a.common.quiet,
-        broker_pid: a.common.broker_pid,
+        broker_pids: a.common.broker_pid.clone(),
         protocol: a.common.protocol,
         group: a.share_group.clone(),
         persistent: a.persistent,
@@ -309,7 +324,7 @@ pub fn pubsub(a: PubsubArgs) -> Result<i32> {
         "keepalive": a.keepalive, "prefix": a.prefix, "timeout": a.common.timeout,
         "publishers": pubs, "share_group": a.share_group, "persistent": a.persistent,
         "slow_subscribers": a.slow_subscribers, "tls": a.common.tls_ca.is_some(),
-        "ws": a.common.ws,
+        "ws": a.common.ws, "sub_broker": a.sub_broker,
     });
     let t0 = std::time::Instant::now();
     let mut run = Run::new(cfg)?;

@@ -33,7 +33,8 @@ pub(super) fn write(
         report::RunInfo {
             mode: Mode::Pubsub,
             broker: a.common.broker.clone(),
-            broker_pid: a.common.broker_pid,
+            sub_broker: a.sub_broker.clone(),
+            broker_pids: a.common.broker_pid.clone(),
             workers: 1,
             source_ips,
             keepalive: a.keepalive,

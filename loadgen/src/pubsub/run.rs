@@ -29,7 +29,7 @@ use crate::engine::{cause_of, open_socket, sockaddr};
 use crate::protocol;
 use crate::report::{self, BrokerSamples};
 use crate::spec::new_hist;
-use crate::sys::{mono_us, proc_sample, rusage_cpu_s, source_ip, ProcSample};
+use crate::sys::{mono_us, proc_sample_sum, rusage_cpu_s, source_ip, ProcSample};
 use crate::ws::{WsClient, WsEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +150,10 @@ pub(super) struct Run {
     /// `cfg.protocol`, as the codec takes it.
     pub(super) v: ProtocolVersion,
     pub(super) poll: Poll,
+    /// --broker: where the publishers connect.
     pub(super) dst: libc::sockaddr_in,
+    /// Where the subscribers connect: --sub-broker, else --broker.
+    pub(super) sub_dst: libc::sockaddr_in,
     /// Subscribers are tokens 0..subs, publishers subs..subs+pubs.
     pub(super) conns: Vec<Conn>,
     pub(super) pubs: Vec<PubSt>,
@@ -331,6 +334,7 @@ impl Run {
             tls,
             v: cfg.protocol.version(),
             dst: sockaddr(cfg.broker),
+            sub_dst: sockaddr(cfg.sub_broker.unwrap_or(cfg.broker)),
             poll,
             conns,
             pubs,
@@ -423,7 +427,16 @@ impl Run {
     }
 
     fn sample(&self) -> Option<ProcSample> {
-        self.cfg.broker_pid.and_then(proc_sample)
+        proc_sample_sum(&self.cfg.broker_pids)
+    }
+
+    /// The broker token `tok` connects to: --sub-broker for a subscriber
+    /// when given, else --broker.
+    fn broker_of(&self, tok: u32) -> std::net::SocketAddrV4 {
+        match self.conns[tok as usize].role {
+            Role::Sub => self.cfg.sub_broker.unwrap_or(self.cfg.broker),
+            Role::Pub => self.cfg.broker,
+        }
     }
 
     fn client_id(&self, tok: u32) -> String {
@@ -451,7 +464,11 @@ impl Run {
         let now = mono_us();
         self.attempted += 1;
         let src = source_ip(self.cfg.source_skip + tok % self.cfg.source_ips);
-        let mut stream = match open_socket(Some(src), &self.dst) {
+        let dst = match self.conns[tok as usize].role {
+            Role::Pub => &self.dst,
+            Role::Sub => &self.sub_dst,
+        };
+        let mut stream = match open_socket(Some(src), dst) {
             Ok(s) => s,
             Err(e) => {
                 self.fail(&cause_of(&e));
@@ -513,7 +530,7 @@ impl Run {
         if let Some(path) = &self.cfg.ws_path {
             // `--ws`: the upgrade request goes first; the CONNECT waits,
             // framed, for the broker's 101 (RFC 6455 §4.1).
-            let host = self.cfg.broker.to_string();
+            let host = self.broker_of(tok).to_string();
             let c = &mut self.conns[tok as usize];
             let ws = c.ws.get_or_insert_with(|| Box::new(WsClient::new(tok)));
             let request = ws.upgrade(&buf, &host, path);
@@ -1543,7 +1560,7 @@ impl Run {
             }
         }
         // Let the broker finish the closes it has been handed.
-        if self.cfg.broker_pid.is_some() {
+        if !self.cfg.broker_pids.is_empty() {
             std::thread::sleep(Duration::from_millis(200));
         }
         self.samples.after = self.sample();
