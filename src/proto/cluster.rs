@@ -735,7 +735,10 @@ mod tests {
         let g = f("$share/g/jobs/#");
         // A group is not a route: it is not announced to this node's shards.
         assert_eq!(r.peer_add(0, &[g.clone(), f("jobs/#")]), [f("jobs/#")]);
-        assert_eq!(r.peer_add(1, std::slice::from_ref(&g)), Vec::<TopicFilter>::new());
+        assert_eq!(
+            r.peer_add(1, std::slice::from_ref(&g)),
+            Vec::<TopicFilter>::new()
+        );
         let picks: Vec<u16> = (0..4)
             .flat_map(|_| r.pick_group_nodes(&t("jobs/1")))
             .map(|(share, node)| {
