@@ -43,13 +43,15 @@
 //! A JetStream KV bucket, `coremq_sessions`, names the node that holds each
 //! clientId (key: a SHA-256 of the id; value: node name and incarnation).
 //! It changes only by compare-and-set on the entry's revision, which orders
-//! every claim without clocks. A CONNECT waits, unread, while the owner
-//! shard asks the link ([`ClusterMsg::Claim`]):
+//! every claim without clocks.
 //!
-//! - The link remembers the clientIds this node claimed: a device that
-//!   reconnects to the same node (the common case) is answered at once,
-//!   with no cluster-wide write or read.
-//! - Otherwise it reads the entry, and creates it, or replaces another
+//! - Each shard remembers the clientIds it claimed (a 64-bit digest each):
+//!   a device that reconnects to the same node (the common case) is
+//!   admitted at once, with no cluster-wide read or write and no trip to
+//!   the link, while the registry answers. A kick clears the entry, through
+//!   the shard, before it closes the session.
+//! - Otherwise the CONNECT waits, unread, while the owner shard asks the
+//!   link ([`ClusterMsg::Claim`]). The link reads the entry, and creates it, or replaces another
 //!   node's claim with a compare-and-set (retrying when it lost a race).
 //!   When another node held the client, that node is told
 //!   ([`NodeMsg::Kick`]): it closes the connection as a takeover (5.0:
@@ -164,6 +166,11 @@ pub fn spawn(setup: LinkSetup) -> io::Result<std::thread::JoinHandle<()>> {
             };
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, run(setup));
+            // Tasks still there (a claim, a watch) hold NATS subscriptions,
+            // whose drop spawns their unsubscribe onto the runtime: drop
+            // them inside it, or the exit would panic.
+            let _inside = rt.enter();
+            drop(local);
         })
 }
 
@@ -294,8 +301,6 @@ struct Link {
     dead: Vec<NodeId>,
     /// The last write to the registry succeeded: claims may be answered.
     healthy: bool,
-    /// Digests of the clientIds this node claimed and was not kicked from.
-    owned: hashbrown::HashSet<u64>,
     /// Claims in flight by client digest: how many, and kicks waiting for
     /// them.
     claiming: HashMap<u64, (u32, Vec<Kick>)>,
@@ -406,7 +411,6 @@ impl Link {
     fn kick_in(&mut self, client_id: ByteString, export: bool, reply: Option<String>) {
         count(&self.counters, |c| &c.takeovers_out);
         let (_, digest) = session_key(&client_id);
-        self.owned.remove(&digest);
         let kick = Kick {
             client_id,
             export,
@@ -427,9 +431,6 @@ impl Link {
         ticket: u64,
         outcome: Result<Option<Bytes>, ()>,
     ) {
-        if outcome.is_ok() {
-            self.owned.insert(digest);
-        }
         self.mesh.send(
             from,
             MeshMsg::Cluster(ClusterMsg::Claimed { ticket, outcome }),
@@ -443,9 +444,9 @@ impl Link {
         };
         if done {
             let (_, kicks) = self.claiming.remove(&digest).expect("looked up above");
+            // The claim that won here may have lost since: the shard admits
+            // first, then carries the kick out.
             for kick in kicks {
-                // The claim that won here may have lost since.
-                self.owned.remove(&digest);
                 self.forward_kick(kick);
             }
         }
@@ -1076,7 +1077,6 @@ async fn run(setup: LinkSetup) {
         kv_queue: Vec::new(),
         dead: Vec::new(),
         healthy: false,
-        owned: hashbrown::HashSet::new(),
         claiming: HashMap::new(),
         kicks: HashMap::new(),
     }));
@@ -1213,12 +1213,16 @@ async fn run(setup: LinkSetup) {
                     MeshMsg::Handoff(_) => {}
                 }
             }
-            let mut l = link.borrow_mut();
-            l.post_rings();
-            let armed = l.mesh.arm_before_block();
-            drop(l);
+            let armed = {
+                let mut l = link.borrow_mut();
+                l.post_rings();
+                l.mesh.arm_before_block()
+            };
             flush_kv(&link);
             if !armed {
+                // More came meanwhile: let the sender and the NATS tasks
+                // run before taking it (one thread runs them all).
+                tokio::task::yield_now().await;
                 continue;
             }
         }
@@ -1523,17 +1527,6 @@ fn cluster_msg(link: &Rc<RefCell<Link>>, client: &async_nats::Client, msg: Clust
                     return;
                 }
             };
-            if l.owned.contains(&digest) && !l.claiming.contains_key(&digest) {
-                count(&l.counters, |c| &c.claims_remembered);
-                l.mesh.send(
-                    from,
-                    MeshMsg::Cluster(ClusterMsg::Claimed {
-                        ticket,
-                        outcome: Ok(None),
-                    }),
-                );
-                return;
-            }
             count(&l.counters, |c| &c.claims_registry);
             l.claiming.entry(digest).or_default().0 += 1;
             let me = l.me.clone();
