@@ -617,6 +617,12 @@ fn kill_9_of_a_node_its_wills_are_published_once_and_its_clients_reconnect_elsew
             RawClient::connect(a.port(), &opts).0
         })
         .collect();
+    // dev-0 connects again on a (a takeover on the same node): the will
+    // kept in the cluster is the new connection's.
+    let again = ConnectOpts::id("dev-0").will("dev/0/status", b"offline", 1, false);
+    let (dev0, _) = RawClient::connect(a.port(), &again);
+    devices[0].closed_within(Duration::from_secs(5));
+    devices[0] = dev0;
     let mut watcher = RawClient::subscriber(c.port(), "watcher", "dev/#", 1);
     // The wills are in the cluster by the time a dies: give the writes a
     // moment (they do not hold up the CONNACK).
@@ -648,7 +654,8 @@ fn kill_9_of_a_node_its_wills_are_published_once_and_its_clients_reconnect_elsew
     b.assert_no_panic();
     c.assert_no_panic();
     println!(
-        "checked: node a killed -9 with {DEVICES} clients that had wills: each will reached a \
+        "checked: node a killed -9 with {DEVICES} clients that had wills (one of them after \
+         taking its own clientId over on a): each will reached a \
          subscriber on node c exactly once, all within {all_wills_after:?} of the kill; then \
          each client reconnected on node b (CONNACK 0, taking its clientId over from the dead \
          node) and its QoS 1 publish reached node c; all {DEVICES} in {took:?}"

@@ -1208,16 +1208,6 @@ fn admit_now(shard: &Shard, conn: Handoff, registered: bool) {
         .broker
         .borrow_mut()
         .connect_assigned(connect, assigned, now);
-    if let (Some((client_id, will)), Some(link)) = (cluster_will, shard.link) {
-        shard
-            .cluster_wills
-            .borrow_mut()
-            .insert(id, client_id.clone());
-        shard.send_to(
-            link,
-            MeshMsg::Cluster(ClusterMsg::WillSet { client_id, will }),
-        );
-    }
     shard
         .counters
         .connack_latency
@@ -1244,6 +1234,21 @@ fn admit_now(shard: &Shard, conn: Handoff, registered: bool) {
         shard.feed(id, &mut rest);
     }
     shard.dispatch();
+    // After the dispatch: a connection this CONNECT took over (same
+    // clientId, same shard) has cleared its will by now, and this one's
+    // must come after that clear, not before.
+    if let (Some((client_id, will)), Some(link)) = (cluster_will, shard.link) {
+        if !shard.broker.borrow().is_closing(id) {
+            shard
+                .cluster_wills
+                .borrow_mut()
+                .insert(id, client_id.clone());
+            shard.send_to(
+                link,
+                MeshMsg::Cluster(ClusterMsg::WillSet { client_id, will }),
+            );
+        }
+    }
     shard.pause_reading_if_backlogged(id);
 }
 
