@@ -501,6 +501,29 @@ impl Link {
         }
     }
 
+    /// Starts an announcement of `filters` to this node's shards
+    /// (`to_shards`) or a route round to the peers, done after `left`
+    /// answers; its key.
+    fn begin_in_flight(&mut self, to_shards: bool, filters: &[TopicFilter], left: u32) -> u64 {
+        let key = self.next_id();
+        let (by_filter, table) = if to_shards {
+            (&mut self.filters_to_shards, &mut self.shard_announces)
+        } else {
+            (&mut self.filters_to_peers, &mut self.rounds)
+        };
+        for f in filters {
+            by_filter.insert(f.as_bytestring().clone(), key);
+        }
+        table.insert(
+            key,
+            InFlight {
+                left,
+                barriers: Vec::new(),
+            },
+        );
+        key
+    }
+
     /// One answer (or timeout) for announcement or round `key`.
     fn in_flight_answered(&mut self, to_shards: bool, key: u64) {
         let table = if to_shards {
@@ -579,18 +602,7 @@ impl Link {
         let new = self.routes.local_add(from, &filters);
         let peers = self.peer_subjects();
         if !new.is_empty() && !peers.is_empty() {
-            let round = self.next_id();
-            for f in &new {
-                self.filters_to_peers
-                    .insert(f.as_bytestring().clone(), round);
-            }
-            self.rounds.insert(
-                round,
-                InFlight {
-                    left: peers.len() as u32,
-                    barriers: Vec::new(),
-                },
-            );
+            let round = self.begin_in_flight(false, &new, peers.len() as u32);
             let msg = NodeMsg::RouteAdd(self.me.clone(), new).encode();
             for subject in peers {
                 self.request(subject, msg.clone(), Pending::Round(round));
@@ -822,18 +834,7 @@ impl Link {
         if filters.is_empty() {
             return None;
         }
-        let ticket = self.next_id();
-        for f in &filters {
-            self.filters_to_shards
-                .insert(f.as_bytestring().clone(), ticket);
-        }
-        self.shard_announces.insert(
-            ticket,
-            InFlight {
-                left: u32::from(self.shards),
-                barriers: Vec::new(),
-            },
-        );
+        let ticket = self.begin_in_flight(true, &filters, u32::from(self.shards));
         for s in 0..self.shards {
             self.send_shard(
                 ShardId(s),

@@ -250,6 +250,28 @@ impl NodeMsg {
     }
 }
 
+/// One more holder of `f` (a shard, or a peer); true when it is the first.
+fn count_up(counts: &mut HashMap<ByteString, u32>, f: &TopicFilter) -> bool {
+    let count = counts.entry(f.as_bytestring().clone()).or_insert(0);
+    *count += 1;
+    *count == 1
+}
+
+/// One holder of `f` fewer; true when it was the last.
+fn count_down(counts: &mut HashMap<ByteString, u32>, f: &TopicFilter) -> bool {
+    match counts.get_mut(f.as_bytestring()) {
+        Some(count) if *count > 1 => {
+            *count -= 1;
+            false
+        }
+        Some(_) => {
+            counts.remove(f.as_bytestring());
+            true
+        }
+        None => false,
+    }
+}
+
 /// A `$share/GROUP/FILTER` filter: a shared group, not a route.
 fn is_share(f: &TopicFilter) -> bool {
     f.as_str().starts_with(shared::SHARE_PREFIX)
@@ -340,12 +362,7 @@ impl Routes {
             if !is_share(f) {
                 self.local.remote_add(from, f);
             }
-            let count = self
-                .local_count
-                .entry(f.as_bytestring().clone())
-                .or_insert(0);
-            *count += 1;
-            if *count == 1 {
+            if count_up(&mut self.local_count, f) {
                 new.push(f.clone());
             }
         }
@@ -358,17 +375,7 @@ impl Routes {
         if !is_share(filter) {
             self.local.remote_remove(from, filter);
         }
-        match self.local_count.get_mut(filter.as_bytestring()) {
-            Some(count) if *count > 1 => {
-                *count -= 1;
-                false
-            }
-            Some(_) => {
-                self.local_count.remove(filter.as_bytestring());
-                true
-            }
-            None => false,
-        }
+        count_down(&mut self.local_count, filter)
     }
 
     /// Every filter some shard of this node has (a peer's dump).
@@ -482,12 +489,7 @@ impl Routes {
                 continue;
             }
             self.remote.remote_add(ShardId(index), f);
-            let count = self
-                .remote_count
-                .entry(f.as_bytestring().clone())
-                .or_insert(0);
-            *count += 1;
-            if *count == 1 {
+            if count_up(&mut self.remote_count, f) {
                 new.push(f.clone());
             }
         }
@@ -525,17 +527,7 @@ impl Routes {
             return false;
         }
         self.remote.remote_remove(ShardId(index), f);
-        match self.remote_count.get_mut(f.as_bytestring()) {
-            Some(count) if *count > 1 => {
-                *count -= 1;
-                false
-            }
-            Some(_) => {
-                self.remote_count.remove(f.as_bytestring());
-                true
-            }
-            None => false,
-        }
+        count_down(&mut self.remote_count, f)
     }
 
     fn forget_filters_of(&mut self, i: usize) -> Vec<TopicFilter> {
