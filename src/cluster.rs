@@ -231,24 +231,28 @@ struct Kick {
     reply: Option<String>,
 }
 
-/// The 64-bit digest of a clientId that the sets of claimed clients hold
-/// (the link's, and each shard's).
+/// The 64-bit digest of a clientId that each shard's set of claimed
+/// clients holds (on every CONNECT of a cluster node: no key built).
 pub fn client_digest(client_id: &str) -> u64 {
-    session_key(client_id).1
+    use sha2::Digest;
+    short_digest(&sha2::Sha256::digest(client_id.as_bytes()))
 }
 
-/// The registry key of a clientId, and a 64-bit digest of it for the set
-/// of clients this node claimed.
+fn short_digest(sha256: &[u8]) -> u64 {
+    u64::from_le_bytes(sha256[..8].try_into().expect("a SHA-256 has 32 bytes"))
+}
+
+/// The registry key of a clientId, and its [`client_digest`].
 fn session_key(client_id: &str) -> (String, u64) {
     use sha2::Digest;
+    use std::fmt::Write;
     let digest = sha2::Sha256::digest(client_id.as_bytes());
     let mut key = String::with_capacity(2 + 32);
     key.push_str("s.");
     for b in &digest[..16] {
-        key.push_str(&format!("{b:02x}"));
+        let _ = write!(key, "{b:02x}");
     }
-    let short = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
-    (key, short)
+    (key, short_digest(&digest))
 }
 
 /// A publish from a peer handed to shards with the link's ticket.
@@ -410,7 +414,7 @@ impl Link {
     /// Another node took client `client_id` over.
     fn kick_in(&mut self, client_id: ByteString, export: bool, reply: Option<String>) {
         count(&self.counters, |c| &c.takeovers_out);
-        let (_, digest) = session_key(&client_id);
+        let digest = client_digest(&client_id);
         let kick = Kick {
             client_id,
             export,
