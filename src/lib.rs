@@ -29,6 +29,7 @@
 //! - [`auth`]: the mosquitto-format password file and the CONNECT credentials check.
 //! - [`reload`]: SIGHUP rereads the password, ACL and TLS files, connections stay.
 //! - [`tls`]: the rustls settings of the TLS listeners, from `--cert`, `--key`, `--client-ca`.
+//!   - [`tls::record`]: sealing and opening TLS records with keys expanded on use, not held.
 //! - [`sys`]: process-wide OS settings (the open-file limit, terminal echo).
 
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -44,3 +45,6 @@ pub mod reload;
 pub mod shard;
 pub mod sys;
 pub mod tls;
+
+#[cfg(test)]
+mod test_alloc;
