@@ -114,13 +114,14 @@ impl RawKey {
 }
 
 /// The suites of `suites`, each with its record protection replaced by the
-/// one of this module; made once, kept for the life of the process.
-pub fn lean(suites: &[SupportedCipherSuite]) -> Vec<SupportedCipherSuite> {
+/// one of this module. Each call leaks its suites (rustls needs them
+/// `&'static`): called once, for [`LEAN_SUITES`].
+fn lean(suites: &[SupportedCipherSuite]) -> Vec<SupportedCipherSuite> {
     suites.iter().map(|s| lean_one(*s)).collect()
 }
 
-/// rustls needs `&'static` suites; the nine of `tls::SUITES_IN_OUR_ORDER`
-/// are made once here.
+/// The nine suites of `tls::SUITES_IN_OUR_ORDER`, in that order, with
+/// this module's record protection; what the TLS listeners offer.
 pub static LEAN_SUITES: LazyLock<Vec<SupportedCipherSuite>> =
     LazyLock::new(|| lean(super::SUITES_IN_OUR_ORDER));
 
