@@ -3865,6 +3865,17 @@ impl Broker {
         }
         let routed = self.routed();
         let mut announce = Vec::new();
+        // Room for every session at once: grown one by one, the id table
+        // rehashes (hashing every clientId again) at each doubling.
+        let n = recovered.sessions.len();
+        self.sessions.reserve(n);
+        let (sessions, hasher) = (&self.sessions, &self.hasher);
+        self.by_client_id.reserve(n, |k| {
+            let id = sessions[k.0 as usize]
+                .as_ref()
+                .map_or("", |s| &*s.client_id);
+            hasher.hash_one(id)
+        });
         for (_, rs) in recovered.sessions {
             let st = rs.state;
             let key = self.create_session(st.client_id.clone(), st.expiry_secs);
