@@ -92,10 +92,41 @@ fn the_dockerfile_runs_the_real_binary_as_written() {
         "{copied:?}"
     );
 
-    // Not root: the USER is the one a RUN creates, with the fixed uid the
-    // comments promise for chowning a bind-mounted data dir.
-    let user = the(&ins, "USER");
+    // What the build stage installs is what the run stage copies.
+    let build_runs = ins
+        .iter()
+        .take_while(|(k, r)| !(k == "FROM" && r == &froms[1]))
+        .filter(|(k, _)| k == "RUN")
+        .map(|(_, r)| r.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let copy = copied
+        .iter()
+        .find(|c| c.starts_with("--from=build "))
+        .expect("a COPY --from=build");
+    let source = copy
+        .split_whitespace()
+        .nth(1)
+        .expect("COPY --from=build SRC DST");
+    assert!(
+        build_runs.contains(&format!("target/release/coremq {source}")),
+        "the build stage installs {source}: {build_runs}"
+    );
+
+    // Not root: the run stage's USER (after its FROM) is the one a RUN
+    // creates, with the fixed uid the comments promise for chowning a
+    // bind-mounted data dir.
+    let last_from = ins.iter().rposition(|(k, _)| k == "FROM").expect("FROM");
+    let user: Vec<&str> = ins[last_from..]
+        .iter()
+        .filter(|(k, _)| k == "USER")
+        .map(|(_, r)| r.as_str())
+        .collect();
     assert_eq!(user, ["coremq:coremq"]);
+    assert!(
+        !ins[..last_from].iter().any(|(k, _)| k == "USER"),
+        "a USER in the build stage says nothing of the image's"
+    );
     let runs = the(&ins, "RUN").join("\n");
     assert!(
         runs.contains("useradd --system --uid 10001 --gid coremq"),
@@ -127,7 +158,13 @@ fn the_dockerfile_runs_the_real_binary_as_written() {
             );
         }
         match flag.as_str() {
-            "--listen" => {}
+            "--listen" => {
+                // Broker::start gives its own loopback --listen; the
+                // image's must at least be an address.
+                value
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap_or_else(|e| panic!("--listen {value}: {e}"));
+            }
             "--data-dir" => {
                 assert_eq!(value, "/var/lib/coremq", "the VOLUME");
                 args.extend([flag.clone(), dir.0.display().to_string()]);

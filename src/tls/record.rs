@@ -38,18 +38,23 @@ use rustls::{
 /// Slots of the per-thread cache of expanded keys (a power of two). A slot
 /// is a 552-byte allocation (640 with the allocator's rounding) made the
 /// first time it is used, so a shard that serves TLS holds at most 2.5 MiB
-/// of them, whatever its connection count; 4,096 keys is the traffic of
-/// ~2,000 connections that all talk at once (one key each way), beyond
-/// which records pay the expansion.
+/// of them, whatever its connection count. Direct-mapped: with k keys in
+/// use at once (two per talking connection), about 1 − e^(−k/4096) of them
+/// share their slot with another and pay the expansion on some records
+/// (22 % at 1,000 keys, 62 % at 4,000); keys made one after another on a
+/// quiet machine, as in a benchmark's ramp, do not collide until 4,096.
 pub const EXPANDED_KEYS: usize = 4096;
+
+/// The owner of a slot whose key was wiped; no key is numbered 0.
+const NO_OWNER: u64 = 0;
 
 /// The largest plaintext a TLS record may carry (RFC 8446 §5.1).
 const MAX_FRAGMENT_LEN: usize = 16_384;
 
-/// A traffic key as it came from the key schedule, with a number no other
-/// key of this process has: its slot in the cache is `id % EXPANDED_KEYS`,
-/// and the slot holds it while `owner == id`. Ids are consecutive, so any
-/// 4,096 keys made one after another never evict each other.
+/// A traffic key as it came from the key schedule (rustls's `AeadKey`,
+/// zeroized when dropped), with a number no other key of this process has:
+/// its slot in the cache is `id % EXPANDED_KEYS`, and the slot holds its
+/// expansion while `owner == id`. Dropped, it wipes that expansion too.
 struct RawKey {
     id: u64,
     algorithm: &'static aead::Algorithm,
@@ -76,41 +81,79 @@ impl RawKey {
         }
     }
 
+    fn slot(&self) -> usize {
+        (self.id % EXPANDED_KEYS as u64) as usize
+    }
+
+    fn expand(&self) -> aead::LessSafeKey {
+        expand(self.algorithm, self.key.as_ref())
+    }
+
     /// Runs `f` with this key expanded, from the cache or expanded now.
     fn with<R>(&self, f: impl FnOnce(&aead::LessSafeKey) -> R) -> R {
-        let expand = || {
-            // The key schedule makes keys of `key_len()` bytes for the
-            // algorithm it was told, which is this one.
-            let unbound = aead::UnboundKey::new(self.algorithm, self.key.as_ref())
-                .expect("a traffic key of the algorithm's length");
-            aead::LessSafeKey::new(unbound)
-        };
-        EXPANDED.with(|cache| {
+        let mut f = Some(f);
+        let cached = EXPANDED.try_with(|cache| {
             let mut slots = cache.borrow_mut();
             if slots.is_empty() {
                 slots.resize_with(EXPANDED_KEYS, || None);
             }
-            let slot = &mut slots[(self.id % EXPANDED_KEYS as u64) as usize];
+            let slot = &mut slots[self.slot()];
             match slot {
                 Some(held) if held.owner == self.id => {}
                 Some(held) => {
                     held.owner = self.id;
-                    held.key = expand();
+                    held.key = self.expand();
                 }
                 None => {
                     *slot = Some(Box::new(ExpandedKey {
                         owner: self.id,
-                        key: expand(),
+                        key: self.expand(),
                     }))
                 }
             }
+            let f = f.take().expect("called once");
             f(&slot.as_ref().expect("filled above").key)
-        })
+        });
+        match cached {
+            Ok(result) => result,
+            // The thread's cache is already gone (its teardown): expand
+            // for this record alone.
+            Err(_) => (f.take().expect("not called"))(&self.expand()),
+        }
     }
 
     fn tag_len(&self) -> usize {
         self.algorithm.tag_len()
     }
+}
+
+impl Drop for RawKey {
+    /// Overwrites this key's expansion in the cache with a zero key's, so
+    /// that a closed connection's key schedule is not left readable until
+    /// its slot is reused. A key dropped on another thread than the one
+    /// that expanded it (not the case in the broker, where a connection
+    /// stays on its shard after the handshake) leaves it to the next owner.
+    fn drop(&mut self) {
+        let _ = EXPANDED.try_with(|cache| {
+            let Ok(mut slots) = cache.try_borrow_mut() else {
+                return;
+            };
+            if let Some(Some(held)) = slots.get_mut(self.slot()) {
+                if held.owner == self.id {
+                    held.owner = NO_OWNER;
+                    held.key = expand(self.algorithm, &[0; 32][..self.algorithm.key_len()]);
+                }
+            }
+        });
+    }
+}
+
+fn expand(algorithm: &'static aead::Algorithm, key: &[u8]) -> aead::LessSafeKey {
+    // The key schedule makes keys of `key_len()` bytes for the algorithm it
+    // was told, which is this one.
+    let unbound =
+        aead::UnboundKey::new(algorithm, key).expect("a traffic key of the algorithm's length");
+    aead::LessSafeKey::new(unbound)
 }
 
 /// The suites of `suites`, each with its record protection replaced by the
@@ -496,13 +539,21 @@ impl MessageDecrypter for Tls12ChaChaProtection {
     }
 }
 
-/// Fills every slot of this thread's cache, so that a test measuring what
-/// connections hold does not count the slots their keys fill.
+/// Fills every slot of this thread's cache (owned by no key), so that a
+/// test measuring what connections hold does not count the slots their
+/// keys fill.
 #[cfg(test)]
 pub(crate) fn fill_cache() {
-    for _ in 0..EXPANDED_KEYS {
-        RawKey::new(&aead::CHACHA20_POLY1305, AeadKey::from([0; 32])).with(|_| ());
-    }
+    EXPANDED.with(|cache| {
+        let mut slots = cache.borrow_mut();
+        slots.resize_with(EXPANDED_KEYS, || None);
+        for slot in slots.iter_mut().filter(|s| s.is_none()) {
+            *slot = Some(Box::new(ExpandedKey {
+                owner: NO_OWNER,
+                key: expand(&aead::CHACHA20_POLY1305, &[0; 32]),
+            }));
+        }
+    });
 }
 
 #[cfg(test)]
@@ -638,9 +689,38 @@ mod tests {
         assert_eq!(LEAN_SUITES.len(), super::super::SUITES_IN_OUR_ORDER.len());
         for (lean, stock) in LEAN_SUITES.iter().zip(super::super::SUITES_IN_OUR_ORDER) {
             assert_eq!(lean.suite(), stock.suite());
-            let aead = match lean {
-                SupportedCipherSuite::Tls13(s) => s.aead_alg as *const _ as *const (),
-                SupportedCipherSuite::Tls12(s) => s.aead_alg as *const _ as *const (),
+            // Ours, and the same algorithm as the stock suite's: key
+            // length, key block and the secrets' kind (AES-128/256, ChaCha).
+            let key = || AeadKey::from([0; 32]);
+            let kind = |s: Result<ConnectionTrafficSecrets, UnsupportedOperationError>| {
+                std::mem::discriminant(&s.unwrap())
+            };
+            let aead = match (lean, stock) {
+                (SupportedCipherSuite::Tls13(l), SupportedCipherSuite::Tls13(s)) => {
+                    assert_eq!(l.aead_alg.key_len(), s.aead_alg.key_len());
+                    let iv = || Iv::new([0; NONCE_LEN]);
+                    assert_eq!(
+                        kind(l.aead_alg.extract_keys(key(), iv())),
+                        kind(s.aead_alg.extract_keys(key(), iv()))
+                    );
+                    l.aead_alg as *const _ as *const ()
+                }
+                (SupportedCipherSuite::Tls12(l), SupportedCipherSuite::Tls12(s)) => {
+                    let (ls, ss) = (l.aead_alg.key_block_shape(), s.aead_alg.key_block_shape());
+                    assert_eq!(
+                        (ls.enc_key_len, ls.fixed_iv_len, ls.explicit_nonce_len),
+                        (ss.enc_key_len, ss.fixed_iv_len, ss.explicit_nonce_len)
+                    );
+                    let iv = [0u8; NONCE_LEN];
+                    let (fixed, explicit) = iv.split_at(ss.fixed_iv_len);
+                    let explicit = &explicit[..ss.explicit_nonce_len];
+                    assert_eq!(
+                        kind(l.aead_alg.extract_keys(key(), fixed, explicit)),
+                        kind(s.aead_alg.extract_keys(key(), fixed, explicit))
+                    );
+                    l.aead_alg as *const _ as *const ()
+                }
+                _ => panic!("{:?} changed protocol version", lean.suite()),
             };
             assert!(
                 ours.contains(&aead),
@@ -648,6 +728,21 @@ mod tests {
                 lean.suite()
             );
         }
+    }
+
+    #[test]
+    fn a_dropped_key_leaves_no_expansion_behind() {
+        let key = RawKey {
+            id: u64::MAX - 7,
+            algorithm: &aead::AES_256_GCM,
+            key: AeadKey::from([5; 32]),
+        };
+        let slot = key.slot();
+        let owner = || EXPANDED.with(|c| c.borrow()[slot].as_ref().map(|held| held.owner));
+        key.with(|_| ());
+        assert_eq!(owner(), Some(u64::MAX - 7));
+        drop(key);
+        assert_eq!(owner(), Some(NO_OWNER), "wiped, and owned by no key");
     }
 
     #[test]

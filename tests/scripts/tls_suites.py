@@ -63,6 +63,8 @@ def read_packet(sock):
 
 def main():
     ctx = ssl.create_default_context(cafile=ca)
+    if version == "1.3":
+        os.unlink(conf.name)  # read by OpenSSL when ssl was imported
     tls = ssl.TLSVersion.TLSv1_3 if version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.minimum_version = ctx.maximum_version = tls
     if version == "1.2":
