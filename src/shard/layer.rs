@@ -908,34 +908,16 @@ mod tests {
         assert_eq!(status(&huge, &any), 431);
     }
 
-    /// A server layer and a rustls client with a certificate made here.
+    /// A server layer on the suites the broker offers and a rustls client
+    /// of `version`, with a certificate made here.
     fn tls_pair(
         version: &'static rustls::SupportedProtocolVersion,
     ) -> (Layer, rustls::ClientConnection) {
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let cert = CertificateDer::from(made.cert.der().to_vec());
-        let key = PrivateKeyDer::try_from(made.signing_key.serialize_der()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let client = rustls::ClientConnection::new(
-            Arc::new(client),
-            ServerName::try_from("localhost").unwrap(),
-        )
-        .unwrap();
-        (Layer::new(Some(&Arc::new(server)), false).unwrap(), client)
+        let (server, client) =
+            crate::tls::test_configs(crate::tls::record::LEAN_SUITES.clone(), &[version]);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let client = rustls::ClientConnection::new(client, name).unwrap();
+        (Layer::new(Some(&server), false).unwrap(), client)
     }
 
     /// What the client has to send.
@@ -1015,33 +997,8 @@ mod tests {
     /// Heap bytes each of `n` server layers holds after a TLS 1.3 handshake
     /// with a rustls client, on `suites`, the clients dropped.
     fn held_after_handshake(suites: Vec<rustls::SupportedCipherSuite>, n: usize) -> isize {
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let cert = CertificateDer::from(made.cert.der().to_vec());
-        let key = PrivateKeyDer::try_from(made.signing_key.serialize_der()).unwrap();
-        let server_provider = rustls::crypto::CryptoProvider {
-            cipher_suites: suites,
-            ..rustls::crypto::ring::default_provider()
-        };
-        let server = Arc::new(
-            ServerConfig::builder_with_provider(Arc::new(server_provider))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(vec![cert.clone()], key)
-                .unwrap(),
-        );
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let client = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-        );
+        use rustls::pki_types::ServerName;
+        let (server, client) = crate::tls::test_configs(suites, &[&rustls::version::TLS13]);
         let before = crate::test_alloc::net_bytes();
         let mut layers = Vec::with_capacity(n);
         for _ in 0..n {

@@ -175,3 +175,36 @@ pub fn common_name(cert: &[u8]) -> Option<String> {
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
 }
+
+/// For tests: a server offering `server_suites` with a self-signed ECDSA
+/// P-256 certificate for `localhost` made here, and a client on rustls's
+/// stock ring suites and `client_versions` that trusts it.
+#[cfg(test)]
+pub(crate) fn test_configs(
+    server_suites: Vec<rustls::SupportedCipherSuite>,
+    client_versions: &[&'static rustls::SupportedProtocolVersion],
+) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = CertificateDer::from(made.cert.der().to_vec());
+    let key = PrivateKeyDer::try_from(made.signing_key.serialize_der()).unwrap();
+    let server_provider = rustls::crypto::CryptoProvider {
+        cipher_suites: server_suites,
+        ..rustls::crypto::ring::default_provider()
+    };
+    let server = ServerConfig::builder_with_provider(Arc::new(server_provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    let mut roots = RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(client_versions)
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    (Arc::new(server), Arc::new(client))
+}

@@ -559,42 +559,19 @@ pub(crate) fn fill_cache() {
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
-    use std::sync::Arc;
 
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConnection, ServerConnection};
 
     use super::*;
 
     /// A server on one lean suite and a client on rustls's stock ring
     /// suites, with an ECDSA P-256 certificate made here.
     fn pair(suite: SupportedCipherSuite) -> (ServerConnection, ClientConnection) {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
-        let cert = CertificateDer::from(params.self_signed(&key).unwrap().der().to_vec());
-        let key = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-        let server_provider = rustls::crypto::CryptoProvider {
-            cipher_suites: vec![suite],
-            ..rustls::crypto::ring::default_provider()
-        };
-        let server = ServerConfig::builder_with_provider(Arc::new(server_provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let client =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+        let (server, client) = super::super::test_configs(vec![suite], rustls::DEFAULT_VERSIONS);
         (
-            ServerConnection::new(Arc::new(server)).unwrap(),
-            ClientConnection::new(Arc::new(client), ServerName::try_from("localhost").unwrap())
-                .unwrap(),
+            ServerConnection::new(server).unwrap(),
+            ClientConnection::new(client, ServerName::try_from("localhost").unwrap()).unwrap(),
         )
     }
 
