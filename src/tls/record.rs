@@ -220,6 +220,25 @@ fn lean_one(suite: SupportedCipherSuite) -> SupportedCipherSuite {
     }
 }
 
+/// The nonce of record `seq`: the IV xor the sequence number (RFC 8446
+/// §5.3; TLS 1.2's ChaCha20 and rustls's GCM explicit nonces alike).
+fn iv_xor_seq(iv: &Iv, seq: u64) -> aead::Nonce {
+    aead::Nonce::assume_unique_for_key(Nonce::new(iv, seq).0)
+}
+
+/// A TLS 1.2 record opened in place, its plaintext `plain_len` bytes long;
+/// more than a record may carry is the peer's error.
+fn tls12_plaintext(
+    mut msg: InboundOpaqueMessage<'_>,
+    plain_len: usize,
+) -> Result<InboundPlainMessage<'_>, Error> {
+    if plain_len > MAX_FRAGMENT_LEN {
+        return Err(Error::PeerSentOversizedRecord);
+    }
+    msg.payload.truncate(plain_len);
+    Ok(msg.into_plain_message())
+}
+
 fn secrets(
     algorithm: &'static aead::Algorithm,
     key: AeadKey,
@@ -279,7 +298,7 @@ impl MessageEncrypter for Tls13Protection {
     ) -> Result<OutboundOpaqueMessage, Error> {
         let total_len = self.encrypted_payload_len(msg.payload.len());
         let mut payload = PrefixedPayload::with_capacity(total_len);
-        let nonce = aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0);
+        let nonce = iv_xor_seq(&self.iv, seq);
         let aad = aead::Aad::from(make_tls13_aad(total_len));
         payload.extend_from_chunks(&msg.payload);
         payload.extend_from_slice(&msg.typ.to_array());
@@ -309,7 +328,7 @@ impl MessageDecrypter for Tls13Protection {
         if payload.len() < self.key.tag_len() {
             return Err(Error::DecryptError);
         }
-        let nonce = aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0);
+        let nonce = iv_xor_seq(&self.iv, seq);
         let aad = aead::Aad::from(make_tls13_aad(payload.len()));
         let plain_len = self
             .key
@@ -387,7 +406,7 @@ impl MessageEncrypter for Tls12GcmSeal {
     ) -> Result<OutboundOpaqueMessage, Error> {
         let total_len = self.encrypted_payload_len(msg.payload.len());
         let mut payload = PrefixedPayload::with_capacity(total_len);
-        let nonce = aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0);
+        let nonce = iv_xor_seq(&self.iv, seq);
         let aad = aead::Aad::from(make_tls12_aad(seq, msg.typ, msg.version, msg.payload.len()));
         payload.extend_from_slice(&nonce.as_ref()[4..]);
         payload.extend_from_chunks(&msg.payload);
@@ -430,19 +449,14 @@ impl MessageDecrypter for Tls12GcmOpen {
             msg.version,
             msg.payload.len() - overhead,
         ));
-        let payload = &mut msg.payload;
         let plain_len = self
             .key
             .with(|key| {
-                key.open_within(nonce, aad, payload, GCM_EXPLICIT_NONCE_LEN..)
+                key.open_within(nonce, aad, &mut msg.payload, GCM_EXPLICIT_NONCE_LEN..)
                     .map(|p| p.len())
             })
             .map_err(|_| Error::DecryptError)?;
-        if plain_len > MAX_FRAGMENT_LEN {
-            return Err(Error::PeerSentOversizedRecord);
-        }
-        payload.truncate(plain_len);
-        Ok(msg.into_plain_message())
+        tls12_plaintext(msg, plain_len)
     }
 }
 
@@ -496,7 +510,7 @@ impl MessageEncrypter for Tls12ChaChaProtection {
     ) -> Result<OutboundOpaqueMessage, Error> {
         let total_len = self.encrypted_payload_len(msg.payload.len());
         let mut payload = PrefixedPayload::with_capacity(total_len);
-        let nonce = aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0);
+        let nonce = iv_xor_seq(&self.iv, seq);
         let aad = aead::Aad::from(make_tls12_aad(seq, msg.typ, msg.version, msg.payload.len()));
         payload.extend_from_chunks(&msg.payload);
         self.key
@@ -519,23 +533,21 @@ impl MessageDecrypter for Tls12ChaChaProtection {
         if msg.payload.len() < self.key.tag_len() {
             return Err(Error::DecryptError);
         }
-        let nonce = aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0);
+        let nonce = iv_xor_seq(&self.iv, seq);
         let aad = aead::Aad::from(make_tls12_aad(
             seq,
             msg.typ,
             msg.version,
             msg.payload.len() - self.key.tag_len(),
         ));
-        let payload = &mut msg.payload;
         let plain_len = self
             .key
-            .with(|key| key.open_in_place(nonce, aad, payload).map(|p| p.len()))
+            .with(|key| {
+                key.open_in_place(nonce, aad, &mut msg.payload)
+                    .map(|p| p.len())
+            })
             .map_err(|_| Error::DecryptError)?;
-        if plain_len > MAX_FRAGMENT_LEN {
-            return Err(Error::PeerSentOversizedRecord);
-        }
-        payload.truncate(plain_len);
-        Ok(msg.into_plain_message())
+        tls12_plaintext(msg, plain_len)
     }
 }
 

@@ -16,22 +16,7 @@ import socket
 import ssl
 import sys
 
-
-def connect_packet(client_id):
-    cid = client_id.encode()
-    # "MQTT", level 4, clean session, keep-alive 30, client id.
-    body = b"\x00\x04MQTT\x04\x02\x00\x1e" + len(cid).to_bytes(2, "big") + cid
-    return bytes([0x10, len(body)]) + body
-
-
-def read_exact(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
+from raw_mqtt import connect_packet, read_exact
 
 
 def main():

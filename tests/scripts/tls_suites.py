@@ -29,36 +29,7 @@ if version == "1.3":
 
 import ssl  # noqa: E402  (after OPENSSL_CONF)
 
-
-def read_exact(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def remaining_length(n):
-    out = b""
-    while True:
-        byte, n = n % 128, n // 128
-        out += bytes([byte | (0x80 if n else 0)])
-        if not n:
-            return out
-
-
-def read_packet(sock):
-    first = read_exact(sock, 1)
-    length, shift = 0, 0
-    while True:
-        b = read_exact(sock, 1)[0]
-        length |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            break
-    return first + remaining_length(length) + read_exact(sock, length)
+from raw_mqtt import connect_packet, read_packet, remaining_length  # noqa: E402
 
 
 def main():
@@ -73,9 +44,7 @@ def main():
     payload = bytes(i % 251 for i in range(40_000))
     raw = socket.create_connection((host, int(port)), timeout=5)
     with ctx.wrap_socket(raw, server_hostname=host) as s:
-        cid = b"suite-" + suite.encode()[:16]
-        body = b"\x00\x04MQTT\x04\x02\x00\x1e" + len(cid).to_bytes(2, "big") + cid
-        s.sendall(bytes([0x10, len(body)]) + body)
+        s.sendall(connect_packet("suite-" + suite[:16]))
         connack = read_packet(s).hex()
         body = b"\x00\x01" + len(topic).to_bytes(2, "big") + topic + b"\x00"
         s.sendall(bytes([0x82, len(body)]) + body)
