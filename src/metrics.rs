@@ -96,6 +96,10 @@ pub struct Counters {
     /// io_uring: completions the kernel dropped because the completion
     /// queue and its overflow list were full (should stay 0; logged).
     pub cq_dropped: AtomicU64,
+    /// io_uring: 4 KiB buffers in the shards' provided-buffer rings now;
+    /// each ring starts small and doubles when a turn's reads empty it, up
+    /// to `--ring-buffers` (its resident memory is these × 4 KiB).
+    pub ring_buffers: AtomicU64,
     /// `--data-dir`: log commits (one write, and one fdatasync unless
     /// `--fsync never`; each carries the records gathered since the last).
     pub log_commits: AtomicU64,
@@ -558,6 +562,11 @@ impl Counters {
                 "coremq_retained_messages",
                 "Retained topics held now.",
                 &self.retained_current,
+            ),
+            gauge(
+                "coremq_ring_buffers",
+                "io_uring: 4 KiB buffers in the shards' provided-buffer rings (each grows with the largest burst of reads, up to --ring-buffers).",
+                &self.ring_buffers,
             ),
             gauge(
                 "coremq_messages_queued",

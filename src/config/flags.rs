@@ -48,9 +48,10 @@ pub(super) struct RunArgs {
     /// loop uses, else epoll, saying why in one log line) [default: auto]
     #[arg(long, value_name = "uring|epoll|auto")]
     io: Option<String>,
-    /// io_uring: 4 KiB buffers in each shard's provided-buffer ring, a power
-    /// of two up to 32768: the reads one turn of a shard's loop can take
-    /// before it re-arms the rest [default: 1024]
+    /// io_uring: the most 4 KiB buffers in each shard's provided-buffer ring,
+    /// a power of two up to 32768: the reads one turn of a shard's loop can
+    /// take before it re-arms the rest. A ring starts with 64 and doubles
+    /// when a burst empties it [default: 1024]
     #[arg(long, value_name = "N")]
     ring_buffers: Option<String>,
     /// io_uring: once a shard has waited this many microseconds, it wakes for

@@ -578,11 +578,11 @@ pub fn run(
             .spawn(move || async move {
                 // Made on the shard's own thread: the ring is SINGLE_ISSUER.
                 let io = if use_uring {
-                    Io::Uring(Box::new(RefCell::new(Uring::new(
-                        cq_entries,
-                        config.ring_buffers,
-                        config.ring_batch_usec,
-                    )?)))
+                    let ring = Uring::new(cq_entries, config.ring_buffers, config.ring_batch_usec)?;
+                    counters
+                        .ring_buffers
+                        .fetch_add(u64::from(ring.buffers()), Ordering::Relaxed);
+                    Io::Uring(Box::new(RefCell::new(ring)))
                 } else {
                     Io::Epoll(Epoll::new()?)
                 };

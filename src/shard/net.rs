@@ -1651,10 +1651,22 @@ impl Shard {
     }
 
     /// Re-arms the recvs the buffer ring ran dry for (after the turn gave
-    /// its buffers back).
+    /// its buffers back), and doubles the buffers in the ring for the next
+    /// burst.
     pub(crate) fn rearm_recvs(&self) {
         let Io::Uring(ring) = &self.io else { return };
         let rearm = std::mem::take(&mut self.net.borrow_mut().rearm);
+        if rearm.is_empty() {
+            return;
+        }
+        let before = ring.borrow().buffers();
+        if let Some(buffers) = ring.borrow_mut().ran_dry() {
+            self.counters.ring_buffers.fetch_add(
+                u64::from(buffers - before),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            tracing::debug!(shard = self.id.0, buffers, "io_uring buffer ring grown");
+        }
         for token in rearm {
             match token {
                 Token::Conn(id) => self.resume_reading(id),

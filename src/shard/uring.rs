@@ -12,7 +12,10 @@
 //!   buffer (as the epoll loop copies from its scratch buffer) and gives the
 //!   buffer back at once. An empty ring ends a multishot recv with ENOBUFS:
 //!   the loop re-arms it after the turn has given its buffers back, and the
-//!   bytes wait in the socket meanwhile, so none are lost.
+//!   bytes wait in the socket meanwhile, so none are lost. The ring starts
+//!   with 64 buffers and doubles at each ENOBUFS, up to `--ring-buffers`:
+//!   the kernel takes buffers in ring order, so all the ring holds become
+//!   resident, and a shard's 4 MiB is paid only where bursts need it.
 //! - **Sends and closes as SQEs**: one send in flight per connection keeps
 //!   its writes in order; a partial send is continued from where it
 //!   stopped. A close first cancels what is still armed on the socket (an
@@ -72,10 +75,16 @@ const BUF_GROUP: u16 = 0;
 
 /// Bytes per provided buffer: a whole QoS 1 telemetry PUBLISH fits in one;
 /// a bigger packet arrives in several completions, as it would in several
-/// `recv` calls. With `--ring-buffers` 1024 (how many reads one turn of the
-/// loop can take before the ring runs dry), 4 MiB per shard, whatever the
-/// number of connections.
+/// `recv` calls.
 pub const RING_BUFFER_SIZE: u32 = 4096;
+
+/// Buffers a shard's ring starts with. The kernel takes buffers in ring
+/// order, so every buffer in the ring is written (and costs a resident
+/// page) once the ring has cycled; a ring of `--ring-buffers` from the
+/// start would hold 4 MiB per shard however few connections it serves. It
+/// doubles each time a turn's reads find it empty, up to `--ring-buffers`:
+/// its memory follows the largest burst of reads one turn has taken.
+const INITIAL_BUFFERS: u16 = 64;
 
 /// Submission queue entries: a turn that queues more submits early (one
 /// extra `io_uring_enter`), which a burst can afford.
@@ -156,11 +165,15 @@ impl Completion {
     }
 }
 
-/// The shard's provided-buffer ring: `count` buffers the kernel picks from
-/// for multishot recvs, given back by the loop after it copied their bytes.
+/// The shard's provided-buffer ring: `active` buffers the kernel picks from
+/// for multishot recvs, given back by the loop after it copied their bytes;
+/// room for `count`, which [`BufRing::grow`] brings in as bursts need them.
 struct BufRing {
-    /// Buffers, a power of two.
+    /// Ring slots and buffers mapped, a power of two (`--ring-buffers`).
     count: u16,
+    /// Buffers given to the ring so far (a power of two, at most `count`):
+    /// buffer ids `0..active`. The rest of the mapping is never written.
+    active: u16,
     /// The ring of `io_uring_buf` entries (page-aligned, shared with the
     /// kernel); its tail is in the first entry.
     entries: *mut BufRingEntry,
@@ -180,8 +193,8 @@ impl BufRing {
     }
 
     /// Maps both regions (the buffers only cost memory once written) and
-    /// registers the ring of `count` buffers (a power of two) as group
-    /// [`BUF_GROUP`].
+    /// registers a ring of `count` slots (a power of two) as group
+    /// [`BUF_GROUP`], holding the first [`INITIAL_BUFFERS`] buffers.
     fn new(ring: &IoUring, count: u16) -> io::Result<BufRing> {
         let entries = mmap(Self::entries_len(count))?.cast::<BufRingEntry>();
         let memory = match mmap(Self::memory_len(count)) {
@@ -194,13 +207,12 @@ impl BufRing {
         };
         let mut bufs = BufRing {
             count,
+            active: 0,
             entries,
             memory,
             tail: 0,
         };
-        for bid in 0..count {
-            bufs.give_back(bid);
-        }
+        bufs.grow_to(INITIAL_BUFFERS.min(count));
         bufs.publish();
         // SAFETY: the entries stay mapped until after the ring is gone
         // (Uring's Drop unregisters the group first).
@@ -239,6 +251,24 @@ impl BufRing {
         entry.set_len(RING_BUFFER_SIZE);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Doubles the buffers in the ring, up to `count`; false when it is
+    /// full already. Seen by the kernel once published.
+    fn grow(&mut self) -> bool {
+        if self.active == self.count {
+            return false;
+        }
+        self.grow_to(self.active.saturating_mul(2).min(self.count));
+        true
+    }
+
+    /// Gives the ring buffers `active..to`, never used before.
+    fn grow_to(&mut self, to: u16) {
+        for bid in self.active..to {
+            self.give_back(bid);
+        }
+        self.active = to;
     }
 
     /// Makes the buffers given back visible to the kernel.
@@ -491,6 +521,18 @@ impl Uring {
         self.bufs.give_back(bid);
     }
 
+    /// A read found the buffer ring empty: doubles the buffers in it (up to
+    /// `--ring-buffers`) before the read is re-armed. Returns the buffers
+    /// now in the ring, or `None` when it was full already.
+    pub fn ran_dry(&mut self) -> Option<u16> {
+        self.bufs.grow().then_some(self.bufs.active)
+    }
+
+    /// Buffers in the ring now.
+    pub fn buffers(&self) -> u16 {
+        self.bufs.active
+    }
+
     /// The turn's one system call: publishes the buffers given back,
     /// submits what was queued and, when `wait`, waits up to `timeout` for
     /// a completion. Then moves every completion into `out`; returns how
@@ -645,6 +687,49 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
         assert_eq!(client.read(&mut buf).unwrap(), 0, "the peer sees EOF");
+    }
+
+    /// The buffer ring starts with [`INITIAL_BUFFERS`] of its
+    /// `--ring-buffers`: reads use only those until a read finds them all
+    /// taken (ENOBUFS, the multishot ends, the bytes stay in the socket);
+    /// then it doubles, and the re-armed recv gets the waiting bytes in a
+    /// buffer never used before.
+    #[test]
+    fn the_buffer_ring_grows_only_when_a_read_finds_it_empty() {
+        let mut ring = Uring::new(256, 1024, 0).unwrap();
+        assert_eq!(ring.buffers(), INITIAL_BUFFERS);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        ring.recv_multi(server.as_raw_fd(), 2);
+        let mut used = Vec::new();
+        // Each read keeps its buffer (never given back) until none is left.
+        let ended = loop {
+            client.write_all(b"x").unwrap();
+            let got = wait_for(&mut ring, 1);
+            let c = got[0];
+            if !c.more() {
+                break c;
+            }
+            used.push(c.buffer().expect("a provided buffer"));
+            assert!(used.len() <= usize::from(INITIAL_BUFFERS));
+        };
+        assert_eq!(ended.result, -libc::ENOBUFS);
+        assert_eq!(used.len(), usize::from(INITIAL_BUFFERS));
+        assert!(used.iter().all(|&bid| bid < INITIAL_BUFFERS));
+
+        assert_eq!(ring.ran_dry(), Some(INITIAL_BUFFERS * 2));
+        ring.recv_multi(server.as_raw_fd(), 2);
+        let got = wait_for(&mut ring, 1);
+        assert_eq!(got[0].result, 1, "the byte that waited in the socket");
+        assert_eq!(got[0].buffer(), Some(INITIAL_BUFFERS));
+        assert_eq!(ring.bytes(INITIAL_BUFFERS, 1), b"x");
+
+        // Up to --ring-buffers, no further.
+        while ring.buffers() < 1024 {
+            ring.ran_dry().unwrap();
+        }
+        assert_eq!(ring.ran_dry(), None);
     }
 
     /// MSG_RING posts a completion with the sender's token into another
