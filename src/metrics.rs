@@ -91,7 +91,8 @@ pub struct Counters {
     pub reads_paused: AtomicU64,
     /// io_uring: reads that found the shard's provided-buffer ring empty
     /// (ENOBUFS); the bytes waited in the socket and the read was re-armed
-    /// once the turn's buffers were back.
+    /// once the turn's buffers were back, and the ring doubled (up to
+    /// `--ring-buffers`).
     pub ring_empty: AtomicU64,
     /// io_uring: completions the kernel dropped because the completion
     /// queue and its overflow list were full (should stay 0; logged).
