@@ -48,16 +48,23 @@
 //!   processed up to `now`, so a shard that stalled still expires everyone
 //!   who is due (at most one lap of the ring is walked: that visits every
 //!   entry).
-//! - **Allocation reuse.** A due bucket is swapped with a spare `Vec` and the
-//!   drained one becomes the next spare, so bucket capacity is recycled and
-//!   a steady state allocates nothing.
+//! - **Allocation reuse, without hoarding.** A drained bucket is left with
+//!   no allocation; its `Vec` goes to a small pool of spares, and an entry
+//!   filed into a bucket that has none takes one from there. Entries move
+//!   from the bucket being drained to one a timeout ahead, so the spares
+//!   circulate and a steady state allocates nothing. Leaving the capacity
+//!   in the drained bucket instead (as this wheel once did) fills every
+//!   bucket of the ring with a `Vec` sized for its busiest moment: over a
+//!   lap that held ring ÷ timeout entries' worth per connection (~440 B at
+//!   a 5 s Keep Alive in 100 ms ticks), a leak that grew for the first
+//!   seven minutes.
 //!
 //! # Cost
 //!
 //! Per registered connection: one 8-byte entry in the wheel for `u32` keys
 //! (plus `Vec` growth slack, at most 2× while a bucket grows) and the
 //! connection's 8-byte [`KeepAlive`]. Fixed: 4,096 × 24 bytes of bucket
-//! headers, 96 KiB per shard.
+//! headers, 96 KiB per shard, and up to [`MAX_SPARES`] spare `Vec`s.
 //!
 //! # Time
 //!
@@ -188,12 +195,24 @@ pub struct Advanced {
 const RING: usize = 4096;
 const MASK: u32 = RING as u32 - 1;
 
+/// Drained bucket `Vec`s kept for reuse. Each turn of `advance` drains one
+/// bucket and usually fills one empty bucket a timeout ahead, so a few
+/// suffice; the rest are freed.
+const MAX_SPARES: usize = 8;
+
+/// A drained bucket whose capacity exceeds this many times what it held
+/// (and [`SMALL_BUCKET`]) is freed rather than kept: the one left by a
+/// connection storm should not be reused for every bucket after it.
+const OVERSIZE: usize = 4;
+/// Capacities up to this are always worth keeping.
+const SMALL_BUCKET: usize = 64;
+
 /// The shard's keep-alive wheel: `(key, generation)` entries filed by
 /// deadline second, checked lazily when their second comes.
 pub struct KeepAliveWheel<K> {
     buckets: Box<[Vec<(K, u32)>]>,
-    /// An emptied bucket, kept so its capacity is reused.
-    spare: Vec<(K, u32)>,
+    /// Emptied buckets' allocations, kept so their capacity is reused.
+    spares: Vec<Vec<(K, u32)>>,
     /// The first second not yet processed by `advance`.
     next: Secs,
     len: usize,
@@ -213,7 +232,7 @@ impl<K: Copy> KeepAliveWheel<K> {
     pub fn new(now: Secs) -> Self {
         KeepAliveWheel {
             buckets: (0..RING).map(|_| Vec::new()).collect(),
-            spare: Vec::new(),
+            spares: Vec::new(),
             next: now,
             len: 0,
         }
@@ -225,8 +244,20 @@ impl<K: Copy> KeepAliveWheel<K> {
     /// registered (MQTT-3.1.2-23).
     pub fn register(&mut self, key: K, generation: u32, deadline: Secs) {
         let second = deadline.max(self.next);
-        self.buckets[(second.0 & MASK) as usize].push((key, generation));
+        self.file(second, (key, generation));
         self.len += 1;
+    }
+
+    /// Puts `entry` in the bucket of `second`, giving an empty bucket a
+    /// spare allocation first.
+    fn file(&mut self, second: Secs, entry: (K, u32)) {
+        let bucket = &mut self.buckets[(second.0 & MASK) as usize];
+        if bucket.capacity() == 0 {
+            if let Some(spare) = self.spares.pop() {
+                *bucket = spare;
+            }
+        }
+        bucket.push(entry);
     }
 
     /// Processes every second up to and including `now`: asks `check(key,
@@ -244,25 +275,28 @@ impl<K: Copy> KeepAliveWheel<K> {
         self.next = soonest;
         for second in first..=now.0 {
             let i = (second & MASK) as usize;
-            // Swap the due bucket out, so that entries re-filed into this
-            // same bucket (a lap) land in the fresh one and are not revisited.
-            let mut due = std::mem::replace(&mut self.buckets[i], std::mem::take(&mut self.spare));
+            // Take the due bucket out, so that entries re-filed into this
+            // same bucket (a lap) land in a fresh one and are not revisited.
+            let mut due = std::mem::take(&mut self.buckets[i]);
+            let held = due.len();
             let mut refiled = 0;
             for (key, generation) in due.drain(..) {
                 match check(key, generation) {
                     Verdict::Expired => done.expired += 1,
                     Verdict::Gone => done.dropped += 1,
                     Verdict::Alive { deadline } => {
-                        let at = deadline.max(soonest);
-                        self.buckets[(at.0 & MASK) as usize].push((key, generation));
+                        self.file(deadline.max(soonest), (key, generation));
                         refiled += 1;
                     }
                 }
             }
             done.refiled += refiled;
-            // The drained bucket's capacity is reused by the next bucket
-            // processed, so a steady state allocates nothing.
-            self.spare = due;
+            // The drained bucket's allocation waits for the next empty
+            // bucket to be filed into (see the module docs).
+            let oversized = due.capacity() > SMALL_BUCKET.max(OVERSIZE * held);
+            if due.capacity() > 0 && !oversized && self.spares.len() < MAX_SPARES {
+                self.spares.push(due);
+            }
         }
         self.len -= done.expired + done.dropped;
         done
@@ -379,6 +413,49 @@ mod tests {
             assert_eq!(conns.advance(&mut wheel, Secs(s)).expired, 0);
         }
         assert_eq!(conns.advance(&mut wheel, Secs(21)).expired, 1);
+    }
+
+    /// The wheel holds what is filed in it, not a `Vec` per bucket it has
+    /// passed: 1,000 connections pinging every 5 s (Keep Alive 5) over two
+    /// laps of the ring hold no more after the second lap than after the
+    /// first, and little beyond the bucket headers and the entries
+    /// themselves. (A wheel that left each drained bucket its capacity grew
+    /// by a bucket's worth every second for a whole lap: ~8 MiB here.)
+    #[test]
+    fn memory_follows_the_entries_not_the_ring() {
+        const N: u32 = 1000;
+        let mut conns = Conns::new(N as usize);
+        conns.closed.reserve(N as usize);
+        let start = crate::test_alloc::net_bytes();
+        let mut wheel = KeepAliveWheel::new(Secs(0));
+        for slot in 0..N {
+            conns.connect(&mut wheel, slot, 1, 5, Secs(0));
+        }
+        let mut held_after_lap = Vec::new();
+        for now in 1..=2 * RING as u32 {
+            // Each client pings in its own second of five.
+            for slot in (now % 5..N).step_by(5) {
+                conns.touch(slot, Secs(now));
+            }
+            let a = conns.advance(&mut wheel, Secs(now));
+            assert_eq!(a.expired, 0, "nobody is silent");
+            if now % RING as u32 == 0 {
+                held_after_lap.push(crate::test_alloc::net_bytes() - start);
+            }
+        }
+        assert_eq!(wheel.len(), N as usize);
+        let headers = (RING * std::mem::size_of::<Vec<(u32, u32)>>()) as isize;
+        let entries = N as isize * 8;
+        let (first, second) = (held_after_lap[0], held_after_lap[1]);
+        assert!(
+            second - first < 1024,
+            "grew over the second lap: {first} -> {second}"
+        );
+        assert!(
+            second - headers < 8 * entries,
+            "{} bytes beyond the headers for {entries} bytes of entries",
+            second - headers
+        );
     }
 
     #[test]
