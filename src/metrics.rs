@@ -97,9 +97,11 @@ pub struct Counters {
     /// io_uring: completions the kernel dropped because the completion
     /// queue and its overflow list were full (should stay 0; logged).
     pub cq_dropped: AtomicU64,
-    /// io_uring: 4 KiB buffers in the shards' provided-buffer rings now;
-    /// each ring starts small and doubles when a turn's reads empty it, up
-    /// to `--ring-buffers` (its resident memory is these × 4 KiB).
+    /// io_uring: 4 KiB buffers in use in the shards' provided-buffer rings
+    /// now; each ring starts small, doubles when a turn's reads empty it,
+    /// up to `--ring-buffers`, and shrinks back once no turn for 5 s took
+    /// more than a quarter of it (its resident memory is these × 4 KiB,
+    /// plus a shrink's leftovers until the ring has cycled past them).
     pub ring_buffers: AtomicU64,
     /// `--data-dir`: log commits (one write, and one fdatasync unless
     /// `--fsync never`; each carries the records gathered since the last).
@@ -351,7 +353,7 @@ impl fmt::Display for Counters {
              keepalive_expiries={} connect_timeouts={} malformed={} accept_refused={} \
              publishes_in={} publishes_out={} dropped={} acl_denied={} reads_paused={} \
              retained={} expired={} oversize_dropped={} sessions_expired={} ring_empty={} \
-             cq_dropped={} log_commits={} log_bytes={} log_snapshots={} log_tails_dropped={} \
+             ring_buffers={} cq_dropped={} log_commits={} log_bytes={} log_snapshots={} log_tails_dropped={} \
              tls_handshakes={} tls_resumed={} tls_handshake_failures={} ws_upgrades={} \
              ws_upgrade_failures={} queue_full_held={} queue_full_timeouts={} \
              queue_full_dropped_newest={} queue_full_dropped_oldest={} quota_exceeded_acks={}",
@@ -381,6 +383,7 @@ impl fmt::Display for Counters {
             get(&self.oversize_dropped),
             get(&self.sessions_expired),
             get(&self.ring_empty),
+            get(&self.ring_buffers),
             get(&self.cq_dropped),
             get(&self.log_commits),
             get(&self.log_bytes),
@@ -566,7 +569,7 @@ impl Counters {
             ),
             gauge(
                 "coremq_ring_buffers",
-                "io_uring: 4 KiB buffers in the shards' provided-buffer rings (each grows with the largest burst of reads, up to --ring-buffers).",
+                "io_uring: 4 KiB buffers in the shards' provided-buffer rings (each follows the largest burst of reads of the last 5 to 10 s, up to --ring-buffers).",
                 &self.ring_buffers,
             ),
             gauge(

@@ -50,8 +50,9 @@ pub(super) struct RunArgs {
     io: Option<String>,
     /// io_uring: the most 4 KiB buffers in each shard's provided-buffer ring,
     /// a power of two up to 32768: the reads one turn of a shard's loop can
-    /// take before it re-arms the rest. A ring starts with 64 and doubles
-    /// when a burst empties it [default: 1024]
+    /// take before it re-arms the rest. A ring starts with 64, doubles when a
+    /// burst empties it and shrinks back (to 64 at least) once no turn for 5 s
+    /// took more than a quarter of it [default: 1024]
     #[arg(long, value_name = "N")]
     ring_buffers: Option<String>,
     /// io_uring: once a shard has waited this many microseconds, it wakes for

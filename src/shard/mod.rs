@@ -70,6 +70,11 @@ const SCRATCH_SIZE: usize = 64 * 1024;
 /// How often a shard advances its keep-alive wheel and checks for shutdown.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 
+/// Ticks between looks at whether the io_uring buffer ring can shrink
+/// (5 s): long enough that a ring is not shrunk between the bursts of one
+/// storm, short enough that the memory comes back soon after it.
+pub(crate) const RING_TRIM_TICKS: u64 = 50;
+
 /// One shard's state, shared by its tasks.
 pub struct Shard {
     /// This shard.
@@ -274,6 +279,9 @@ impl Shard {
         }
         let ticks = self.ticks.get() + 1;
         self.ticks.set(ticks);
+        if ticks % RING_TRIM_TICKS == 0 {
+            self.trim_ring();
+        }
         if ticks % 10 == 0 {
             crate::sys::release_freed_memory();
             self.report_deepest_queues();

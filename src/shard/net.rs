@@ -1650,6 +1650,21 @@ impl Shard {
         }
     }
 
+    /// Shrinks the buffer ring once the bursts that grew it have stopped
+    /// (see [`super::uring::Uring::trim`]); called every
+    /// [`super::RING_TRIM_TICKS`] ticks.
+    pub(crate) fn trim_ring(&self) {
+        let Io::Uring(ring) = &self.io else { return };
+        let before = ring.borrow().buffers();
+        if let Some(buffers) = ring.borrow_mut().trim() {
+            self.counters.ring_buffers.fetch_sub(
+                u64::from(before - buffers),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            tracing::debug!(shard = self.id.0, buffers, "io_uring buffer ring shrunk");
+        }
+    }
+
     /// Re-arms the recvs the buffer ring ran dry for (after the turn gave
     /// its buffers back), and doubles the buffers in the ring for the next
     /// burst.

@@ -78,12 +78,14 @@ const BUF_GROUP: u16 = 0;
 /// `recv` calls.
 pub const RING_BUFFER_SIZE: u32 = 4096;
 
-/// Buffers a shard's ring starts with. The kernel takes buffers in ring
-/// order, so every buffer in the ring is written (and costs a resident
-/// page) once the ring has cycled; a ring of `--ring-buffers` from the
-/// start would hold 4 MiB per shard however few connections it serves. It
-/// doubles each time a turn's reads find it empty, up to `--ring-buffers`:
-/// its memory follows the largest burst of reads one turn has taken.
+/// Buffers a shard's ring starts with, and the fewest it shrinks to. The
+/// kernel takes buffers in ring order, so every buffer in the ring is
+/// written (and costs a resident page) once the ring has cycled; a ring of
+/// `--ring-buffers` from the start would hold 4 MiB per shard however few
+/// connections it serves. It doubles each time a turn's reads find it
+/// empty, up to `--ring-buffers`, and shrinks back (see [`Uring::trim`])
+/// once bursts that large have stopped: its memory follows the largest
+/// burst of reads of the last few seconds.
 const INITIAL_BUFFERS: u16 = 64;
 
 /// Submission queue entries: a turn that queues more submits early (one
@@ -167,13 +169,34 @@ impl Completion {
 
 /// The shard's provided-buffer ring: `active` buffers the kernel picks from
 /// for multishot recvs, given back by the loop after it copied their bytes;
-/// room for `count`, which [`BufRing::grow`] brings in as bursts need them.
+/// room for `count`, which [`BufRing::grow`] brings in as bursts need them
+/// and [`BufRing::trim`] takes out again.
+///
+/// Every buffer id is in exactly one place: in the ring (the kernel may
+/// write it), held by the loop (between a completion and
+/// [`BufRing::give_back`]), or parked (in neither; its memory may be handed
+/// back to the kernel). Ids below `active` are never parked. A shrink
+/// cannot take buffers out of the ring (the kernel owns its head), so the
+/// ids it drops are parked as they come back, and their pages are released
+/// once the last of them has.
 struct BufRing {
     /// Ring slots and buffers mapped, a power of two (`--ring-buffers`).
     count: u16,
-    /// Buffers given to the ring so far (a power of two, at most `count`):
-    /// buffer ids `0..active`. The rest of the mapping is never written.
+    /// Buffers in use (a power of two, at most `count`): buffer ids
+    /// `0..active`.
     active: u16,
+    /// Per buffer id: parked, neither in the ring nor held.
+    parked: Vec<bool>,
+    /// Ids at or above `active` still in the ring or held: a shrink's
+    /// leftovers, parked as they come back.
+    leaving: u16,
+    /// One past the highest id the kernel may have written since the pages
+    /// above `active` were last released.
+    touched: u16,
+    /// Buffers given back since the last publish: the turn's reads.
+    turn_reads: u16,
+    /// The most reads one turn took since the last [`BufRing::trim`].
+    peak_reads: u16,
     /// The ring of `io_uring_buf` entries (page-aligned, shared with the
     /// kernel); its tail is in the first entry.
     entries: *mut BufRingEntry,
@@ -208,6 +231,11 @@ impl BufRing {
         let mut bufs = BufRing {
             count,
             active: 0,
+            parked: vec![true; usize::from(count)],
+            leaving: 0,
+            touched: 0,
+            turn_reads: 0,
+            peak_reads: 0,
             entries,
             memory,
             tail: 0,
@@ -239,9 +267,19 @@ impl BufRing {
         }
     }
 
-    /// Puts buffer `bid` back at the tail (seen by the kernel once
-    /// published).
+    /// Takes buffer `bid` back from the loop: into the ring, or parked if
+    /// a shrink dropped it.
     fn give_back(&mut self, bid: u16) {
+        self.turn_reads = self.turn_reads.saturating_add(1);
+        if bid < self.active {
+            self.push(bid);
+        } else {
+            self.park(bid);
+        }
+    }
+
+    /// Puts buffer `bid` at the tail (seen by the kernel once published).
+    fn push(&mut self, bid: u16) {
         let slot = usize::from(self.tail % self.count);
         // SAFETY: `slot` is inside the entries mapping; the kernel only reads
         // entries between its head and the published tail, and this one is
@@ -263,16 +301,66 @@ impl BufRing {
         true
     }
 
-    /// Gives the ring buffers `active..to`, never used before.
+    /// Brings buffers `active..to` into use: parked ones go into the ring;
+    /// a shrink's leftovers still in the ring or held stay where they are
+    /// (they are in use again, and come back to the ring as any other).
     fn grow_to(&mut self, to: u16) {
         for bid in self.active..to {
-            self.give_back(bid);
+            let parked = &mut self.parked[usize::from(bid)];
+            if *parked {
+                *parked = false;
+                self.push(bid);
+            } else {
+                self.leaving -= 1;
+            }
         }
         self.active = to;
+        self.touched = self.touched.max(to);
     }
 
-    /// Makes the buffers given back visible to the kernel.
-    fn publish(&self) {
+    /// Takes buffers out of use when no turn since the last trim took more
+    /// than a quarter of them: down to twice the busiest turn's reads (a
+    /// power of two, at least [`INITIAL_BUFFERS`]). Returns the new
+    /// `active`, or `None` when it stays.
+    fn trim(&mut self) -> Option<u16> {
+        let peak = std::mem::take(&mut self.peak_reads).max(self.turn_reads);
+        let want = peak
+            .saturating_mul(2)
+            .checked_next_power_of_two()
+            .unwrap_or(self.count)
+            .max(INITIAL_BUFFERS)
+            .min(self.count);
+        if u32::from(want) * 2 > u32::from(self.active) {
+            return None;
+        }
+        // Ids `want..active` are in the ring or held (none below `active`
+        // is parked): each is parked when it comes back.
+        self.leaving += self.active - want;
+        self.active = want;
+        Some(want)
+    }
+
+    /// Parks buffer `bid` (at or above `active`); once the last of a
+    /// shrink's leftovers is parked, their pages go back to the kernel.
+    fn park(&mut self, bid: u16) {
+        self.parked[usize::from(bid)] = true;
+        self.leaving -= 1;
+        if self.leaving == 0 && self.touched > self.active {
+            let from = usize::from(self.active) * RING_BUFFER_SIZE as usize;
+            let len = usize::from(self.touched - self.active) * RING_BUFFER_SIZE as usize;
+            // SAFETY: every id at or above `active` is parked: neither the
+            // kernel nor the loop holds any of these buffers. A private
+            // anonymous mapping reads back as zeroes after MADV_DONTNEED,
+            // so a later grow may use them again.
+            unsafe { libc::madvise(self.memory.add(from).cast(), len, libc::MADV_DONTNEED) };
+            self.touched = self.active;
+        }
+    }
+
+    /// Makes the buffers given back visible to the kernel; the turn's reads
+    /// count towards the next trim.
+    fn publish(&mut self) {
+        self.peak_reads = self.peak_reads.max(std::mem::take(&mut self.turn_reads));
         // SAFETY: the tail lives in the first entry of our mapping; a
         // release store orders the entries written before it.
         unsafe {
@@ -528,7 +616,17 @@ impl Uring {
         self.bufs.grow().then_some(self.bufs.active)
     }
 
-    /// Buffers in the ring now.
+    /// Shrinks the buffer ring when no turn since the last call took more
+    /// than a quarter of its buffers, to twice the busiest turn's reads
+    /// (at least [`INITIAL_BUFFERS`]); the pages of the buffers it drops
+    /// go back to the kernel once the last of them has come back from the
+    /// ring. The shard calls it every few seconds. Returns the buffers now
+    /// in use, or `None` when unchanged.
+    pub fn trim(&mut self) -> Option<u16> {
+        self.bufs.trim()
+    }
+
+    /// Buffers in use now (in the ring or held by the loop).
     pub fn buffers(&self) -> u16 {
         self.bufs.active
     }
@@ -730,6 +828,100 @@ mod tests {
             ring.ran_dry().unwrap();
         }
         assert_eq!(ring.ran_dry(), None);
+    }
+
+    /// Which of `pages` pages from `addr` are resident.
+    fn resident(addr: *mut u8, pages: usize) -> Vec<bool> {
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `addr` is the page-aligned start of a mapping at least
+        // `pages` pages long; `vec` has one byte per page.
+        let r = unsafe { libc::mincore(addr.cast(), pages * 4096, vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        vec.iter().map(|b| b & 1 == 1).collect()
+    }
+
+    /// Once bursts stop, the ring shrinks to what the busiest turn since
+    /// the last trim needed (at least [`INITIAL_BUFFERS`]): the buffers it
+    /// drops leave as they come back, held ones included, none is handed
+    /// out twice, and their pages go back to the kernel. A later burst
+    /// brings them back into use.
+    #[test]
+    fn the_buffer_ring_shrinks_when_bursts_stop_and_releases_what_it_dropped() {
+        let mut ring = Uring::new(256, 1024, 0).unwrap();
+        ring.ran_dry().unwrap();
+        ring.ran_dry().unwrap();
+        assert_eq!(ring.buffers(), 256);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        ring.recv_multi(server.as_raw_fd(), 2);
+        // One read per turn; each buffer is given back at once but for one
+        // above the first 64, held across the shrink.
+        let mut held = None;
+        let mut read_one = |ring: &mut Uring, held: Option<u16>| -> u16 {
+            client.write_all(b"x").unwrap();
+            let got = wait_for(ring, 1);
+            assert_eq!(got.len(), 1);
+            assert!(got[0].more(), "{:?}", got[0]);
+            let bid = got[0].buffer().expect("a provided buffer");
+            assert_ne!(Some(bid), held, "a held buffer handed out again");
+            assert_eq!(ring.bytes(bid, 1), b"x");
+            bid
+        };
+        for _ in 0..100 {
+            let bid = read_one(&mut ring, held);
+            if bid == 70 {
+                held = Some(bid);
+            } else {
+                ring.give_back(bid);
+            }
+        }
+        assert_eq!(held, Some(70));
+        let pages = resident(ring.bufs.memory, 256);
+        assert!(
+            pages[..100].iter().all(|&p| p),
+            "the buffers read are resident"
+        );
+
+        // No turn took more than one buffer: down to the floor, once.
+        assert_eq!(ring.trim(), Some(INITIAL_BUFFERS));
+        assert_eq!(ring.buffers(), INITIAL_BUFFERS);
+        assert_eq!(ring.trim(), None);
+
+        // The ring still holds ids above 64 from before; they are read
+        // once more each, then parked. Nothing is released while the held
+        // one is out.
+        let mut above = 0;
+        for _ in 0..400 {
+            let bid = read_one(&mut ring, held);
+            above += usize::from(bid >= INITIAL_BUFFERS);
+            ring.give_back(bid);
+        }
+        assert_eq!(above, 256 - 64 - 1, "each leftover read once more");
+        assert!(resident(ring.bufs.memory, 256)[..100].iter().all(|&p| p));
+        ring.give_back(held.take().unwrap());
+        let pages = resident(ring.bufs.memory, 256);
+        assert!(pages[..64].iter().all(|&p| p));
+        assert!(
+            pages[64..].iter().all(|&p| !p),
+            "the dropped buffers' pages were released"
+        );
+        for _ in 0..200 {
+            let bid = read_one(&mut ring, None);
+            assert!(bid < INITIAL_BUFFERS, "{bid} was dropped");
+            ring.give_back(bid);
+        }
+
+        // A burst brings the parked buffers back.
+        assert_eq!(ring.ran_dry(), Some(128));
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..300 {
+            let bid = read_one(&mut ring, None);
+            assert!(bid < 128);
+            seen.insert(bid);
+            ring.give_back(bid);
+        }
+        assert_eq!(seen.len(), 128, "every buffer in use is read again");
     }
 
     /// MSG_RING posts a completion with the sender's token into another
