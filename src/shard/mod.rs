@@ -283,6 +283,7 @@ impl Shard {
             self.trim_ring();
         }
         if ticks % 10 == 0 {
+            self.net.borrow_mut().shrink_handshake_slots();
             crate::sys::release_freed_memory();
             self.report_deepest_queues();
         }

@@ -238,9 +238,14 @@ impl Pending {
 }
 
 enum PendingSlot {
-    Free { generation: u32 },
+    Free,
     Used { generation: u32, pending: Pending },
 }
+
+/// Handshake slots kept however many are free: a table grown past this by
+/// a storm of connects is dropped once the storm is over (see
+/// [`Net::shrink_handshake_slots`]).
+const KEEP_HANDSHAKE_SLOTS: usize = 1024;
 
 /// The shard's socket table.
 pub(crate) struct Net {
@@ -251,6 +256,11 @@ pub(crate) struct Net {
     socks: Vec<Option<Sock>>,
     pending: Vec<PendingSlot>,
     free_pending: Vec<u32>,
+    /// The generation the next handshake gets, whatever its slot: unique
+    /// across the shard (to the 30 bits a token carries), so that the slot
+    /// table may be dropped and rebuilt without a stale token naming a new
+    /// handshake.
+    pending_generations: u32,
     /// (slot, generation, deadline) of handshake sockets, in arrival order.
     connect_deadlines: VecDeque<(u32, u32, Millis)>,
     /// (connection, deadline) of closing connections still draining.
@@ -287,6 +297,7 @@ impl Net {
             socks: Vec::new(),
             pending: Vec::new(),
             free_pending: Vec::new(),
+            pending_generations: 0,
             connect_deadlines: VecDeque::new(),
             close_deadlines: VecDeque::new(),
             linger_budget: hashbrown::HashMap::new(),
@@ -361,14 +372,13 @@ impl Net {
         let index = match self.free_pending.pop() {
             Some(i) => i,
             None => {
-                self.pending.push(PendingSlot::Free { generation: 0 });
+                self.pending.push(PendingSlot::Free);
                 (self.pending.len() - 1) as u32
             }
         };
-        let generation = match self.pending[index as usize] {
-            PendingSlot::Free { generation } => generation,
-            PendingSlot::Used { .. } => unreachable!("free list holds free slots"),
-        };
+        debug_assert!(matches!(self.pending[index as usize], PendingSlot::Free));
+        let generation = self.pending_generations;
+        self.pending_generations = generation.wrapping_add(1);
         self.pending[index as usize] = PendingSlot::Used {
             generation,
             pending,
@@ -393,20 +403,33 @@ impl Net {
 
     fn take_pending(&mut self, index: u32, generation: u32) -> Option<Pending> {
         let slot = self.pending.get_mut(index as usize)?;
-        let g = match slot {
-            PendingSlot::Used { generation: g, .. } if same_generation(*g, generation) => *g,
-            _ => return None,
-        };
-        let old = std::mem::replace(
-            slot,
-            PendingSlot::Free {
-                generation: g.wrapping_add(1),
-            },
-        );
+        if !matches!(slot, PendingSlot::Used { generation: g, .. } if same_generation(*g, generation))
+        {
+            return None;
+        }
+        let old = std::mem::replace(slot, PendingSlot::Free);
         self.free_pending.push(index);
         match old {
             PendingSlot::Used { pending, .. } => Some(pending),
-            PendingSlot::Free { .. } => unreachable!("checked above"),
+            PendingSlot::Free => unreachable!("checked above"),
+        }
+    }
+
+    /// Drops the handshake slot table and the queue of connect deadlines
+    /// once a storm that grew them past [`KEEP_HANDSHAKE_SLOTS`] is over (no
+    /// handshake left, no deadline left to look at): kept at their
+    /// high-water mark, they would hold the storm's memory for good.
+    pub(crate) fn shrink_handshake_slots(&mut self) {
+        if self.pending.capacity() > KEEP_HANDSHAKE_SLOTS
+            && self.free_pending.len() == self.pending.len()
+        {
+            self.pending = Vec::new();
+            self.free_pending = Vec::new();
+        }
+        if self.connect_deadlines.capacity() > KEEP_HANDSHAKE_SLOTS
+            && self.connect_deadlines.is_empty()
+        {
+            self.connect_deadlines = VecDeque::new();
         }
     }
 }
@@ -2133,7 +2156,7 @@ impl Shard {
                 .enumerate()
                 .filter_map(|(i, p)| match p {
                     PendingSlot::Used { generation, .. } => Some((i as u32, *generation)),
-                    PendingSlot::Free { .. } => None,
+                    PendingSlot::Free => None,
                 })
                 .collect();
             slots
@@ -2212,6 +2235,48 @@ fn orphan_key(id: ConnId) -> ConnId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A storm of handshakes grows the slot table; once every one is done
+    /// the table is dropped, and a token from before never names a
+    /// handshake after.
+    #[test]
+    fn the_handshake_slot_table_is_dropped_after_a_storm_and_old_tokens_stay_dead() {
+        let mut net = Net::new(Vec::new());
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let pending = || Pending {
+            fd: OwnedFd::from(devnull.try_clone().unwrap()),
+            buf: BytesMut::new(),
+            registered: false,
+            layer: None,
+            accepted: Instant::now(),
+        };
+        let storm: Vec<(u32, u32)> = (0..2000).map(|_| net.insert_pending(pending())).collect();
+        net.shrink_handshake_slots();
+        assert!(
+            net.pending.capacity() >= 2000,
+            "kept while handshakes are under way"
+        );
+        for &(index, generation) in &storm[..1999] {
+            assert!(net.take_pending(index, generation).is_some());
+        }
+        net.shrink_handshake_slots();
+        assert!(net.pending.capacity() >= 2000, "one is still under way");
+        let (last_index, last_generation) = storm[1999];
+        assert!(net.take_pending(last_index, last_generation).is_some());
+        net.shrink_handshake_slots();
+        assert_eq!(net.pending.capacity(), 0);
+
+        let (index, generation) = net.insert_pending(pending());
+        assert_eq!(index, 0);
+        assert!(storm
+            .iter()
+            .all(|&(_, old)| !same_generation(old, generation)));
+        assert!(
+            net.take_pending(storm[0].0, storm[0].1).is_none(),
+            "a stale token names nothing"
+        );
+        assert!(net.take_pending(index, generation).is_some());
+    }
 
     #[test]
     fn tokens_round_trip_and_keep_kinds_apart() {
