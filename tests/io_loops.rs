@@ -23,9 +23,8 @@ fn an_empty_buffer_ring_loses_nothing_and_stalls_no_connection() {
     let broker = Broker::start(&["--io", "uring", "--shards", "1", "--ring-buffers", "2"]);
     assert!(broker.log_contains("io=\"uring\""), "{}", broker.log_text());
     let port = broker.port();
-    let mut sub = RawClient::subscriber(port, "ring-sub", "ring/#", 0);
+    let mut sub = RawClient::subscriber(port, "ring-sub", "burst/#", 0);
     const PUBLISHERS: usize = 30;
-    const PER_WRITE: usize = 100;
     const ROUNDS: usize = 5;
     let mut pubs: Vec<RawClient> = (0..PUBLISHERS)
         .map(|i| RawClient::connect(port, &ConnectOpts::id(&format!("ring-pub-{i}"))).0)
@@ -33,30 +32,11 @@ fn an_empty_buffer_ring_loses_nothing_and_stalls_no_connection() {
     let mut next = vec![0usize; PUBLISHERS];
     for round in 0..ROUNDS {
         for (i, p) in pubs.iter_mut().enumerate() {
-            let mut batch = Vec::new();
-            for n in round * PER_WRITE..(round + 1) * PER_WRITE {
-                batch.extend(publish_packet(
-                    &format!("ring/{i}"),
-                    // Zero-padded so one write spans several buffers.
-                    format!("{n:0>200}").as_bytes(),
-                    0,
-                    false,
-                    1,
-                ));
-            }
-            p.send(&batch);
+            burst(p, i, round * 100);
         }
-        for _ in 0..PUBLISHERS * PER_WRITE {
-            let m = sub
-                .next_publish(10 * SEC)
-                .unwrap_or_else(|| panic!("round {round}: delivery stalled at {next:?}"));
-            let i: usize = m.topic.strip_prefix("ring/").unwrap().parse().unwrap();
-            let n: usize = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
-            assert_eq!(n, next[i], "publisher {i}: out of order or lost");
-            next[i] += 1;
-        }
+        read_in_order(&mut sub, &mut next, PUBLISHERS * 100);
     }
-    assert!(next.iter().all(|&n| n == ROUNDS * PER_WRITE));
+    assert!(next.iter().all(|&n| n == ROUNDS * 100), "{next:?}");
     let empty = broker.wait_for_stat("ring_empty", |_| true, 5 * SEC);
     assert!(
         empty > 0,
@@ -65,13 +45,13 @@ fn an_empty_buffer_ring_loses_nothing_and_stalls_no_connection() {
     broker.assert_no_panic();
 }
 
-/// 100 QoS 0 PUBLISHes (~21 KiB) to `grow/{i}` in one write, the payloads
+/// 100 QoS 0 PUBLISHes (~21 KiB) to `burst/{i}` in one write, the payloads
 /// numbering them from `first`.
 fn burst(publisher: &mut RawClient, i: usize, first: usize) {
     let mut batch = Vec::new();
     for n in first..first + 100 {
         batch.extend(publish_packet(
-            &format!("grow/{i}"),
+            &format!("burst/{i}"),
             format!("{n:0>200}").as_bytes(),
             0,
             false,
@@ -87,7 +67,7 @@ fn read_in_order(sub: &mut RawClient, next: &mut [usize], count: usize) {
         let m = sub
             .next_publish(10 * SEC)
             .unwrap_or_else(|| panic!("delivery stalled at {next:?}"));
-        let i: usize = m.topic.strip_prefix("grow/").unwrap().parse().unwrap();
+        let i: usize = m.topic.strip_prefix("burst/").unwrap().parse().unwrap();
         let n: usize = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
         assert_eq!(n, next[i], "publisher {i}: out of order or lost");
         next[i] += 1;
@@ -103,7 +83,7 @@ fn the_buffer_ring_grows_for_a_burst_and_shrinks_back_after_it() {
     let broker = Broker::start(&["--io", "uring", "--shards", "1"]);
     let port = broker.port();
     assert_eq!(broker.wait_for_stat("ring_buffers", |n| n > 0, 5 * SEC), 64);
-    let mut sub = RawClient::subscriber(port, "grow-sub", "grow/#", 0);
+    let mut sub = RawClient::subscriber(port, "grow-sub", "burst/#", 0);
     let mut pubs: Vec<RawClient> = (0..30)
         .map(|i| RawClient::connect(port, &ConnectOpts::id(&format!("grow-pub-{i}"))).0)
         .collect();

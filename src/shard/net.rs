@@ -1680,12 +1680,26 @@ impl Shard {
         let Io::Uring(ring) = &self.io else { return };
         let before = ring.borrow().buffers();
         if let Some(buffers) = ring.borrow_mut().trim() {
-            self.counters.ring_buffers.fetch_sub(
-                u64::from(before - buffers),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            tracing::debug!(shard = self.id.0, buffers, "io_uring buffer ring shrunk");
+            self.ring_resized(before, buffers);
         }
+    }
+
+    /// Moves the `coremq_ring_buffers` gauge by the change of this shard's
+    /// ring from `before` to `after` buffers.
+    fn ring_resized(&self, before: u16, after: u16) {
+        let gauge = &self.counters.ring_buffers;
+        let ordering = std::sync::atomic::Ordering::Relaxed;
+        if after > before {
+            gauge.fetch_add(u64::from(after - before), ordering);
+        } else {
+            gauge.fetch_sub(u64::from(before - after), ordering);
+        }
+        tracing::debug!(
+            shard = self.id.0,
+            before,
+            after,
+            "io_uring buffer ring resized"
+        );
     }
 
     /// Re-arms the recvs the buffer ring ran dry for (after the turn gave
@@ -1699,11 +1713,7 @@ impl Shard {
         }
         let before = ring.borrow().buffers();
         if let Some(buffers) = ring.borrow_mut().ran_dry() {
-            self.counters.ring_buffers.fetch_add(
-                u64::from(buffers - before),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            tracing::debug!(shard = self.id.0, buffers, "io_uring buffer ring grown");
+            self.ring_resized(before, buffers);
         }
         for token in rearm {
             match token {
